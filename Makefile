@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`.  Each sets up
+# what it needs (a venv with the project and its tools, Debian packages when
+# a target needs them) and is safe to run again.
+
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Debian's Python when present: a venv made from it can be run by other
+# system users (PostgreSQL's archive_command runs as `postgres`).
+PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3)
+STAMP := $(VENV)/.installed
+SOURCES := $(shell find shardvault shards verify restore flows -name '*.py' 2>/dev/null)
+
+.PHONY: setup demo test lint bench clean
+
+# Every source file is a prerequisite: strict editable mode links files, so a
+# new module needs the (two-second) reinstall.
+$(STAMP): pyproject.toml $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv
+	# strict editable mode links the folders of DESIGN.md's layout into one
+	# `shardvault` tree, so mypy and tools that read files see the real names.
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	# mypy runs inside the link tree, where the layout is one package.
+	cd build/__editable__.shardvault-* && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shardvault
+
+test: $(STAMP) lint
+	$(BIN)/pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	scripts/apt-install restic
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build demo *.egg-info

@@ -1,0 +1,1 @@
+"""Restores of snapshots into targets, writing only inside them."""

@@ -1,0 +1,1 @@
+"""Erasure coding, the shard format, placement over peers and the peer stores."""

@@ -1,0 +1,175 @@
+"""Spreading a pack's shards over peers, and gathering any k of them back.
+
+Writing (:func:`put_pack`): the pack is erasure-coded, each shard gets its
+header and hash, and the shards are stored in parallel on distinct peers
+(:mod:`.placement`).  A peer that fails is marked down for the run and its
+shard is offered to a spare peer that holds none of this pack; the pack
+counts as written only if at least ``quorum`` shards were acknowledged
+(invariant 4 builds on this).
+
+Reading (:func:`get_pack`): shards are fetched from the fastest peers first,
+k at a time in parallel; every shard is checked against its own hash and the
+index's record before use; a bad or missing one is reported and replaced by
+the next candidate until k good shards are in hand or none are left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass
+
+from shardvault.errors import NotEnoughPeersError, NotEnoughShardsError, ObjectNotFoundError, PeerError
+
+from . import erasure
+from .format import ShardFormatError, ShardHeader, build_shard, verify_shard
+from .peers import Peer, PeerSet
+from .placement import place
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """Where one shard of a pack lives, and the hash it must have."""
+
+    num: int
+    peer: str
+    hash: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A shard that could not be used, and why."""
+
+    pack_id: str
+    num: int
+    peer: str
+    object: str
+    kind: str  # "missing", "corrupt", "unreachable"
+    detail: str
+
+    def to_doc(self) -> dict[str, object]:
+        return {"pack": self.pack_id, "shard": self.num, "peer": self.peer, "object": self.object,
+                "problem": self.kind, "detail": self.detail}
+
+
+def shard_objects(pack_id: bytes, data: bytes, k: int, n: int) -> dict[int, bytes]:
+    """The n shard objects (header + block + hash) of a pack."""
+    blocks = erasure.encode(data, k, n)
+    return {
+        num: build_shard(ShardHeader(k, n, num, pack_id, len(data), len(block)), block)
+        for num, block in blocks.items()
+    }
+
+
+def put_pack(
+    peers: PeerSet,
+    executor: Executor,
+    pack_id: bytes,
+    data: bytes,
+    k: int,
+    n: int,
+    quorum: int,
+    object_name: Callable[[int], str],
+) -> list[ShardRecord]:
+    """Store the shards of one pack; return the acknowledged ones."""
+    shards = shard_objects(pack_id, data, k, n)
+    del data
+    targets = place(peers.up(), n, pack_id)
+    used = {p.name for p in targets}
+    records: list[ShardRecord] = []
+    errors: list[str] = []
+
+    def store(peer: Peer, num: int) -> ShardRecord:
+        raw = shards[num]
+        peer.store.store(object_name(num), raw)
+        return ShardRecord(num, peer.name, raw[-32:], len(raw))
+
+    pending: dict[Future[ShardRecord], tuple[Peer, int]] = {
+        executor.submit(store, peer, num): (peer, num) for num, peer in enumerate(targets)
+    }
+    unplaced = list(range(len(targets), n))
+    while pending:
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            peer, num = pending.pop(future)
+            try:
+                records.append(future.result())
+                continue
+            except PeerError as exc:
+                peers.mark_down(peer, str(exc))
+                errors.append(str(exc))
+            unplaced.append(num)
+        # Offer failed shards to spare peers that hold nothing of this pack.
+        spares = [p for p in place(peers.up(), n, pack_id, exclude=frozenset(used)) if p.name not in used]
+        while unplaced and spares:
+            peer, num = spares.pop(0), unplaced.pop(0)
+            used.add(peer.name)
+            pending[executor.submit(store, peer, num)] = (peer, num)
+    if len(records) < quorum:
+        detail = "; ".join(errors) or f"only {len(targets)} peers are up"
+        raise NotEnoughPeersError(len(records), quorum, detail)
+    return sorted(records, key=lambda r: r.num)
+
+
+def get_pack(
+    peers: PeerSet,
+    executor: Executor,
+    pack_id: bytes,
+    k: int,
+    n: int,
+    length: int,
+    shards: list[ShardRecord],
+    object_name: Callable[[int], str],
+    report: Callable[[ShardProblem], None],
+) -> bytes:
+    """Fetch and check any k good shards and decode the pack."""
+    pack_hex = pack_id.hex()
+
+    def by_speed(record: ShardRecord) -> tuple[bool, float, bool]:
+        return (peers.is_down(record.peer), peers.cost(record.peer), record.num >= k)
+
+    candidates = sorted(shards, key=by_speed)
+    good: dict[int, memoryview] = {}
+    problems: list[str] = []
+
+    def fetch(record: ShardRecord) -> memoryview:
+        peer = peers.get(record.peer)
+        if peer is None:
+            raise PeerError(record.peer, "not in the configuration")
+        raw = peers.timed(peer, len, lambda: peer.store.load(object_name(record.num)))
+        return verify_shard(raw, pack_id=pack_id, num=record.num, k=k, n=n, expected_hash=record.hash)
+
+    def problem(record: ShardRecord, exc: Exception) -> None:
+        if isinstance(exc, ObjectNotFoundError):
+            kind = "missing"
+        elif isinstance(exc, ShardFormatError):
+            kind = "corrupt"
+        else:
+            kind = "unreachable"
+            peer = peers.get(record.peer)
+            if peer is not None and not isinstance(exc, ObjectNotFoundError):
+                peers.mark_down(peer, str(exc))
+        name = object_name(record.num)
+        problems.append(f"{record.peer}:{name} {kind}")
+        report(ShardProblem(pack_hex, record.num, record.peer, name, kind, str(exc)))
+
+    pending: dict[Future[memoryview], ShardRecord] = {}
+    while len(good) < k:
+        while candidates and len(pending) + len(good) < k:
+            record = candidates.pop(0)
+            pending[executor.submit(fetch, record)] = record
+        if not pending:
+            break
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            record = pending.pop(future)
+            try:
+                good[record.num] = future.result()
+            except (PeerError, ShardFormatError) as exc:
+                problem(record, exc)
+    for future in pending:  # surplus fetches still in flight when k arrived
+        future.cancel()
+    if len(good) < k:
+        raise NotEnoughShardsError(pack_hex, len(good), k, "; ".join(problems) or "no shard recorded")
+    return erasure.decode(dict(good), k, n, length)

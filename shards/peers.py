@@ -1,0 +1,97 @@
+"""Peers as the data path sees them: a store, a zone, and what we learned.
+
+:class:`PeerSet` remembers, for one run, which peers failed (so a dead peer
+costs one timeout, not one per pack) and how fast each answered (an
+exponentially weighted mean of seconds per MiB), so readers can ask the
+fastest peers first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from shardvault.errors import PeerError
+
+from .stores import PeerStore
+
+T = TypeVar("T")
+_ALPHA = 0.3
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    zone: str
+    store: PeerStore
+
+
+class PeerSet:
+    """The configured peers, in configuration order, with per-run health."""
+
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = list(peers)
+        self._by_name = {p.name: p for p in self.peers}
+        self._lock = threading.Lock()
+        self._down: dict[str, str] = {}
+        self._cost: dict[str, float] = {}
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self.peers)
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def get(self, name: str) -> Peer | None:
+        return self._by_name.get(name)
+
+    def up(self) -> list[Peer]:
+        with self._lock:
+            return [p for p in self.peers if p.name not in self._down]
+
+    def down(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._down)
+
+    def mark_down(self, peer: Peer, reason: str) -> None:
+        with self._lock:
+            self._down.setdefault(peer.name, reason)
+
+    def is_down(self, name: str) -> bool:
+        with self._lock:
+            return name in self._down
+
+    def cost(self, name: str) -> float:
+        """Seconds per MiB seen so far (0 for a peer not yet measured)."""
+        with self._lock:
+            return self._cost.get(name, 0.0)
+
+    def timed(self, peer: Peer, nbytes: Callable[[T], int], call: Callable[[], T]) -> T:
+        """Run ``call`` against ``peer``, updating its speed estimate."""
+        start = time.perf_counter()
+        result = call()
+        elapsed = time.perf_counter() - start
+        per_mib = elapsed / max(nbytes(result) / (1 << 20), 1 / 64)
+        with self._lock:
+            old = self._cost.get(peer.name)
+            self._cost[peer.name] = per_mib if old is None else (1 - _ALPHA) * old + _ALPHA * per_mib
+        return result
+
+    def probe_all(self) -> dict[str, PeerError | None]:
+        """Probe every peer; mark failures down.  Returns name -> error or None."""
+        results: dict[str, PeerError | None] = {}
+        for peer in self.peers:
+            try:
+                peer.store.probe()
+                results[peer.name] = None
+            except PeerError as exc:
+                self.mark_down(peer, str(exc))
+                results[peer.name] = exc
+        return results
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.store.close()

@@ -1,0 +1,102 @@
+"""The peer store interface: the one boundary every peer type implements.
+
+Modelled on borgstore: five verbs over flat, slash-separated object names.
+
+* ``load(name)`` returns the object's bytes;
+* ``store(name, data)`` writes it atomically (all or nothing, never a torn
+  object, even if the process is killed);
+* ``delete(name)`` removes it;
+* ``list(prefix)`` yields :class:`ItemInfo` for every object below a prefix;
+* ``info(name)`` returns one object's :class:`ItemInfo`.
+
+Plus ``create()`` (make an empty store, refusing if it cannot write) and
+``probe()`` (is the peer there and answering, cheaply).
+
+Names are validated here, at the boundary, so no caller can reach outside the
+store (``..``, absolute paths, odd characters) whatever the repository's
+metadata says.  Peers are untrusted: implementations turn transport failures
+into :class:`~shardvault.errors.PeerError` subclasses, and callers verify
+every byte they load.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from shardvault.errors import InvalidObjectNameError
+
+# Lower-case components of letters, digits, '.', '_' and '-', not starting with
+# a dot (so no '..', no hidden temp files), at most 8 deep and 255 long.
+_COMPONENT = r"[a-z0-9_-][a-z0-9._-]{0,127}"
+_NAME_RE = re.compile(rf"^{_COMPONENT}(/{_COMPONENT}){{0,7}}$")
+MAX_NAME_LENGTH = 255
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid object name, else raise."""
+    if not isinstance(name, str):
+        raise InvalidObjectNameError(repr(name), "not a string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidObjectNameError(name, f"longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME_RE.match(name):
+        raise InvalidObjectNameError(name, "only lower-case a-z, 0-9, '.', '_', '-' components separated by '/'")
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """A list prefix is empty or a valid name (a directory-like prefix)."""
+    if prefix == "":
+        return prefix
+    return validate_name(prefix.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """What a store knows about one object."""
+
+    name: str
+    size: int
+
+
+class PeerStore(ABC):
+    """One peer's object store.  Thread-safe: the data path calls it from pools."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+
+    @abstractmethod
+    def create(self) -> None:
+        """Create the store (directory or prefix) and check it is writable."""
+
+    @abstractmethod
+    def probe(self) -> None:
+        """Raise a PeerError if the peer is unreachable or not a store."""
+
+    @abstractmethod
+    def load(self, name: str) -> bytes:
+        """Return the whole object; ObjectNotFoundError if it is absent."""
+
+    @abstractmethod
+    def store(self, name: str, data: bytes | memoryview) -> None:
+        """Write the object atomically, replacing any previous one."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove the object; ObjectNotFoundError if it is absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ItemInfo]:
+        """Yield every object whose name starts with ``prefix``."""
+
+    @abstractmethod
+    def info(self, name: str) -> ItemInfo:
+        """Return the object's info; ObjectNotFoundError if it is absent."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default has none."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.peer!r})"

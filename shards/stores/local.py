@@ -1,0 +1,164 @@
+"""Local-directory peer: one file per object under a root directory.
+
+Writes go to a hidden temporary file in the target directory, are fsynced,
+renamed over the final name and the directory is fsynced, so an object is
+either absent or complete even after a crash or SIGKILL.  Temporary files
+start with a dot, which no valid object name does, so ``list`` never shows a
+torn write; a later prune may remove them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from shardvault.errors import (
+    ObjectNotFoundError,
+    PeerError,
+    PeerProtocolError,
+    PeerReadOnlyError,
+    PeerUnavailableError,
+)
+
+from .base import ItemInfo, PeerStore, validate_name, validate_prefix
+
+_READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class LocalStore(PeerStore):
+    """A peer kept in a local directory (a disk, a mount of another machine)."""
+
+    def __init__(self, peer: str, root: str | Path, *, fsync: bool = True) -> None:
+        super().__init__(peer)
+        self.root = Path(root)
+        self.fsync = fsync
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    def _error(self, exc: OSError, name: str, writing: bool = False) -> PeerError:
+        if not self.root.is_dir():
+            return PeerUnavailableError(self.peer, f"directory {self.root} does not exist")
+        if writing and exc.errno in _READ_ONLY_ERRNOS:
+            return PeerReadOnlyError(self.peer, f"cannot write {self.root / name}: {exc.strerror}")
+        if exc.errno == errno.ENOSPC:
+            return PeerReadOnlyError(self.peer, f"no space left in {self.root}")
+        return PeerError(self.peer, f"{self.root / name}: {exc.strerror or exc}")
+
+    def _fsync_dir(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- interface -------------------------------------------------------------
+
+    def create(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{secrets.token_hex(8)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            if exc.errno in _READ_ONLY_ERRNOS:
+                raise PeerReadOnlyError(self.peer, f"cannot write in {self.root}: {exc.strerror}") from exc
+            raise PeerUnavailableError(self.peer, f"cannot create {self.root}: {exc.strerror}") from exc
+
+    def probe(self) -> None:
+        if not self.root.exists():
+            raise PeerUnavailableError(self.peer, f"directory {self.root} does not exist")
+        if not self.root.is_dir():
+            raise PeerProtocolError(self.peer, f"{self.root} is not a directory")
+        if not os.access(self.root, os.R_OK | os.X_OK):
+            raise PeerUnavailableError(self.peer, f"directory {self.root} is not readable")
+
+    def load(self, name: str) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            if not self.root.is_dir():
+                raise PeerUnavailableError(self.peer, f"directory {self.root} does not exist") from None
+            raise ObjectNotFoundError(self.peer, name) from None
+        except IsADirectoryError:
+            raise ObjectNotFoundError(self.peer, name) from None
+        except OSError as exc:
+            raise self._error(exc, name) from exc
+
+    def store(self, name: str, data: bytes | memoryview) -> None:
+        path = self._path(name)
+        if not self.root.is_dir():
+            raise PeerUnavailableError(self.peer, f"directory {self.root} does not exist")
+        tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.fsync:
+                self._fsync_dir(path.parent)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise self._error(exc, name, writing=True) from exc
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(self.peer, name) from None
+        except OSError as exc:
+            raise self._error(exc, name, writing=True) from exc
+
+    def list(self, prefix: str = "") -> Iterator[ItemInfo]:
+        validate_prefix(prefix)
+        self.probe()
+        # Walk only the directory the prefix names (or the root), then filter:
+        # names are short paths, so this stays cheap.
+        head, _, _ = prefix.rpartition("/")
+        base = self.root / head if head else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for filename in sorted(filenames):
+                if filename.startswith("."):
+                    continue
+                name = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                if not name.startswith(prefix):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, filename)).st_size
+                except FileNotFoundError:  # deleted while listing
+                    continue
+                yield ItemInfo(name, size)
+
+    def info(self, name: str) -> ItemInfo:
+        path = self._path(name)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self.probe()
+            raise ObjectNotFoundError(self.peer, name) from None
+        except OSError as exc:
+            raise self._error(exc, name) from exc
+        return ItemInfo(name, st.st_size)

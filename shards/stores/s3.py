@@ -1,0 +1,177 @@
+"""S3-compatible peer (AWS S3, MinIO, SeaweedFS, Ceph RGW) through boto3.
+
+A peer is ``s3://bucket/prefix`` plus an optional ``endpoint``; credentials
+come from the usual AWS variables or profile.  Path-style addressing works
+with every server we target.  PUT is atomic in S3, so ``store`` needs no
+temporary object.  Transport failures map to PeerUnavailableError, a denied
+write to PeerReadOnlyError and an unparsable answer to PeerProtocolError, so
+callers handle every peer type alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    EndpointConnectionError,
+    NoCredentialsError,
+)
+from botocore.parsers import ResponseParserError
+
+from shardvault.errors import (
+    ObjectNotFoundError,
+    PeerError,
+    PeerProtocolError,
+    PeerReadOnlyError,
+    PeerUnavailableError,
+)
+
+from .base import ItemInfo, PeerStore, validate_name, validate_prefix
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+class S3Store(PeerStore):
+    """A peer kept under a prefix of an S3 bucket."""
+
+    def __init__(
+        self,
+        peer: str,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        client: Any = None,
+    ) -> None:
+        super().__init__(peer)
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint
+        if client is None:
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+            client = session.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=region or "us-east-1",
+                config=Config(
+                    s3={"addressing_style": "path"},
+                    retries={"max_attempts": 3, "mode": "standard"},
+                    connect_timeout=5,
+                    read_timeout=60,
+                    max_pool_connections=32,
+                ),
+            )
+        self.client = client
+
+    def _where(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
+
+    def _raise(self, exc: Exception, name: str, writing: bool = False) -> NoReturn:
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                raise ObjectNotFoundError(self.peer, name) from exc
+            if code == "NoSuchBucket":
+                raise PeerUnavailableError(self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}") from exc
+            if code in _DENIED:
+                if writing:
+                    raise PeerReadOnlyError(self.peer, f"write of {name} denied ({code}) at {self._where()}") from exc
+                raise PeerUnavailableError(self.peer, f"access denied ({code}) at {self._where()}") from exc
+            raise PeerError(self.peer, f"{name}: {code or exc}") from exc
+        if isinstance(exc, NoCredentialsError):
+            raise PeerUnavailableError(self.peer, "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)") from exc
+        if isinstance(exc, ResponseParserError):
+            raise PeerProtocolError(self.peer, f"unparsable answer from {self._where()}") from exc
+        if isinstance(exc, EndpointConnectionError):
+            raise PeerUnavailableError(self.peer, f"cannot connect to {self._where()}") from exc
+        if isinstance(exc, BotoCoreError):
+            raise PeerUnavailableError(self.peer, f"{type(exc).__name__} at {self._where()}: {exc}") from exc
+        raise exc
+
+    def create(self) -> None:
+        try:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in {"404", "NoSuchBucket", "NotFound"}:
+                    raise
+                self.client.create_bucket(Bucket=self.bucket)
+        except Exception as exc:  # noqa: BLE001 - mapped to peer errors
+            self._raise(exc, "", writing=True)
+        probe = ".probe"
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + probe, Body=b"")
+            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + probe)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, probe, writing=True)
+
+    def probe(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket", "NotFound"}:
+                raise PeerUnavailableError(self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}") from exc
+            self._raise(exc, "")
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, "")
+
+    def load(self, name: str) -> bytes:
+        key = self.prefix + validate_name(name)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            return bytes(response["Body"].read())
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name)
+
+    def store(self, name: str, data: bytes | memoryview) -> None:
+        key = self.prefix + validate_name(name)
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name, writing=True)
+
+    def delete(self, name: str) -> None:
+        self.info(name)  # S3 deletes of absent keys succeed silently; the interface says otherwise
+        key = self.prefix + validate_name(name)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name, writing=True)
+
+    def list(self, prefix: str = "") -> Iterator[ItemInfo]:
+        validate_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+                if not isinstance(page, dict):
+                    raise PeerProtocolError(self.peer, f"unparsable listing from {self._where()}")
+                for item in page.get("Contents", []):
+                    name = str(item["Key"])[len(self.prefix) :]
+                    if not name or name.startswith(".") or "/." in name:
+                        continue
+                    yield ItemInfo(name, int(item["Size"]))
+        except PeerError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PeerProtocolError(self.peer, f"malformed listing from {self._where()}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, prefix)
+
+    def info(self, name: str) -> ItemInfo:
+        key = self.prefix + validate_name(name)
+        try:
+            response = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name)
+        return ItemInfo(name, int(response["ContentLength"]))
+
+    def close(self) -> None:
+        self.client.close()

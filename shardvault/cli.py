@@ -1,0 +1,305 @@
+"""The ``shardvault`` command line: parses, calls the library, renders.
+
+Human output goes to stdout, progress (rich, only when stderr is a terminal)
+and warnings to stderr; ``--json`` prints exactly one JSON document on stdout.
+An expected failure (:class:`ShardvaultError`) prints one line,
+``shardvault: error: ...``, and exits with the error's code; see
+:mod:`shardvault.errors` for the table.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shardvault.config import Config, load_config, read_password
+from shardvault.errors import BackupIncompleteError, DamageFoundError, ShardvaultError
+from shardvault.repository import Repository
+
+F = TypeVar("F", bound=Callable[..., Any])
+err = Console(stderr=True, highlight=False)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def warn(message: str) -> None:
+    err.print(f"shardvault: warning: {message}", markup=False, soft_wrap=True)
+
+
+def report_bad_shards(problems: list[dict[str, Any]]) -> None:
+    """Warn about each corrupt or missing shard; one line per unreachable peer."""
+    unreachable: dict[str, int] = {}
+    for p in problems:
+        kind = p["problem"]
+        if kind == "unreachable":
+            unreachable[p["peer"]] = unreachable.get(p["peer"], 0) + 1
+        else:
+            warn(f"{kind} shard {p['object']} on peer {p['peer']} skipped: {p['detail']}")
+    for peer, count in unreachable.items():
+        warn(f"peer {peer} unreachable: {count} shard(s) read from other peers instead")
+
+
+def handle_errors(fn: F) -> F:
+    """Turn expected failures into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ShardvaultError as exc:
+            click.echo(f"shardvault: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("shardvault: interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Context:
+    def __init__(self, config_path: str | None, password_file: str | None) -> None:
+        self.config_path = config_path
+        self.password_file = password_file
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def password(self) -> str:
+        return read_password(self.password_file)
+
+    @contextmanager
+    def repository(self) -> Iterator[Repository]:
+        config = self.config
+        repo = Repository.open(config, self.password())
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
+    """A rich progress line on stderr when it is a terminal; a no-op otherwise."""
+    if not (enabled and err.is_terminal):
+        yield lambda **_: None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None, info="")
+
+        def update(**fields: Any) -> None:
+            bar.update(task, **fields)
+
+        yield update
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="Config file (default $SHARDVAULT_CONFIG or ./shardvault.toml).")
+@click.option("--password-file", metavar="PATH", help="Read the passphrase from this file (default $SHARDVAULT_PASSWORD).")
+@click.version_option(package_name="shardvault")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, password_file: str | None) -> None:
+    """Encrypted, deduplicated, erasure-coded backups over independent peers."""
+    ctx.obj = Context(config_path, password_file)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def init(ctx: Context, as_json: bool) -> None:
+    """Create the repository on every configured peer."""
+    config = ctx.config
+    repo = Repository.init(config, ctx.password())
+    try:
+        doc = {"repository": repo.id, "k": repo.doc["k"], "n": repo.doc["n"], "peers": [p.name for p in config.peers]}
+    finally:
+        repo.close()
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"created repository {repo.id[:8]} ({doc['k']}-of-{doc['n']}) on peers {', '.join(doc['peers'])}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--full", is_flag=True, help="Re-read every file instead of skipping unchanged ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
+    """Back up SOURCE (incremental unless --full)."""
+    from shardvault.backup import BackupStats, run_backup
+
+    source_config = ctx.config.source(source)
+    with ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
+
+        def on_progress(stats: BackupStats, path: str) -> None:
+            update(info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}")
+
+        result = run_backup(repo, source_config, full=full, progress=on_progress)
+    s, snap = result.stats, result.snapshot
+    if as_json:
+        emit_json(result.to_doc() | {"warnings": s.warnings})
+    else:
+        parent = f" (parent {snap.parent[:8]})" if snap.parent else ""
+        click.echo(f"snapshot {snap.short_id} saved: {snap.kind}{parent}")
+        click.echo(
+            f"  files: {s.files} ({s.files_read} read, {s.files_unchanged} unchanged), dirs: {s.dirs}, symlinks: {s.symlinks}"
+        )
+        click.echo(
+            f"  read {human(s.bytes_read)} of {human(s.bytes_total)}; new data {human(s.bytes_new)}, "
+            f"stored {human(s.bytes_stored)} in {s.packs_new} pack(s) ({human(s.shard_bytes_stored)} of shards)"
+        )
+        click.echo(f"  duration {s.duration_seconds:.2f} s")
+    for w in s.warnings:
+        warn(w)
+    unreadable = [w for w in s.warnings if "cannot read" in w]
+    if unreadable:
+        raise BackupIncompleteError(snap.short_id, len(unreadable), unreadable[0])
+
+
+@main.command()
+@click.option("--source", "source", help="Only this source's snapshots.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
+    """List snapshots."""
+    with ctx.repository() as repo:
+        snaps = [s for s in repo.snapshots() if source is None or s.source == source]
+    if as_json:
+        emit_json([s.summary() for s in snaps])
+        return
+    click.echo(f"{'ID':<10}{'finished':<27}{'source':<14}{'kind':<13}{'files':>8}{'size':>12}")
+    for s in snaps:
+        size = human(s.stats.get("bytes_total", 0))
+        click.echo(f"{s.short_id:<10}{s.finished[:26]:<27}{s.source:<14}{s.kind:<13}{s.stats.get('files', 0):>8}{size:>12}")
+    click.echo(f"{len(snaps)} snapshot(s)")
+
+
+@main.command()
+@click.argument("snapshot")
+@click.option("--source", "source", help="Source of the snapshot (needed for 'latest').")
+@click.option("--target", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to restore into.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def restore(ctx: Context, snapshot: str, source: str | None, target: Path, as_json: bool) -> None:
+    """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target."""
+    from dataclasses import asdict
+
+    from shardvault.restore.files import RestoreStats, restore_files
+    from shardvault.snapshot import resolve
+
+    with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
+        snap = resolve(repo.snapshots(), snapshot, source)
+
+        def on_progress(stats: RestoreStats, path: str) -> None:
+            update(info=f"{stats.files} files, {human(stats.bytes)}  {path[-40:]}")
+
+        try:
+            stats = restore_files(repo, snap, target, on_progress)
+        except ShardvaultError:
+            report_bad_shards([p.to_doc() for p in repo.take_problems()])
+            raise
+    if as_json:
+        emit_json({"snapshot": snap.id, "target": str(target)} | asdict(stats))
+        return
+    report_bad_shards(stats.bad_shards)
+    click.echo(
+        f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
+        f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; every file matches its hash"
+    )
+
+
+@main.command(name="check")
+@click.option("--read-data", is_flag=True, help="Also read every shard and verify its hash.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
+    """Check that every shard the index expects is present (and intact)."""
+    from shardvault.verify.check import check
+
+    with ctx.repository() as repo, progress_bar(not as_json, "check") as update:
+        report = check(repo, read_data, lambda done, total: update(completed=done, total=total, info=f"{done}/{total} shards"))
+    if as_json:
+        emit_json(report.to_doc())
+    else:
+        for peer, why in report.peers_unreachable.items():
+            lost = sum(1 for i in report.shard_issues if i.peer == peer and i.problem == "unreachable")
+            click.echo(f"peer {peer}: UNREACHABLE ({lost} shards not available): {why}")
+        for issue in report.shard_issues:
+            if issue.problem != "unreachable":
+                click.echo(f"{issue.problem} shard {issue.object} on peer {issue.peer}: {issue.detail}")
+        for pack in report.damaged_packs:
+            click.echo(f"pack {pack.pack[:16]} ({pack.kind}): {pack.state.upper()}, {pack.good} of {pack.n} good, {pack.k} needed")
+        for error in report.snapshot_errors:
+            click.echo(error)
+        read = f", {report.shards_read} read ({human(report.bytes_read)})" if read_data else ""
+        click.echo(f"{report.shards_checked} shards checked{read}; {report.snapshots} snapshot(s); {report.summary()}")
+        if report.unreferenced_shards:
+            click.echo(f"{report.unreferenced_shards} unreferenced shard(s) (left by interrupted backups)")
+        click.echo("damage found" if report.damaged else "no errors found")
+    if report.damaged:
+        raise DamageFoundError(report.summary()) if not as_json else SystemExit(DamageFoundError.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def peers(ctx: Context, as_json: bool) -> None:
+    """Show each peer: reachable or not, shards and bytes held."""
+    from dataclasses import asdict
+
+    from shardvault.verify.check import peer_usage
+
+    with ctx.repository() as repo:
+        rows = peer_usage(repo)
+    if as_json:
+        emit_json([asdict(r) for r in rows])
+        return
+    click.echo(f"{'peer':<12}{'zone':<10}{'state':<14}{'shards':>8}{'bytes':>12}  url")
+    for r in rows:
+        state = "up" if r.reachable else "UNREACHABLE"
+        click.echo(f"{r.name:<12}{r.zone:<10}{state:<14}{r.shards:>8}{human(r.shard_bytes):>12}  {r.url}")
+        if r.error:
+            click.echo(f"  {r.error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""Every expected failure of shardvault, in one tree.
+
+As in Borg, an error class's docstring is its message template and the class
+carries the process exit code the CLI returns for it; as in Barman, there is
+one root and one base class per area.  The CLI prints ``str(error)`` on one
+line and exits with ``error.exit_code``; anything that is not a
+:class:`ShardvaultError` is a bug and keeps its traceback.
+
+Exit codes (stable, documented in the README):
+
+==  ==========================================================
+0   success
+1   unexpected error (a bug)
+2   usage error (click)
+3   configuration error
+4   wrong passphrase or unusable key
+5   peer unreachable, read-only or answering garbage
+6   damage found by ``check``
+7   data lost: a restore or read is impossible
+8   repository error (missing, already there, snapshot unknown)
+9   restore refused: a path would escape the target
+10  source error (missing or unreadable source)
+11  backup finished but some files could not be read
+==  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class ShardvaultError(Exception):
+    """Error: {}"""
+
+    exit_code: ClassVar[int] = 1
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args)
+        self.args_ = args
+        self.kwargs = kwargs
+
+    def __str__(self) -> str:
+        template = (type(self).__doc__ or "{}").strip().splitlines()[0]
+        try:
+            return template.format(*self.args_, **self.kwargs)
+        except (IndexError, KeyError):  # a template/argument mismatch must not hide the error
+            return f"{template} {self.args_!r} {self.kwargs!r}"
+
+
+# --- configuration -----------------------------------------------------------
+
+
+class ConfigError(ShardvaultError):
+    """Configuration error: {}"""
+
+    exit_code = 3
+
+
+class ConfigFileNotFoundError(ConfigError):
+    """Configuration file {0} not found (use --config PATH or $SHARDVAULT_CONFIG)"""
+
+
+class ConfigValueError(ConfigError):
+    """{0}: {1}: {2}"""
+
+
+class PasswordMissingError(ConfigError):
+    """No passphrase: set $SHARDVAULT_PASSWORD or pass --password-file"""
+
+
+# --- keys and crypto ---------------------------------------------------------
+
+
+class CredentialError(ShardvaultError):
+    """Credential error: {}"""
+
+    exit_code = 4
+
+
+class WrongPassphraseError(CredentialError):
+    """Wrong passphrase: no key in the repository opens with it"""
+
+
+# --- peers (the storage boundary) --------------------------------------------
+
+
+class PeerError(ShardvaultError):
+    """Peer {0}: {1}"""
+
+    exit_code = 5
+
+
+class PeerUnavailableError(PeerError):
+    """Peer {0} is unreachable: {1}"""
+
+
+class PeerReadOnlyError(PeerError):
+    """Peer {0} is not writable: {1}"""
+
+
+class PeerProtocolError(PeerError):
+    """Peer {0} answered garbage: {1}"""
+
+
+class ObjectNotFoundError(PeerError):
+    """Peer {0} has no object {1}"""
+
+
+class InvalidObjectNameError(PeerError):
+    """Invalid object name {0!r}: {1}"""
+
+
+class NotEnoughPeersError(PeerError):
+    """Only {0} of the required {1} peers answered: {2}"""
+
+
+# --- shards ------------------------------------------------------------------
+
+
+class ShardError(ShardvaultError):
+    """Shard error: {}"""
+
+    exit_code = 7
+
+
+class CorruptShardError(ShardError):
+    """Corrupt shard {0} on peer {1}: {2}"""
+
+
+class NotEnoughShardsError(ShardError):
+    """Pack {0} is lost: {1} good shards, {2} needed ({3})"""
+
+
+# --- repository --------------------------------------------------------------
+
+
+class RepositoryError(ShardvaultError):
+    """Repository error: {}"""
+
+    exit_code = 8
+
+
+class RepositoryNotFoundError(RepositoryError):
+    """No repository on any reachable peer ({0}); run 'shardvault init' first"""
+
+
+class RepositoryExistsError(RepositoryError):
+    """A repository already exists on peer {0}"""
+
+
+class RepositoryCorruptError(RepositoryError):
+    """Repository object {0} is unreadable on every peer: {1}"""
+
+
+class UnsupportedFormatError(RepositoryError):
+    """{0} has format version {1}; this shardvault reads version {2}"""
+
+
+class SnapshotNotFoundError(RepositoryError):
+    """No snapshot matches {0!r}{1}"""
+
+
+class AmbiguousSnapshotError(RepositoryError):
+    """Snapshot prefix {0!r} matches {1} snapshots; give more characters"""
+
+
+class BlobNotFoundError(RepositoryError):
+    """Chunk {0} is not in any index: the repository is missing data"""
+
+
+# --- data loss and restore -----------------------------------------------------
+
+
+class DataLossError(ShardvaultError):
+    """Data lost: {0}"""
+
+    exit_code = 7
+
+
+class RestoreError(ShardvaultError):
+    """Restore failed: {}"""
+
+    exit_code = 7
+
+
+class UnsafePathError(RestoreError):
+    """Refusing to restore {0!r}: {1}"""
+
+    exit_code = 9
+
+
+class IntegrityError(RestoreError):
+    """Integrity check failed for {0}: {1}"""
+
+
+# --- check -------------------------------------------------------------------
+
+
+class DamageFoundError(ShardvaultError):
+    """Damage found: {0}"""
+
+    exit_code = 6
+
+
+# --- sources -----------------------------------------------------------------
+
+
+class SourceError(ShardvaultError):
+    """Source {0}: {1}"""
+
+    exit_code = 10
+
+
+class BackupIncompleteError(ShardvaultError):
+    """Snapshot {0} saved, but {1} file(s) could not be read (first: {2})"""
+
+    exit_code = 11

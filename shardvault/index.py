@@ -1,0 +1,96 @@
+"""The index: which pack holds each chunk, and where each pack's shards are.
+
+Each backup run writes index files (``index/<id>``) naming only the packs it
+created: one at each checkpoint and one at the end, so a killed run leaves
+index files for the packs it finished and a rerun deduplicates against them
+(it resumes instead of re-uploading).  The in-memory :class:`Index` is the
+union of all index files.  Index file body (inside the sealed metadata
+envelope)::
+
+    {"version": 1, "packs": [
+        {"id": hex, "kind": 0|1, "k": 4, "n": 6, "length": bytes,
+         "shards": [[num, peer, hash hex, size], ...],
+         "blobs":  [[chunk id hex, offset, length, plaintext length], ...]}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from shardvault.packs import PackEntry
+from shardvault.shards.dispersal import ShardRecord
+
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BlobLocation:
+    pack_id: str
+    offset: int
+    length: int
+    raw_length: int
+
+
+@dataclass(frozen=True)
+class PackRecord:
+    id: str
+    kind: int
+    k: int
+    n: int
+    length: int
+    shards: tuple[ShardRecord, ...]
+    entries: tuple[PackEntry, ...]
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "k": self.k,
+            "n": self.n,
+            "length": self.length,
+            "shards": [[s.num, s.peer, s.hash.hex(), s.size] for s in self.shards],
+            "blobs": [[e.chunk_id.hex(), e.offset, e.length, e.raw_length] for e in self.entries],
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> PackRecord:
+        kind = int(doc["kind"])
+        return cls(
+            id=str(doc["id"]),
+            kind=kind,
+            k=int(doc["k"]),
+            n=int(doc["n"]),
+            length=int(doc["length"]),
+            shards=tuple(ShardRecord(int(s[0]), str(s[1]), bytes.fromhex(s[2]), int(s[3])) for s in doc["shards"]),
+            entries=tuple(
+                PackEntry(bytes.fromhex(b[0]), kind, int(b[1]), int(b[2]), int(b[3])) for b in doc["blobs"]
+            ),
+        )
+
+
+def index_doc(packs: Iterable[PackRecord]) -> dict[str, Any]:
+    return {"version": INDEX_VERSION, "packs": [p.to_doc() for p in packs]}
+
+
+class Index:
+    """The union of the repository's index files."""
+
+    def __init__(self) -> None:
+        self.packs: dict[str, PackRecord] = {}
+        self.blobs: dict[bytes, BlobLocation] = {}
+        self.files: set[str] = set()
+
+    def add(self, record: PackRecord) -> None:
+        self.packs[record.id] = record
+        for e in record.entries:
+            self.blobs.setdefault(e.chunk_id, BlobLocation(record.id, e.offset, e.length, e.raw_length))
+
+    def add_doc(self, name: str, doc: dict[str, Any]) -> None:
+        for pack in doc.get("packs", []):
+            self.add(PackRecord.from_doc(pack))
+        self.files.add(name)
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return chunk_id in self.blobs

@@ -1,0 +1,1 @@
+"""Sources: what is backed up.  One module per source type."""

@@ -1,0 +1,232 @@
+"""Shared fixtures: repositories on local peers, source trees, a real S3 server."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from shardvault.cli import main
+from shardvault.config import load_config
+from shardvault.repository import Repository
+
+PASSWORD = "correct horse battery staple"
+BIN = Path(sys.executable).parent
+# Small chunks and packs, so a few MiB of test data make several packs.
+SMALL = {"chunk_min_kib": 64, "chunk_avg_kib": 256, "chunk_max_kib": 1024, "pack_size_mib": 1}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(
+    path: Path,
+    peers: list[dict[str, Any]],
+    sources: dict[str, Path],
+    **repository: Any,
+) -> Path:
+    lines = ["[repository]"]
+    lines += [f"{key} = {toml_value(value)}" for key, value in repository.items()]
+    for peer in peers:
+        lines.append("[[peers]]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in peer.items()]
+    for name, src in sources.items():
+        lines += ["[[sources]]", f'name = "{name}"', 'type = "files"', f"path = {toml_value(str(src))}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_tree(root: Path, seed: int = 1, files: int = 40, big: int = 3 << 20) -> Path:
+    """A source tree with nested dirs, symlinks, an empty file, odd modes and a few large files."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        d = root / f"dir{i % 5}" / (f"sub{i % 3}" if i % 2 else "")
+        d.mkdir(parents=True, exist_ok=True)
+        size = rng.choice([0, 1, 100, 5000, 70_000, 300_000])
+        (d / f"file{i}.txt").write_bytes(rng.randbytes(size // 2) + b"text " * (size // 10))
+    for i in range(3):
+        (root / f"large{i}.bin").write_bytes(rng.randbytes(big))
+    (root / "empty").write_bytes(b"")
+    (root / "link-rel").symlink_to("dir0/file0.txt")
+    (root / "link-abs").symlink_to("/etc/hostname")
+    (root / "dir1" / "private").write_bytes(b"secret")
+    os.chmod(root / "dir1" / "private", 0o600)
+    os.chmod(root / "dir2", 0o750)
+    os.utime(root / "large0.bin", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    return root
+
+
+def tree_state(root: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything a restore must reproduce: type, mode, mtime, content, link target."""
+    state: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                state[rel] = ("l", os.readlink(p), st.st_mtime_ns)
+            elif stat.S_ISDIR(st.st_mode):
+                state[rel] = ("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            else:
+                state[rel] = ("f", stat.S_IMODE(st.st_mode), st.st_mtime_ns, p.read_bytes())
+    return state
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    sa, sb = tree_state(a), tree_state(b)
+    assert sorted(sa) == sorted(sb)
+    for key in sa:
+        assert sa[key] == sb[key], key
+
+
+def local_peers(base: Path, count: int = 6, zones: int = 3) -> list[dict[str, Any]]:
+    return [
+        {"name": f"p{i}", "url": f"file://{base / f'p{i}'}", "zone": f"z{i % zones}"} for i in range(count)
+    ]
+
+
+@dataclass
+class Vault:
+    """A configured repository on local peers, driven through the CLI."""
+
+    root: Path
+    config: Path
+    peers_dir: Path
+    source: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, password: str | None = PASSWORD) -> Result:
+        env = {"SHARDVAULT_PASSWORD": password or ""}
+        return CliRunner().invoke(main, ["--config", str(self.config), *args], env=env, catch_exceptions=False)
+
+    def run(self, *args: str, password: str = PASSWORD, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """The real console script in a child process (exit codes, stderr, signals)."""
+        env = os.environ | {"SHARDVAULT_PASSWORD": password} | self.env
+        return subprocess.run(
+            [str(BIN / "shardvault"), "--config", str(self.config), *args],
+            capture_output=True, text=True, env=env, timeout=timeout, cwd=self.root,
+        )
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        env = os.environ | {"SHARDVAULT_PASSWORD": PASSWORD} | self.env
+        return subprocess.Popen(
+            [str(BIN / "shardvault"), "--config", str(self.config), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=self.root,
+        )
+
+    @contextmanager
+    def repo(self) -> Iterator[Repository]:
+        repo = Repository.open(load_config(self.config), PASSWORD)
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+    def peer(self, i: int) -> Path:
+        return self.peers_dir / f"p{i}"
+
+    def shards(self, i: int) -> list[Path]:
+        return sorted((self.peer(i) / "data").rglob("*.*"))
+
+
+def make_vault(tmp_path: Path, init: bool = True, **repository: Any) -> Vault:
+    peers_dir = tmp_path / "peers"
+    source = make_tree(tmp_path / "src")
+    settings = {"k": 4, "n": 6, "state_dir": str(tmp_path / "state")} | SMALL | repository
+    config = write_config(tmp_path / "shardvault.toml", local_peers(peers_dir), {"src": source}, **settings)
+    vault = Vault(tmp_path, config, peers_dir, source)
+    if init:
+        result = vault.cli("init")
+        assert result.exit_code == 0, result.output
+    return vault
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> Vault:
+    return make_vault(tmp_path)
+
+
+@pytest.fixture
+def backed_up(vault: Vault) -> Vault:
+    result = vault.cli("backup", "src")
+    assert result.exit_code == 0, result.output
+    return vault
+
+
+def peer_snapshot(peers_dir: Path) -> dict[str, bytes]:
+    """Every object on every local peer (to prove a failure changed nothing)."""
+    return {str(p.relative_to(peers_dir)): p.read_bytes() for p in sorted(peers_dir.rglob("*")) if p.is_file()}
+
+
+def flip_bit(path: Path, offset: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# --- a real S3 server on loopback ---------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's standalone S3 server, a real HTTP server on 127.0.0.1."""
+    port = free_port()
+    log = open(os.devnull, "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.1)
+    old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True)

@@ -1,0 +1,144 @@
+"""One contract for every peer type (borgstore style): local directory and S3.
+
+The S3 store runs against moto's server, a real HTTP S3 endpoint on
+loopback; nothing is mocked in-process.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardvault.errors import (
+    InvalidObjectNameError,
+    ObjectNotFoundError,
+    PeerReadOnlyError,
+    PeerUnavailableError,
+)
+from shardvault.shards.stores import PeerStore, open_store
+
+from conftest import free_port
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PeerStore]:
+    if request.param == "local":
+        s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    else:
+        endpoint = request.getfixturevalue("s3_server")
+        s = open_store("peer", f"s3://bucket-{secrets.token_hex(4)}/some/prefix", endpoint=endpoint)
+    s.create()
+    yield s
+    s.close()
+
+
+def test_store_load_roundtrip(store: PeerStore) -> None:
+    store.store("config", b"hello")
+    store.store("data/ab/abcd.00", b"\x00" * 100_000)
+    assert store.load("config") == b"hello"
+    assert store.load("data/ab/abcd.00") == b"\x00" * 100_000
+    assert store.info("data/ab/abcd.00").size == 100_000
+
+
+def test_store_replaces_whole_object(store: PeerStore) -> None:
+    store.store("keys/k1", b"first version, long")
+    store.store("keys/k1", b"second")
+    assert store.load("keys/k1") == b"second"
+
+
+def test_missing_objects(store: PeerStore) -> None:
+    with pytest.raises(ObjectNotFoundError):
+        store.load("index/nothing")
+    with pytest.raises(ObjectNotFoundError):
+        store.info("index/nothing")
+    with pytest.raises(ObjectNotFoundError):
+        store.delete("index/nothing")
+
+
+def test_delete(store: PeerStore) -> None:
+    store.store("snapshots/s1", b"x")
+    store.delete("snapshots/s1")
+    with pytest.raises(ObjectNotFoundError):
+        store.load("snapshots/s1")
+
+
+def test_list_by_prefix_with_sizes(store: PeerStore) -> None:
+    store.store("index/a", b"1")
+    store.store("index/b", b"22")
+    store.store("data/00/x.01", b"333")
+    store.store("config", b"4444")
+    assert sorted((i.name, i.size) for i in store.list("index/")) == [("index/a", 1), ("index/b", 2)]
+    assert sorted(i.name for i in store.list("")) == ["config", "data/00/x.01", "index/a", "index/b"]
+    assert list(store.list("snapshots/")) == []
+
+
+@pytest.mark.parametrize(
+    "name", ["", "../escape", "data/../../etc/passwd", "/abs", "UPPER", "a//b", ".hidden", "a/.tmp", "x" * 300, "a\0b"]
+)
+def test_invalid_names_rejected_at_the_boundary(store: PeerStore, name: str) -> None:
+    with pytest.raises(InvalidObjectNameError):
+        store.store(name, b"x")
+    with pytest.raises(InvalidObjectNameError):
+        store.load(name)
+
+
+def test_unreachable_peer(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    local = open_store("gone", f"file://{tmp_path / 'missing'}")
+    dead = open_store("dead", "s3://bucket/p", endpoint=f"http://127.0.0.1:{free_port()}")
+    for s in (local, dead):
+        with pytest.raises(PeerUnavailableError):
+            s.probe()
+        with pytest.raises(PeerUnavailableError):
+            s.store("config", b"x")
+        with pytest.raises(PeerUnavailableError):
+            s.load("config")
+
+
+def test_missing_bucket_is_unreachable(s3_server: str) -> None:
+    s = open_store("nob", "s3://no-such-bucket/p", endpoint=s3_server)
+    with pytest.raises(PeerUnavailableError, match="does not exist"):
+        s.probe()
+
+
+def test_local_read_only_peer(tmp_path: Path) -> None:
+    root = tmp_path / "ro"
+    s = open_store("ro", f"file://{root}")
+    s.create()
+    s.store("config", b"x")
+    # As root, permission bits do not stop writes; the immutable flag does.
+    if subprocess.run(["chattr", "+i", str(root)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported on this filesystem")
+    try:
+        with pytest.raises(PeerReadOnlyError):
+            s.store("index/new", b"y")
+        with pytest.raises(PeerReadOnlyError):
+            s.create()
+        assert s.load("config") == b"x"
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=True)
+
+
+def test_local_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies half-way leaves the old object and no visible debris."""
+    import os
+
+    s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    s.create()
+    s.store("config", b"old")
+    real_write = os.write
+
+    def failing_write(fd: int, data: object) -> int:
+        real_write(fd, b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "write", failing_write)
+    with pytest.raises(PeerReadOnlyError):
+        s.store("config", b"new content")
+    monkeypatch.undo()
+    assert s.load("config") == b"old"
+    assert [i.name for i in s.list("")] == ["config"]
+    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]

@@ -1,0 +1,1 @@
+"""Verification of the repository: presence checks and shard reads."""

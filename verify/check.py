@@ -1,0 +1,238 @@
+"""Checks: is every shard the index expects present (and, on request, intact)?
+
+The presence check lists each peer once and compares with the index: a shard
+is good if its object is on the recorded peer with the recorded size.  With
+``read_data`` every present shard is also read and verified against its own
+hash and the index's (bit rot, truncation, a swapped or replayed shard).  Each
+pack is then
+
+* ``healthy``  all n shards good,
+* ``degraded`` more than k but fewer than n,
+* ``at_risk``  exactly k (one more loss and it is gone),
+* ``lost``     fewer than k.
+
+The check also walks every snapshot's tree and confirms each chunk it names is
+in the index, so a snapshot that references missing data is caught here, not
+at restore time.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from shardvault.backup import iter_tree
+from shardvault.errors import PeerError, ShardvaultError
+from shardvault.index import PackRecord
+from shardvault.metadata import pack_name
+from shardvault.repository import Repository
+from shardvault.shards.dispersal import ShardRecord
+from shardvault.shards.format import ShardFormatError, verify_shard
+
+STATES = ("healthy", "degraded", "at_risk", "lost")
+READ_AHEAD = 8
+
+
+def pack_state(good: int, k: int, n: int) -> str:
+    if good >= n:
+        return "healthy"
+    if good > k:
+        return "degraded"
+    if good == k:
+        return "at_risk"
+    return "lost"
+
+
+@dataclass
+class ShardIssue:
+    pack: str
+    shard: int
+    peer: str
+    object: str
+    problem: str  # missing | corrupt | unreachable
+    detail: str
+
+
+@dataclass
+class PackStatus:
+    pack: str
+    kind: str
+    k: int
+    n: int
+    good: int
+    state: str
+
+
+@dataclass
+class CheckReport:
+    read_data: bool
+    packs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    damaged_packs: list[PackStatus] = field(default_factory=list)
+    shard_issues: list[ShardIssue] = field(default_factory=list)
+    peers_unreachable: dict[str, str] = field(default_factory=dict)
+    shards_checked: int = 0
+    shards_read: int = 0
+    bytes_read: int = 0
+    unreferenced_shards: int = 0
+    snapshots: int = 0
+    snapshot_errors: list[str] = field(default_factory=list)
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.shard_issues or self.snapshot_errors or any(self.packs[s] for s in STATES[1:]))
+
+    def summary(self) -> str:
+        parts = [f"{self.packs[s]} {s}" for s in STATES]
+        missing = sum(1 for i in self.shard_issues if i.problem != "corrupt")
+        corrupt = sum(1 for i in self.shard_issues if i.problem == "corrupt")
+        return f"packs: {', '.join(parts)}; shards missing: {missing}, corrupt: {corrupt}"
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["damaged"] = self.damaged
+        return doc
+
+
+ProgressFn = Callable[[int, int], None]
+
+
+def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None = None) -> CheckReport:
+    report = CheckReport(read_data=read_data)
+    repo.peers.probe_all()
+    present = repo.list_shards()
+    report.peers_unreachable = repo.peers.down()
+    index = repo.index
+    expected = {(p.id, s.num) for p in index.packs.values() for s in p.shards}
+    report.unreferenced_shards = sum(1 for key in present if key not in expected)
+
+    # Presence (and sizes) from the listings.
+    good: Counter[str] = Counter()
+    to_read: list[tuple[PackRecord, ShardRecord]] = []
+    for pack in index.packs.values():
+        for shard in pack.shards:
+            report.shards_checked += 1
+            name = pack_name(pack.id, shard.num)
+            holders = present.get((pack.id, shard.num), {})
+            if shard.peer not in holders:
+                if shard.peer in report.peers_unreachable:
+                    problem, detail = "unreachable", report.peers_unreachable[shard.peer]
+                else:
+                    problem, detail = "missing", "object not on the peer"
+                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, problem, detail))
+            elif holders[shard.peer] != shard.size:
+                detail = f"size {holders[shard.peer]}, expected {shard.size} (truncated or replaced)"
+                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, "corrupt", detail))
+            elif read_data:
+                to_read.append((pack, shard))
+            else:
+                good[pack.id] += 1
+
+    if read_data:
+        for pack, shard, error in _read_all(repo, to_read, report, progress):
+            if error is None:
+                good[pack.id] += 1
+            else:
+                name = pack_name(pack.id, shard.num)
+                problem = "corrupt" if isinstance(error, ShardFormatError) else "missing"
+                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, problem, str(error)))
+
+    for pack in index.packs.values():
+        state = pack_state(good[pack.id], pack.k, pack.n)
+        report.packs[state] += 1
+        if state != "healthy":
+            kind = "tree" if pack.kind else "data"
+            report.damaged_packs.append(PackStatus(pack.id, kind, pack.k, pack.n, good[pack.id], state))
+
+    lost = {p.pack for p in report.damaged_packs if p.state == "lost"}
+    _check_snapshots(repo, report, lost)
+    return report
+
+
+def _read_all(
+    repo: Repository, items: list[tuple[PackRecord, ShardRecord]], report: CheckReport, progress: ProgressFn | None
+) -> list[tuple[PackRecord, ShardRecord, Exception | None]]:
+    """Read and verify shards with a bounded number in flight."""
+
+    def read(pack: PackRecord, shard: ShardRecord) -> int:
+        peer = repo.peers.get(shard.peer)
+        if peer is None:
+            raise PeerError(shard.peer, "not in the configuration")
+        raw = peer.store.load(pack_name(pack.id, shard.num))
+        verify_shard(raw, pack_id=bytes.fromhex(pack.id), num=shard.num, k=pack.k, n=pack.n, expected_hash=shard.hash)
+        return len(raw)
+
+    results: list[tuple[PackRecord, ShardRecord, Exception | None]] = []
+    pending: dict[Future[int], tuple[PackRecord, ShardRecord]] = {}
+    queue = list(reversed(items))
+    while queue or pending:
+        while queue and len(pending) < READ_AHEAD:
+            pack, shard = queue.pop()
+            pending[repo.io.submit(read, pack, shard)] = (pack, shard)
+        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            pack, shard = pending.pop(future)
+            try:
+                report.bytes_read += future.result()
+                report.shards_read += 1
+                results.append((pack, shard, None))
+            except (PeerError, ShardFormatError) as exc:
+                results.append((pack, shard, exc))
+        if progress:
+            progress(len(results), len(items))
+    return results
+
+
+def _check_snapshots(repo: Repository, report: CheckReport, lost: set[str]) -> None:
+    """Every chunk a snapshot names must be indexed, in a pack that is not lost."""
+    blobs = repo.index.blobs
+    for snapshot in repo.snapshots():
+        report.snapshots += 1
+        name = f"snapshot {snapshot.short_id} ({snapshot.source})"
+        chunks = [bytes.fromhex(c) for c in snapshot.tree]
+        try:
+            if all(c in blobs and blobs[c].pack_id not in lost for c in chunks):
+                chunks += [bytes.fromhex(c) for e in iter_tree(repo, snapshot) for c in e.chunks]
+        except ShardvaultError as exc:
+            report.snapshot_errors.append(f"{name}: tree unreadable: {exc}")
+            continue
+        missing = sum(1 for c in chunks if c not in blobs)
+        packs = sorted({blobs[c].pack_id[:16] for c in chunks if c in blobs and blobs[c].pack_id in lost})
+        if missing:
+            report.snapshot_errors.append(f"{name}: {missing} chunk(s) not in the index")
+        if packs:
+            report.snapshot_errors.append(f"{name}: cannot be restored, needs lost pack(s) {', '.join(packs)}")
+
+
+@dataclass
+class PeerUsage:
+    name: str
+    zone: str
+    url: str
+    reachable: bool
+    error: str | None
+    shards: int
+    shard_bytes: int
+    metadata_objects: int
+
+
+def peer_usage(repo: Repository) -> list[PeerUsage]:
+    """What each configured peer holds, listing it directly."""
+    rows: list[PeerUsage] = []
+    for peer, conf in zip(repo.peers, repo.config.peers, strict=True):
+        shards = size = meta = 0
+        error: str | None = None
+        try:
+            peer.store.probe()
+            for item in peer.store.list(""):
+                if item.name.startswith("data/"):
+                    shards += 1
+                    size += item.size
+                else:
+                    meta += 1
+        except PeerError as exc:
+            error = str(exc)
+        rows.append(PeerUsage(peer.name, peer.zone, conf.url, error is None, error, shards, size, meta))
+    return rows
