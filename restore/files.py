@@ -136,7 +136,9 @@ class FileRestorer:
         check_packs({self._pack_of(c) for c in self.snapshot.tree})
         if self.lost:
             packs = ", ".join(f"pack {p[:16]} ({why})" for p, why in sorted(self.lost.items()))
-            raise DataLossError(f"the tree of snapshot {self.snapshot.short_id} is in lost {packs}; nothing can be restored")
+            raise DataLossError(
+                f"the tree of snapshot {self.snapshot.short_id} is in lost {packs}; nothing can be restored"
+            )
         needed: set[str] = set()
         for entry in iter_tree(self.repo, self.snapshot):
             safe_parts(entry.path)

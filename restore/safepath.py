@@ -99,5 +99,7 @@ class SafeTarget:
     def _refusal(self, exc: OSError, parts: list[str], shown: str) -> UnsafePathError:
         where = "/".join(parts)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            return UnsafePathError(shown or where, f"{self.root / where} is a symlink or not a directory; not following it")
+            return UnsafePathError(
+                shown or where, f"{self.root / where} is a symlink or not a directory; not following it"
+            )
         return UnsafePathError(shown or where, f"cannot open {self.root / where}: {exc.strerror}")

@@ -28,8 +28,10 @@ def main(peer_name: str, source: str) -> None:
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))
-    print(f"flipped one bit in {pack_name(pack_id, shard.num)} on peer {peer_name} "
-          f"(shard {shard.num} of pack {pack_id[:16]}, data of snapshot {snap.short_id} of {source!r})")
+    print(
+        f"flipped one bit in {pack_name(pack_id, shard.num)} on peer {peer_name} "
+        f"(shard {shard.num} of pack {pack_id[:16]}, data of snapshot {snap.short_id} of {source!r})"
+    )
 
 
 if __name__ == "__main__":

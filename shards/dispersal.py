@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
+from typing import Any
 
 from shardvault.errors import NotEnoughPeersError, NotEnoughShardsError, ObjectNotFoundError, PeerError
 
@@ -48,17 +49,22 @@ class ShardProblem:
     kind: str  # "missing", "corrupt", "unreachable"
     detail: str
 
-    def to_doc(self) -> dict[str, object]:
-        return {"pack": self.pack_id, "shard": self.num, "peer": self.peer, "object": self.object,
-                "problem": self.kind, "detail": self.detail}
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "pack": self.pack_id,
+            "shard": self.num,
+            "peer": self.peer,
+            "object": self.object,
+            "problem": self.kind,
+            "detail": self.detail,
+        }
 
 
 def shard_objects(pack_id: bytes, data: bytes, k: int, n: int) -> dict[int, bytes]:
     """The n shard objects (header + block + hash) of a pack."""
     blocks = erasure.encode(data, k, n)
     return {
-        num: build_shard(ShardHeader(k, n, num, pack_id, len(data), len(block)), block)
-        for num, block in blocks.items()
+        num: build_shard(ShardHeader(k, n, num, pack_id, len(data), len(block)), block) for num, block in blocks.items()
     }
 
 

@@ -53,7 +53,13 @@ def build_shard(header: ShardHeader, payload: bytes | memoryview) -> bytes:
     if len(payload) != header.payload_length:
         raise ValueError("payload length does not match the header")
     head = _HEADER.pack(
-        SHARD_MAGIC, SHARD_VERSION, header.k, header.n, header.num, header.pack_id, header.pack_length,
+        SHARD_MAGIC,
+        SHARD_VERSION,
+        header.k,
+        header.n,
+        header.num,
+        header.pack_id,
+        header.pack_length,
         header.payload_length,
     )
     body = b"".join((head, payload))

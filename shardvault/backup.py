@@ -245,7 +245,7 @@ def run_backup(
     old = next(old_entries, None)
 
     pipe = _Pipeline(repo, stats)
-    spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+    spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - closed in the finally below
 
     def emit(entry: Entry) -> None:
         spool.write(entry.to_line())
@@ -261,8 +261,10 @@ def run_backup(
             if entry.type == FILE:
                 stats.files += 1
                 stats.bytes_total += entry.size
-                if previous is not None and entry.unchanged_since(previous) and all(
-                    bytes.fromhex(c) in repo.index.blobs for c in previous.chunks
+                if (
+                    previous is not None
+                    and entry.unchanged_since(previous)
+                    and all(bytes.fromhex(c) in repo.index.blobs for c in previous.chunks)
                 ):
                     entry.chunks, entry.hash = list(previous.chunks), previous.hash
                     stats.files_unchanged += 1
@@ -311,7 +313,11 @@ def run_backup(
     if progress:
         progress(stats, "")
     repo.state.record_run(
-        "backup", "ok" if not stats.warnings else "warning", start_wall.timestamp(), source=source.name,
-        snapshot=snapshot.id, details=asdict(stats),
+        "backup",
+        "ok" if not stats.warnings else "warning",
+        start_wall.timestamp(),
+        source=source.name,
+        snapshot=snapshot.id,
+        details=asdict(stats),
     )
     return BackupResult(snapshot, stats)

@@ -126,8 +126,12 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", help="Config file (default $SHARDVAULT_CONFIG or ./shardvault.toml).")
-@click.option("--password-file", metavar="PATH", help="Read the passphrase from this file (default $SHARDVAULT_PASSWORD).")
+@click.option(
+    "--config", "config_path", metavar="PATH", help="Config file (default $SHARDVAULT_CONFIG or ./shardvault.toml)."
+)
+@click.option(
+    "--password-file", metavar="PATH", help="Read the passphrase from this file (default $SHARDVAULT_PASSWORD)."
+)
 @click.version_option(package_name="shardvault")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, password_file: str | None) -> None:
@@ -167,7 +171,9 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
     with ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
 
         def on_progress(stats: BackupStats, path: str) -> None:
-            update(info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}")
+            update(
+                info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}"
+            )
 
         result = run_backup(repo, source_config, full=full, progress=on_progress)
     s, snap = result.stats, result.snapshot
@@ -177,7 +183,8 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
         parent = f" (parent {snap.parent[:8]})" if snap.parent else ""
         click.echo(f"snapshot {snap.short_id} saved: {snap.kind}{parent}")
         click.echo(
-            f"  files: {s.files} ({s.files_read} read, {s.files_unchanged} unchanged), dirs: {s.dirs}, symlinks: {s.symlinks}"
+            f"  files: {s.files} ({s.files_read} read, {s.files_unchanged} unchanged), "
+            f"dirs: {s.dirs}, symlinks: {s.symlinks}"
         )
         click.echo(
             f"  read {human(s.bytes_read)} of {human(s.bytes_total)}; new data {human(s.bytes_new)}, "
@@ -206,14 +213,18 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
     click.echo(f"{'ID':<10}{'finished':<27}{'source':<14}{'kind':<13}{'files':>8}{'size':>12}")
     for s in snaps:
         size = human(s.stats.get("bytes_total", 0))
-        click.echo(f"{s.short_id:<10}{s.finished[:26]:<27}{s.source:<14}{s.kind:<13}{s.stats.get('files', 0):>8}{size:>12}")
+        click.echo(
+            f"{s.short_id:<10}{s.finished[:26]:<27}{s.source:<14}{s.kind:<13}{s.stats.get('files', 0):>8}{size:>12}"
+        )
     click.echo(f"{len(snaps)} snapshot(s)")
 
 
 @main.command()
 @click.argument("snapshot")
 @click.option("--source", "source", help="Source of the snapshot (needed for 'latest').")
-@click.option("--target", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to restore into.")
+@click.option(
+    "--target", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to restore into."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
@@ -241,7 +252,8 @@ def restore(ctx: Context, snapshot: str, source: str | None, target: Path, as_js
     report_bad_shards(stats.bad_shards)
     click.echo(
         f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
-        f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; every file matches its hash"
+        f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; "
+        "every file matches its hash"
     )
 
 
@@ -255,7 +267,9 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
     from shardvault.verify.check import check
 
     with ctx.repository() as repo, progress_bar(not as_json, "check") as update:
-        report = check(repo, read_data, lambda done, total: update(completed=done, total=total, info=f"{done}/{total} shards"))
+        report = check(
+            repo, read_data, lambda done, total: update(completed=done, total=total, info=f"{done}/{total} shards")
+        )
     if as_json:
         emit_json(report.to_doc())
     else:
@@ -266,7 +280,10 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
             if issue.problem != "unreachable":
                 click.echo(f"{issue.problem} shard {issue.object} on peer {issue.peer}: {issue.detail}")
         for pack in report.damaged_packs:
-            click.echo(f"pack {pack.pack[:16]} ({pack.kind}): {pack.state.upper()}, {pack.good} of {pack.n} good, {pack.k} needed")
+            click.echo(
+                f"pack {pack.pack[:16]} ({pack.kind}): {pack.state.upper()}, "
+                f"{pack.good} of {pack.n} good, {pack.k} needed"
+            )
         for error in report.snapshot_errors:
             click.echo(error)
         read = f", {report.shards_read} read ({human(report.bytes_read)})" if read_data else ""

@@ -97,7 +97,7 @@ class _Reader:
                 raise self.fail(key, "is required")
             return default
         value = self.table[key]
-        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
             raise self.fail(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
         return value
 
@@ -132,8 +132,18 @@ def _resolve(base: Path, value: str) -> Path:
 def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
     r = _Reader(path, "repository", table)
     r.no_unknown(
-        {"k", "n", "write_quorum", "state_dir", "pack_size_mib", "compression_level", "chunk_min_kib",
-         "chunk_avg_kib", "chunk_max_kib", "fsync"}
+        {
+            "k",
+            "n",
+            "write_quorum",
+            "state_dir",
+            "pack_size_mib",
+            "compression_level",
+            "chunk_min_kib",
+            "chunk_avg_kib",
+            "chunk_max_kib",
+            "fsync",
+        }
     )
     k = r.int_range("k", 1, 128)
     n = r.int_range("n", 1, 255)

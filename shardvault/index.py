@@ -64,9 +64,7 @@ class PackRecord:
             n=int(doc["n"]),
             length=int(doc["length"]),
             shards=tuple(ShardRecord(int(s[0]), str(s[1]), bytes.fromhex(s[2]), int(s[3])) for s in doc["shards"]),
-            entries=tuple(
-                PackEntry(bytes.fromhex(b[0]), kind, int(b[1]), int(b[2]), int(b[3])) for b in doc["blobs"]
-            ),
+            entries=tuple(PackEntry(bytes.fromhex(b[0]), kind, int(b[1]), int(b[2]), int(b[3])) for b in doc["blobs"]),
         )
 
 

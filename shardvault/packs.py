@@ -74,10 +74,8 @@ def seal_blob(
 ) -> bytes:
     """Compress (if it helps) and encrypt one chunk."""
     compressed = _compressor(level).compress(data)
-    if 0 < len(compressed) < len(data):
-        plain = b"\x01" + compressed
-    else:
-        plain = b"\x00" + bytes(data)
+    useful = 0 < len(compressed) < len(data)
+    plain = (b"\x01" + compressed) if useful else (b"\x00" + bytes(data))
     return cipher.seal(plain, chunk_id, nonce)
 
 

@@ -64,7 +64,11 @@ def open_peers(config: Config) -> PeerSet:
                 p.name,
                 p.zone,
                 open_store(
-                    p.name, p.url, endpoint=p.endpoint, region=p.region, profile=p.profile,
+                    p.name,
+                    p.url,
+                    endpoint=p.endpoint,
+                    region=p.region,
+                    profile=p.profile,
                     fsync=config.repository.fsync,
                 ),
             )

@@ -77,7 +77,13 @@ class State:
         return self._db
 
     def record_run(
-        self, kind: str, status: str, started: float, *, source: str | None = None, snapshot: str | None = None,
+        self,
+        kind: str,
+        status: str,
+        started: float,
+        *,
+        source: str | None = None,
+        snapshot: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
         try:

@@ -46,8 +46,14 @@ class Entry:
 
     def to_line(self) -> bytes:
         doc: dict[str, Any] = {
-            "p": self.path, "t": self.type, "m": self.mode, "u": self.uid, "g": self.gid,
-            "mt": self.mtime_ns, "ct": self.ctime_ns, "i": self.inode,
+            "p": self.path,
+            "t": self.type,
+            "m": self.mode,
+            "u": self.uid,
+            "g": self.gid,
+            "mt": self.mtime_ns,
+            "ct": self.ctime_ns,
+            "i": self.inode,
         }
         if self.type == FILE:
             doc.update(s=self.size, c=self.chunks, h=self.hash)

@@ -103,9 +103,7 @@ def assert_same_tree(a: Path, b: Path) -> None:
 
 
 def local_peers(base: Path, count: int = 6, zones: int = 3) -> list[dict[str, Any]]:
-    return [
-        {"name": f"p{i}", "url": f"file://{base / f'p{i}'}", "zone": f"z{i % zones}"} for i in range(count)
-    ]
+    return [{"name": f"p{i}", "url": f"file://{base / f'p{i}'}", "zone": f"z{i % zones}"} for i in range(count)]
 
 
 @dataclass
@@ -127,14 +125,22 @@ class Vault:
         env = os.environ | {"SHARDVAULT_PASSWORD": password} | self.env
         return subprocess.run(
             [str(BIN / "shardvault"), "--config", str(self.config), *args],
-            capture_output=True, text=True, env=env, timeout=timeout, cwd=self.root,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            cwd=self.root,
         )
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         env = os.environ | {"SHARDVAULT_PASSWORD": PASSWORD} | self.env
         return subprocess.Popen(
             [str(BIN / "shardvault"), "--config", str(self.config), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=self.root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=self.root,
         )
 
     @contextmanager

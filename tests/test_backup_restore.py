@@ -120,25 +120,26 @@ def test_repository_on_s3_and_local_peers(s3_server: str, tmp_path: Path) -> Non
 
     make_tree(source, files=20, big=1 << 20)
     peers = local_peers(tmp_path / "peers", 3)
-    peers += [
-        {"name": f"s{i}", "url": f"s3://sv-e2e/peer{i}", "endpoint": s3_server, "zone": "s3"} for i in range(3)
-    ]
-    config = write_config(tmp_path / "sv.toml", peers, {"src": source}, k=3, n=6, state_dir=str(tmp_path / "st"),
-                          **SMALL)
+    peers += [{"name": f"s{i}", "url": f"s3://sv-e2e/peer{i}", "endpoint": s3_server, "zone": "s3"} for i in range(3)]
+    config = write_config(
+        tmp_path / "sv.toml", peers, {"src": source}, k=3, n=6, state_dir=str(tmp_path / "st"), **SMALL
+    )
     vault = Vault(tmp_path, config, tmp_path / "peers", source)
     import boto3
     from botocore.config import Config
 
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                 config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket="sv-e2e")
+    boto3.client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+    ).create_bucket(Bucket="sv-e2e")
     assert vault.cli("init").exit_code == 0
     result = vault.cli("backup", "src")
     assert result.exit_code == 0, result.output
     assert vault.cli("check", "--read-data").exit_code == 0
     rows = json.loads(vault.cli("peers", "--json").stdout)
     assert all(r["shards"] > 0 for r in rows)
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                          config=Config(s3={"addressing_style": "path"}))
+    client = boto3.client(
+        "s3", endpoint_url=s3_server, region_name="us-east-1", config=Config(s3={"addressing_style": "path"})
+    )
     for prefix in ("peer0/", "peer1/"):
         for obj in client.list_objects_v2(Bucket="sv-e2e", Prefix=prefix).get("Contents", []):
             client.delete_object(Bucket="sv-e2e", Key=obj["Key"])

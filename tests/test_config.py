@@ -26,12 +26,26 @@ GOOD_PEERS = "".join(f'[[peers]]\nname = "p{i}"\nurl = "/tmp/p{i}"\n' for i in r
         ("[repository]\nk = 4\nn = 8\n" + GOOD_PEERS, "peers", "needs at least 8"),
         ("[repository]\nk = 4\nn = 6\nwrite_quorm = 5\n" + GOOD_PEERS, "repository.write_quorm", "unknown key"),
         ("[repository]\nk = 4\nn = 6\nwrite_quorum = 3\n" + GOOD_PEERS, "repository.write_quorum", "between 4 and 6"),
-        ("[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[peers]]\nname = "p0"\nurl = "/x"\n', "peers[6].name", "duplicate"),
-        ("[repository]\nk = 4\nn = 6\n" + GOOD_PEERS.replace('"/tmp/p3"', '"ftp://x/y"'), "peers[3].url", "unsupported"),
-        ("[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[sources]]\nname = "s"\ntype = "tape"\npath = "/"\n',
-         "sources[0].type", "unsupported source type"),
-        ("[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[sources]]\nname = "s"\ntype = "files"\n',
-         "sources[0].path", "required"),
+        (
+            "[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[peers]]\nname = "p0"\nurl = "/x"\n',
+            "peers[6].name",
+            "duplicate",
+        ),
+        (
+            "[repository]\nk = 4\nn = 6\n" + GOOD_PEERS.replace('"/tmp/p3"', '"ftp://x/y"'),
+            "peers[3].url",
+            "unsupported",
+        ),
+        (
+            "[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[sources]]\nname = "s"\ntype = "tape"\npath = "/"\n',
+            "sources[0].type",
+            "unsupported source type",
+        ),
+        (
+            "[repository]\nk = 4\nn = 6\n" + GOOD_PEERS + '[[sources]]\nname = "s"\ntype = "files"\n',
+            "sources[0].path",
+            "required",
+        ),
     ],
 )
 def test_config_errors_name_file_key_and_problem(tmp_path: Path, text: str, key: str, what: str) -> None:

@@ -59,7 +59,10 @@ def test_golden_shards_decode_from_any_k() -> None:
     entries = read_pack_entries(cipher, pack_id, pack)
     assert [e.chunk_id.hex() for e in entries] == VECTORS["chunk_ids"]
     for entry, plain in zip(entries, CHUNKS, strict=True):
-        assert open_blob(cipher, entry.chunk_id, pack[entry.offset : entry.offset + entry.length], entry.raw_length) == plain
+        assert (
+            open_blob(cipher, entry.chunk_id, pack[entry.offset : entry.offset + entry.length], entry.raw_length)
+            == plain
+        )
 
 
 def test_compressed_blob_and_metadata_still_open() -> None:
@@ -94,9 +97,7 @@ def _shard(num: int = 0) -> bytes:
 )
 def test_damaged_shards_are_named(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ShardFormatError, match=message):
-        verify_shard(
-            mutate(_shard()), pack_id=bytes.fromhex(VECTORS["pack_id"]), num=0, k=3, n=5, expected_hash=None
-        )
+        verify_shard(mutate(_shard()), pack_id=bytes.fromhex(VECTORS["pack_id"]), num=0, k=3, n=5, expected_hash=None)
 
 
 def test_swapped_and_replayed_shards_are_caught() -> None:

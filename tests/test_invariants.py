@@ -25,7 +25,7 @@ from shardvault.backup import run_backup
 from shardvault.config import load_config
 from shardvault.errors import ConfigError, DataLossError, UnsafePathError
 from shardvault.metadata import pack_name
-from shardvault.shards.format import ShardHeader, build_shard, parse_shard
+from shardvault.shards.format import build_shard, parse_shard
 from shardvault.snapshot import resolve
 from shardvault.sources import files as files_source
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
@@ -252,7 +252,7 @@ def test_4_two_writers_at_once(tmp_path: Path) -> None:
     _big_source(vault, 48)
     procs = [vault.popen("backup", "src"), vault.popen("backup", "src", "--full")]
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     check = vault.cli("check", "--read-data", "--json")
     assert check.exit_code == 0, check.output
@@ -310,16 +310,23 @@ def _crafted_snapshot(vault: Vault, monkeypatch: pytest.MonkeyPatch, entries: li
 
 def _entry(path: str, kind: str, source: Path | None = None, target: str | None = None) -> tuple[Entry, str]:
     st = os.lstat(source) if source else os.lstat("/")
-    entry = Entry(path, kind, 0o644 if kind == FILE else 0o755, 0, 0, st.st_mtime_ns, size=st.st_size if kind == FILE else 0, target=target)
+    entry = Entry(
+        path,
+        kind,
+        0o644 if kind == FILE else 0o755,
+        0,
+        0,
+        st.st_mtime_ns,
+        size=st.st_size if kind == FILE else 0,
+        target=target,
+    )
     return entry, str(source or "/")
 
 
 @pytest.mark.parametrize("bad", ["../escaped", "/tmp/abs-escaped", "dir/../../escaped", "a//b", "./x"])
 def test_6_crafted_paths_are_refused(vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     payload = vault.source / "empty"
-    snap = _crafted_snapshot(
-        vault, monkeypatch, [_entry(".", DIR), _entry("dir", DIR), _entry(bad, FILE, payload)]
-    )
+    snap = _crafted_snapshot(vault, monkeypatch, [_entry(".", DIR), _entry("dir", DIR), _entry(bad, FILE, payload)])
     target = tmp_path / "t" / "target"
     before = sorted(p.name for p in tmp_path.iterdir())
     result = vault.run("restore", snap, "--target", str(target))
@@ -350,7 +357,11 @@ def test_6_symlink_from_the_snapshot_itself_is_not_followed(
     snap = _crafted_snapshot(
         vault,
         monkeypatch,
-        [_entry(".", DIR), _entry("link", SYMLINK, target=str(outside)), _entry("link/evil", FILE, vault.source / "empty")],
+        [
+            _entry(".", DIR),
+            _entry("link", SYMLINK, target=str(outside)),
+            _entry("link/evil", FILE, vault.source / "empty"),
+        ],
     )
     result = vault.run("restore", snap, "--target", str(tmp_path / "target"))
     assert result.returncode == 9, result.stderr
@@ -358,9 +369,7 @@ def test_6_symlink_from_the_snapshot_itself_is_not_followed(
     assert (tmp_path / "target" / "link").is_symlink()
 
 
-def test_6_existing_symlink_at_a_file_name_is_replaced_not_written_through(
-    backed_up: Vault, tmp_path: Path
-) -> None:
+def test_6_existing_symlink_at_a_file_name_is_replaced_not_written_through(backed_up: Vault, tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
     target = tmp_path / "target"
@@ -416,7 +425,10 @@ def test_7_unreachable_peer_at_backup_changes_nothing(backed_up: Vault) -> None:
     (backed_up.source / "new-file").write_bytes(os.urandom(100_000))
     result = backed_up.run("backup", "src")
     assert result.returncode == 5
-    assert result.stderr.startswith("shardvault: error: Peer p2 is unreachable: directory") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith("shardvault: error: Peer p2 is unreachable: directory")
+        and result.stderr.count("\n") == 1
+    )
     assert peer_snapshot(backed_up.peers_dir) == before
 
 

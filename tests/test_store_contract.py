@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from shardvault.errors import (
     InvalidObjectNameError,
@@ -20,8 +21,6 @@ from shardvault.errors import (
     PeerUnavailableError,
 )
 from shardvault.shards.stores import PeerStore, open_store
-
-from conftest import free_port
 
 
 @pytest.fixture(params=["local", "s3"])

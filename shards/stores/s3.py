@@ -80,14 +80,18 @@ class S3Store(PeerStore):
             if code in _NOT_FOUND:
                 raise ObjectNotFoundError(self.peer, name) from exc
             if code == "NoSuchBucket":
-                raise PeerUnavailableError(self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}") from exc
+                raise PeerUnavailableError(
+                    self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}"
+                ) from exc
             if code in _DENIED:
                 if writing:
                     raise PeerReadOnlyError(self.peer, f"write of {name} denied ({code}) at {self._where()}") from exc
                 raise PeerUnavailableError(self.peer, f"access denied ({code}) at {self._where()}") from exc
             raise PeerError(self.peer, f"{name}: {code or exc}") from exc
         if isinstance(exc, NoCredentialsError):
-            raise PeerUnavailableError(self.peer, "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)") from exc
+            raise PeerUnavailableError(
+                self.peer, "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+            ) from exc
         if isinstance(exc, ResponseParserError):
             raise PeerProtocolError(self.peer, f"unparsable answer from {self._where()}") from exc
         if isinstance(exc, EndpointConnectionError):
@@ -118,7 +122,9 @@ class S3Store(PeerStore):
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket", "NotFound"}:
-                raise PeerUnavailableError(self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}") from exc
+                raise PeerUnavailableError(
+                    self.peer, f"bucket {self.bucket!r} does not exist at {self._where()}"
+                ) from exc
             self._raise(exc, "")
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, "")

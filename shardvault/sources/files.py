@@ -49,9 +49,9 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(root: Path, exclude: tuple[str, ...] = (), warn: Callable[[str], None] = lambda _: None) -> Iterator[
-    tuple[Entry, str]
-]:
+def walk(
+    root: Path, exclude: tuple[str, ...] = (), warn: Callable[[str], None] = lambda _: None
+) -> Iterator[tuple[Entry, str]]:
     """Yield (entry, absolute path) for the tree under ``root``."""
     try:
         st = os.lstat(root)
@@ -65,9 +65,9 @@ def walk(root: Path, exclude: tuple[str, ...] = (), warn: Callable[[str], None] 
     yield from _walk_dir(str(root), "", exclude, warn)
 
 
-def _walk_dir(abs_dir: str, rel_dir: str, exclude: tuple[str, ...], warn: Callable[[str], None]) -> Iterator[
-    tuple[Entry, str]
-]:
+def _walk_dir(
+    abs_dir: str, rel_dir: str, exclude: tuple[str, ...], warn: Callable[[str], None]
+) -> Iterator[tuple[Entry, str]]:
     try:
         with os.scandir(abs_dir) as it:
             names = sorted(e.name for e in it)

@@ -56,13 +56,22 @@ def build() -> dict[str, object]:
         "k": 3,
         "n": 5,
         "shards": {str(num): raw.hex() for num, raw in shards.items()},
-        "zstd_blob": {"id": text_id.hex(), "plaintext": text.hex(),
-                      "sealed": seal_blob(cipher, text_id, text, 3, b"\x07" * 12).hex()},
-        "metadata": {"name": "snapshots/" + "ab" * 32,
-                     "doc": {"hello": "world", "n": 1},
-                     "sealed": seal_object(cipher, "snapshots/" + "ab" * 32, {"hello": "world", "n": 1}).hex()},
-        "cdc": {"min": 65536, "avg": 262144, "max": 1048576,
-                "cuts": [list(c) for c in Chunker(65536, 262144, 1048576).cuts(cdc_input)]},
+        "zstd_blob": {
+            "id": text_id.hex(),
+            "plaintext": text.hex(),
+            "sealed": seal_blob(cipher, text_id, text, 3, b"\x07" * 12).hex(),
+        },
+        "metadata": {
+            "name": "snapshots/" + "ab" * 32,
+            "doc": {"hello": "world", "n": 1},
+            "sealed": seal_object(cipher, "snapshots/" + "ab" * 32, {"hello": "world", "n": 1}).hex(),
+        },
+        "cdc": {
+            "min": 65536,
+            "avg": 262144,
+            "max": 1048576,
+            "cuts": [list(c) for c in Chunker(65536, 262144, 1048576).cuts(cdc_input)],
+        },
     }
 
 
