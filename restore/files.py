@@ -1,15 +1,18 @@
 """Restoring a files snapshot into a target directory.
 
 1. **Plan.**  Stream the snapshot's tree once: check every path
-   (:mod:`.safepath`), and collect the packs it needs.  List the shards on the
-   peers; if any needed pack has fewer than k shards left, stop before
-   writing anything and name the lost packs and the files they hold.
-2. **Restore.**  Stream the tree again.  Directories are created as they
-   come; each file's chunks are read through a small pool (a pack is fetched
-   and decoded once, from its fastest k good shards, while the previous one is
-   still being decrypted) and written in order to a temporary file, whose
-   BLAKE3 hash must match the one recorded at backup before it is renamed into
-   place.  A file that cannot be read completely never appears under its name.
+   (:mod:`.safepath`), and note the packs it needs, in the order it needs
+   them.  List the shards on the peers; if any needed pack has fewer than k
+   shards left, stop before writing anything and name the lost packs and the
+   files they hold.
+2. **Restore.**  Stream the tree again.  The main thread creates directories
+   and symlinks as they come and hands each file to a small pool of workers;
+   packs are fetched (from the fastest k good shards) and decoded a little
+   ahead of the files that need them, once each, and dropped when no file
+   still to come needs them.  A worker writes a file under a temporary name
+   and renames it into place only if its BLAKE3 hash matches the one recorded
+   at backup, so a file that cannot be read completely never appears under
+   its name.
 3. **Finish.**  Directory permissions and times are applied last (children
    change a directory's mtime).  Bad shards met on the way are reported.
 """
@@ -20,7 +23,7 @@ import os
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,8 +45,11 @@ from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
 from .safepath import SafeTarget, safe_parts
 
-WINDOW = 16
-PACK_CACHE = 6
+WORKERS = 4  # files written at once
+WINDOW = 64  # files handed out ahead of the slowest one
+PREFETCH = 1  # packs fetched ahead of the newest one in use
+PACK_CACHE = PREFETCH + 3  # decoded packs kept at most (a safety cap; see _PackCache)
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
@@ -61,11 +67,16 @@ ProgressFn = Callable[[RestoreStats, str], None]
 
 
 class _PackCache:
-    """Decoded packs shared by the reader threads: each fetched once, LRU-bounded."""
+    """Decoded packs shared by the workers.
 
-    def __init__(self, repo: Repository, size: int, pool: ThreadPoolExecutor) -> None:
+    Each pack is fetched once; the plan counted how many chunk reads will
+    need it, and the pack is dropped after the last one.  An LRU cap bounds
+    memory whatever the order (a pack dropped early is fetched again).
+    """
+
+    def __init__(self, repo: Repository, uses: Counter[str], pool: ThreadPoolExecutor) -> None:
         self.repo = repo
-        self.size = size
+        self.uses = uses
         self.pool = pool
         self.lock = threading.Lock()
         self.packs: OrderedDict[str, Future[bytes]] = OrderedDict()
@@ -76,38 +87,17 @@ class _PackCache:
             if future is None:
                 future = self.pool.submit(self.repo.fetch_pack, self.repo.index.packs[pack_id])
                 self.packs[pack_id] = future
-                while len(self.packs) > self.size:
+                while len(self.packs) > PACK_CACHE:
                     self.packs.popitem(last=False)
             else:
                 self.packs.move_to_end(pack_id)
             return future
 
-
-class _OpenFile:
-    """A file being restored under a temporary name."""
-
-    def __init__(self, entry: Entry, parts: list[str], dir_fd: int) -> None:
-        self.entry = entry
-        self.parts = parts
-        self.dir_fd = dir_fd
-        self.tmp = f".shardvault-{secrets.token_hex(6)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.tmp, flags, 0o600, dir_fd=dir_fd)
-        self.hasher = new_content_hasher()
-        self.error: str | None = None
-
-    def write(self, data: bytes) -> None:
-        self.hasher.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def discard(self) -> None:
-        os.close(self.fd)
-        try:
-            os.unlink(self.tmp, dir_fd=self.dir_fd)
-        except OSError:
-            pass
+    def used(self, pack_id: str) -> None:
+        with self.lock:
+            self.uses[pack_id] -= 1
+            if self.uses[pack_id] <= 0:
+                self.packs.pop(pack_id, None)
 
 
 class FileRestorer:
@@ -119,6 +109,10 @@ class FileRestorer:
         self.stats = RestoreStats()
         self.is_root = os.geteuid() == 0
         self.lost: dict[str, str] = {}
+        self.pack_order: list[str] = []
+        self.pack_position: dict[str, int] = {}
+        self.pack_uses: Counter[str] = Counter()
+        self.prefetched = 0
 
     # -- 1. plan -------------------------------------------------------------------
 
@@ -139,11 +133,16 @@ class FileRestorer:
             raise DataLossError(
                 f"the tree of snapshot {self.snapshot.short_id} is in lost {packs}; nothing can be restored"
             )
-        needed: set[str] = set()
+        order: dict[str, int] = {}  # packs in the order the restore first needs them
         for entry in iter_tree(self.repo, self.snapshot):
             safe_parts(entry.path)
-            needed.update(self._pack_of(c) for c in entry.chunks)
-        check_packs(needed)
+            for c in entry.chunks:
+                pack_id = self._pack_of(c)
+                order.setdefault(pack_id, len(order))
+                self.pack_uses[pack_id] += 1
+        self.pack_order = list(order)
+        self.pack_position = order
+        check_packs(set(order))
         if self.lost:
             raise DataLossError(self._lost_message())
 
@@ -156,38 +155,83 @@ class FileRestorer:
     def _lost_message(self, failed: list[str] | None = None) -> str:
         packs = ", ".join(f"pack {p[:16]} ({why})" for p, why in sorted(self.lost.items()))
         if failed is None:
-            index = self.repo.index
             failed = [
                 e.path
                 for e in iter_tree(self.repo, self.snapshot)
-                if any(index.blobs[bytes.fromhex(c)].pack_id in self.lost for c in e.chunks)
+                if any(self._pack_of(c) in self.lost for c in e.chunks)
             ]
         first = f"; first: {failed[0]}" if failed else ""
         return f"{len(self.lost)} pack(s) lost: {packs}; {len(failed)} file(s) cannot be restored{first}"
 
     # -- 2. restore ------------------------------------------------------------------
 
+    def _prefetch(self, cache: _PackCache, chunks: list[str]) -> None:
+        """Start fetching the next few packs, so decoding overlaps with writing."""
+        if not chunks:
+            return
+        newest = max(self.pack_position[self._pack_of(c)] for c in chunks)
+        while self.prefetched <= min(newest + PREFETCH, len(self.pack_order) - 1):
+            cache.get(self.pack_order[self.prefetched])
+            self.prefetched += 1
+
     def _read_chunk(self, cache: _PackCache, chunk: str) -> bytes:
         cid = bytes.fromhex(chunk)
-        loc = self.repo.index.blobs.get(cid)
-        if loc is None:
-            raise BlobNotFoundError(chunk)
+        loc = self.repo.index.blobs[cid]
         try:
             pack = cache.get(loc.pack_id).result()
         except NotEnoughShardsError as exc:
             _, good, k, _ = exc.args_
             self.lost[loc.pack_id] = f"{good} good shards read, {k} needed"
             raise
-        return self.repo.open_blob(cid, pack, loc.offset, loc.length, loc.raw_length)
+        try:
+            return self.repo.open_blob(cid, pack, loc.offset, loc.length, loc.raw_length)
+        finally:
+            cache.used(loc.pack_id)
+
+    def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> int:
+        """Write one file (in a worker); return its size.  Owns ``dir_fd``."""
+        tmp = f".shardvault-{secrets.token_hex(6)}"
+        fd = -1
+        try:
+            fd = os.open(tmp, _CREATE, 0o600, dir_fd=dir_fd)
+            hasher = new_content_hasher()
+            size = 0
+            for chunk in entry.chunks:
+                data = self._read_chunk(cache, chunk)
+                hasher.update(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                size += len(data)
+            if hasher.hexdigest() != entry.hash:
+                raise DataLossError(f"{entry.path}: content hash differs from the one recorded at backup")
+            if self.is_root:
+                os.fchown(fd, entry.uid, entry.gid)
+            os.fchmod(fd, entry.mode)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            os.close(fd)
+            fd = -1
+            self._rename_into_place(dir_fd, tmp, name, entry.path)
+            tmp = ""
+            return size
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if tmp:
+                try:
+                    os.unlink(tmp, dir_fd=dir_fd)
+                except OSError:
+                    pass
+            os.close(dir_fd)
 
     def run(self) -> RestoreStats:
         start = time.perf_counter()
         self.plan()
         dirs: list[Entry] = []
-        pool = ThreadPoolExecutor(3, thread_name_prefix="sv-restore")
-        cache = _PackCache(self.repo, PACK_CACHE, pool)
-        reader = ThreadPoolExecutor(2, thread_name_prefix="sv-blob")
-        queue: deque[tuple[_OpenFile, Future[bytes] | None]] = deque()
+        fetchers = ThreadPoolExecutor(3, thread_name_prefix="sv-fetch")
+        workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="sv-write")
+        cache = _PackCache(self.repo, self.pack_uses, fetchers)
+        pending: deque[tuple[Entry, Future[int]]] = deque()
         last_report = 0.0
         try:
             with SafeTarget(self.target) as target:
@@ -200,29 +244,22 @@ class FileRestorer:
                     elif entry.type == SYMLINK:
                         self._symlink(target, entry, parts)
                     elif entry.type == FILE:
-                        fd = target.dir_fd(parts[:-1], create=True, shown=entry.path)
-                        handle = _OpenFile(entry, parts, fd)
-                        for chunk in entry.chunks:
-                            queue.append((handle, reader.submit(self._read_chunk, cache, chunk)))
-                            while len(queue) > WINDOW:
-                                self._take(target, queue.popleft())
-                        queue.append((handle, None))
-                    while queue and (queue[0][1] is None or queue[0][1].done()):
-                        self._take(target, queue.popleft())
+                        # The worker gets its own descriptor: the target's cache may close its copy.
+                        dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
+                        self._prefetch(cache, entry.chunks)
+                        pending.append((entry, workers.submit(self._restore_file, cache, entry, parts[-1], dir_fd)))
+                    while pending and (len(pending) > WINDOW or pending[0][1].done()):
+                        self._account(*pending.popleft())
                     if self.progress and (now := time.perf_counter()) - last_report > 0.2:
                         last_report = now
                         self.progress(self.stats, entry.path)
-                while queue:
-                    self._take(target, queue.popleft())
+                while pending:
+                    self._account(*pending.popleft())
                 for entry in reversed(dirs):
                     self._dir_metadata(target, entry)
         finally:
-            for handle, _ in queue:
-                if handle.fd >= 0:
-                    handle.discard()
-                    handle.fd = -1
-            reader.shutdown(wait=True, cancel_futures=True)
-            pool.shutdown(wait=True, cancel_futures=True)
+            workers.shutdown(wait=True, cancel_futures=True)
+            fetchers.shutdown(wait=True, cancel_futures=True)
         self.stats.duration_seconds = round(time.perf_counter() - start, 3)
         self.stats.bad_shards = [p.to_doc() for p in self.repo.take_problems()]
         if self.progress:
@@ -231,44 +268,19 @@ class FileRestorer:
             raise DataLossError(self._lost_message(self.stats.failed_files))
         return self.stats
 
-    def _take(self, target: SafeTarget, item: tuple[_OpenFile, Future[bytes] | None]) -> None:
-        handle, future = item
-        if future is not None:
-            try:
-                data = future.result()
-            except (ShardvaultError, OSError) as exc:
-                handle.error = handle.error or str(exc)
-                return
-            if handle.error is None:
-                handle.write(data)
-                self.stats.bytes += len(data)
-            return
-        self._close_file(handle)
-
-    def _close_file(self, handle: _OpenFile) -> None:
-        entry = handle.entry
-        if handle.error is None and handle.hasher.hexdigest() != entry.hash:
-            handle.error = "content hash differs from the one recorded at backup"
-        if handle.error is not None:
-            handle.discard()
-            handle.fd = -1
+    def _account(self, entry: Entry, future: Future[int]) -> None:
+        try:
+            self.stats.bytes += future.result()
+            self.stats.files += 1
+        except UnsafePathError:
+            raise
+        except (ShardvaultError, OSError):
             self.stats.failed_files.append(entry.path)
-            return
-        fd = handle.fd
-        if self.is_root:
-            os.fchown(fd, entry.uid, entry.gid)
-        os.fchmod(fd, entry.mode)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-        os.close(fd)
-        handle.fd = -1
-        self._rename_into_place(handle.dir_fd, handle.tmp, handle.parts[-1], entry.path)
-        self.stats.files += 1
 
     def _rename_into_place(self, dir_fd: int, tmp: str, name: str, shown: str) -> None:
         try:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
-            os.unlink(tmp, dir_fd=dir_fd)
             raise UnsafePathError(shown, f"cannot put it in place: {exc.strerror}") from None
 
     def _symlink(self, target: SafeTarget, entry: Entry, parts: list[str]) -> None:
@@ -276,10 +288,14 @@ class FileRestorer:
         tmp = f".shardvault-{secrets.token_hex(6)}"
         # The link is created, never followed: its target may point anywhere.
         os.symlink(entry.target or "", tmp, dir_fd=fd)
-        if self.is_root:
-            os.chown(tmp, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-        os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
-        self._rename_into_place(fd, tmp, parts[-1], entry.path)
+        try:
+            if self.is_root:
+                os.chown(tmp, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
+            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+            self._rename_into_place(fd, tmp, parts[-1], entry.path)
+        except BaseException:
+            os.unlink(tmp, dir_fd=fd)
+            raise
         self.stats.symlinks += 1
 
     def _dir_metadata(self, target: SafeTarget, entry: Entry) -> None:

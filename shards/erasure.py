@@ -45,10 +45,14 @@ def decode(blocks: dict[int, bytes | memoryview], k: int, n: int, pack_length: i
         raise ValueError(f"need {k} blocks, got {len(blocks)}")
     nums = sorted(blocks)[:k]
     if nums == list(range(k)):
-        out = b"".join(blocks[i] for i in nums)
+        primary: list[bytes | memoryview] = [blocks[i] for i in nums]
     else:
-        # zfec wants primary blocks at their own positions.
+        # zfec wants the primary blocks it has first, at their own positions.
         ordered = sorted(nums, key=lambda i: (i >= k, i))
-        primary = zfec.Decoder(k, n).decode([bytes(blocks[i]) for i in ordered], ordered)
-        out = b"".join(primary)
-    return out[:pack_length]
+        primary = zfec.Decoder(k, n).decode([blocks[i] for i in ordered], ordered)
+    # Drop the padding before joining, so the pack is copied once.
+    size = len(primary[0])
+    tail = pack_length - size * (k - 1)
+    if tail < size:
+        primary[-1] = memoryview(primary[-1])[: max(tail, 0)]
+    return b"".join(primary)[:pack_length]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from shardvault.crypto import content_hash
+from shardvault.crypto import content_hash, new_content_hasher
 
 SHARD_MAGIC = b"SVSH"
 SHARD_VERSION = 1
@@ -62,8 +62,10 @@ def build_shard(header: ShardHeader, payload: bytes | memoryview) -> bytes:
         header.pack_length,
         header.payload_length,
     )
-    body = b"".join((head, payload))
-    return body + content_hash(body)
+    hasher = new_content_hasher()
+    hasher.update(head)
+    hasher.update(payload)
+    return b"".join((head, payload, hasher.digest()))
 
 
 def parse_shard(raw: bytes | memoryview) -> tuple[ShardHeader, memoryview, bytes]:

@@ -113,7 +113,7 @@ class _Pipeline:
 
     # -- chunk stage ---------------------------------------------------------------
 
-    def _prepare(self, data: bytes) -> tuple[bytes, bytes | None, int]:
+    def _prepare(self, data: bytes) -> tuple[bytes, bytearray | None, int]:
         cid = self.repo.chunk_id(data)
         with self.claim_lock:
             if cid in self.known or cid in self.claimed:
@@ -155,7 +155,7 @@ class _Pipeline:
 
     # -- pack stage ----------------------------------------------------------------
 
-    def _append(self, kind: int, cid: bytes, sealed: bytes, raw_length: int) -> None:
+    def _append(self, kind: int, cid: bytes, sealed: bytearray, raw_length: int) -> None:
         writer = self.writers[kind]
         writer.add(cid, kind, sealed, raw_length)
         if len(writer) >= self.pack_size:
@@ -167,11 +167,14 @@ class _Pipeline:
             return
         self.writers[kind] = PackWriter()
         pack_id = random_pack_id()
-        entries = list(writer.entries)
-        data = writer.finish(self.repo.cipher, pack_id)
+
+        def store() -> PackRecord:
+            data = writer.finish(self.repo.cipher, pack_id)
+            return self.repo.store_pack(pack_id, kind, data, writer.entries)
+
         self.collect()
         self.slots.acquire()  # bounds the packs in memory
-        future = self.pack_pool.submit(self.repo.store_pack, pack_id, kind, data, entries)
+        future = self.pack_pool.submit(store)
         future.add_done_callback(lambda _: self.slots.release())
         self.pack_futures.append(future)
 

@@ -33,26 +33,29 @@ class Chunker:
 
     def chunks(self, stream: BinaryIO) -> Iterator[bytes]:
         """Yield the chunks of a stream, as the whole-buffer chunker would cut it."""
-        carry = b""
+        buf = bytearray(self.window)
+        view = memoryview(buf)
+        filled = 0
+        eof = False
         while True:
-            block = stream.read(self.window - len(carry))
-            eof = not block
-            data = carry + block if carry else block
-            if not data:
+            while not eof and filled < self.window:  # read straight into the window
+                n = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+                if not n:
+                    eof = True
+                else:
+                    filled += n
+            if not filled:
                 return
-            if len(data) < self.min_size and not eof:
-                carry = data
-                continue
-            view = memoryview(data)
+            data = view[:filled]
             consumed = 0
-            for offset, length in self.cuts(view):
+            for offset, length in self.cuts(data):
                 end = offset + length
-                if end == len(data) and not eof:
+                if end == filled and not eof:
                     break  # undecided: more data could move this cut
-                yield bytes(view[offset:end])
+                yield bytes(data[offset:end])
                 consumed = end
-            carry = bytes(view[consumed:])
             if eof:
-                if carry:
-                    yield carry
                 return
+            # Keep the undecided tail (at most max_size) at the front of the window.
+            buf[: filled - consumed] = buf[consumed:filled]
+            filled -= consumed

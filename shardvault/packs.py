@@ -7,11 +7,13 @@ A pack, format version 1::
     header: sealed(entries), associated data "pack header" + pack id
     header length (4 bytes, little-endian)
 
-A blob is ``sealed(flag || payload)`` with the chunk id as associated data:
-flag 0 means the payload is the plaintext, flag 1 that it is zstd-compressed
-(chosen only when it saves space, so random data is not inflated).  The chunk
-id binds the ciphertext to its content: a blob moved to another id fails to
-open, and after opening, the keyed hash of the plaintext must equal the id.
+A blob is ``sealed(payload)`` with the chunk id as associated data.  The
+payload is the zstd-compressed chunk when that is smaller than the chunk, and
+the chunk itself otherwise (random data is not inflated), so no flag is
+needed: a payload shorter than the plaintext length the index records is
+compressed.  The chunk id binds the ciphertext to its content: a blob moved to
+another id fails to open, and after opening, the keyed hash of the plaintext
+must equal the id.
 
 Each header entry is 45 bytes: chunk id (32), kind (1: 0 data, 1 tree),
 offset (4), sealed length (4), plaintext length (4).  The index holds the same
@@ -35,8 +37,6 @@ _ENTRY = struct.Struct("<32sBIII")
 _LEN = struct.Struct("<I")
 KIND_DATA = 0
 KIND_TREE = 1
-FLAG_RAW = 0
-FLAG_ZSTD = 1
 
 
 class PackFormatError(Exception):
@@ -71,53 +71,50 @@ def _decompressor() -> zstandard.ZstdDecompressor:
 
 def seal_blob(
     cipher: Cipher, chunk_id: bytes, data: bytes | memoryview, level: int, nonce: bytes | None = None
-) -> bytes:
+) -> bytearray:
     """Compress (if it helps) and encrypt one chunk."""
     compressed = _compressor(level).compress(data)
-    useful = 0 < len(compressed) < len(data)
-    plain = (b"\x01" + compressed) if useful else (b"\x00" + bytes(data))
-    return cipher.seal(plain, chunk_id, nonce)
+    return cipher.seal(compressed if len(compressed) < len(data) else data, chunk_id, nonce)
 
 
 def open_blob(cipher: Cipher, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int) -> bytes:
     try:
-        plain = cipher.open(sealed, chunk_id)
+        payload = cipher.open(sealed, chunk_id)
     except OpenFailed as exc:
         raise PackFormatError(f"blob {chunk_id.hex()[:16]} does not authenticate: {exc}") from None
-    flag, body = plain[0], memoryview(plain)[1:]
-    if flag == FLAG_RAW:
-        return bytes(body)
-    if flag == FLAG_ZSTD:
-        try:
-            return _decompressor().decompress(body, max_output_size=raw_length)
-        except zstandard.ZstdError as exc:
-            raise PackFormatError(f"blob {chunk_id.hex()[:16]} does not decompress: {exc}") from None
-    raise PackFormatError(f"blob {chunk_id.hex()[:16]} has unknown flag {flag}")
+    if len(payload) == raw_length:
+        return bytes(payload)
+    if len(payload) > raw_length:
+        raise PackFormatError(f"blob {chunk_id.hex()[:16]} is longer than its recorded length")
+    try:
+        return _decompressor().decompress(payload, max_output_size=raw_length)
+    except zstandard.ZstdError as exc:
+        raise PackFormatError(f"blob {chunk_id.hex()[:16]} does not decompress: {exc}") from None
 
 
 class PackWriter:
-    """Accumulates sealed blobs into one pack."""
+    """Accumulates sealed blobs into one pack (kept as parts: joined once, at the end)."""
 
     def __init__(self) -> None:
-        self.buffer = bytearray(PACK_PREAMBLE)
+        self.parts: list[bytes | bytearray] = [PACK_PREAMBLE]
+        self.size = len(PACK_PREAMBLE)
         self.entries: list[PackEntry] = []
 
     def __len__(self) -> int:
-        return len(self.buffer)
+        return self.size
 
-    def add(self, chunk_id: bytes, kind: int, sealed: bytes, raw_length: int) -> PackEntry:
-        entry = PackEntry(chunk_id, kind, len(self.buffer), len(sealed), raw_length)
-        self.buffer += sealed
+    def add(self, chunk_id: bytes, kind: int, sealed: bytes | bytearray, raw_length: int) -> PackEntry:
+        entry = PackEntry(chunk_id, kind, self.size, len(sealed), raw_length)
+        self.parts.append(sealed)
+        self.size += len(sealed)
         self.entries.append(entry)
         return entry
 
     def finish(self, cipher: Cipher, pack_id: bytes, nonce: bytes | None = None) -> bytes:
         table = b"".join(_ENTRY.pack(e.chunk_id, e.kind, e.offset, e.length, e.raw_length) for e in self.entries)
         header = cipher.seal(table, b"pack header" + pack_id, nonce)
-        self.buffer += header
-        self.buffer += _LEN.pack(len(header))
-        data = bytes(self.buffer)
-        self.buffer = bytearray()
+        data = b"".join([*self.parts, header, _LEN.pack(len(header))])
+        self.parts = []
         return data
 
 
