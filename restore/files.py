@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import threading
@@ -98,6 +99,21 @@ class _PackCache:
             self.uses[pack_id] -= 1
             if self.uses[pack_id] <= 0:
                 self.packs.pop(pack_id, None)
+
+
+def _named_temp(dir_fd: int) -> str:
+    return f".shardvault-{secrets.token_hex(6)}"
+
+
+def _create_unnamed(dir_fd: int) -> tuple[int, str | None]:
+    """An unnamed file in the directory, or a named temporary where O_TMPFILE is unsupported."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd), None
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+    name = _named_temp(dir_fd)
+    return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), name
 
 
 class FileRestorer:
@@ -189,11 +205,16 @@ class FileRestorer:
             cache.used(loc.pack_id)
 
     def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> int:
-        """Write one file (in a worker); return its size.  Owns ``dir_fd``."""
-        tmp = f".shardvault-{secrets.token_hex(6)}"
-        fd = -1
+        """Write one file (in a worker); return its size.  Owns ``dir_fd``.
+
+        The file is written as an unnamed inode (O_TMPFILE) and linked under
+        its name only once complete and verified: a reader, or a restore
+        killed half-way, never sees a partial file under a snapshot's name.
+        One directory operation per file, instead of create + rename, also
+        halves the contention on the directory's lock.
+        """
+        fd, tmp = _create_unnamed(dir_fd)
         try:
-            fd = os.open(tmp, _CREATE, 0o600, dir_fd=dir_fd)
             hasher = new_content_hasher()
             size = 0
             for chunk in entry.chunks:
@@ -209,15 +230,19 @@ class FileRestorer:
                 os.fchown(fd, entry.uid, entry.gid)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            os.close(fd)
-            fd = -1
+            if tmp is None:
+                try:
+                    os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
+                    return size
+                except FileExistsError:  # replacing a file already in the target: via a named temporary
+                    tmp = _named_temp(dir_fd)
+                    os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
             self._rename_into_place(dir_fd, tmp, name, entry.path)
-            tmp = ""
+            tmp = None
             return size
         finally:
-            if fd >= 0:
-                os.close(fd)
-            if tmp:
+            os.close(fd)
+            if tmp is not None:
                 try:
                     os.unlink(tmp, dir_fd=dir_fd)
                 except OSError:

@@ -41,7 +41,7 @@ class OpenFailed(Exception):
     """A sealed object did not authenticate (wrong key, or tampered)."""
 
 
-def b64e(data: bytes) -> str:
+def b64e(data: bytes | bytearray) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
