@@ -68,31 +68,45 @@ ProgressFn = Callable[[RestoreStats, str], None]
 
 
 class _PackCache:
-    """Decoded packs shared by the workers.
+    """Decoded packs shared by the workers, fetched a little ahead of use.
 
     Each pack is fetched once; the plan counted how many chunk reads will
-    need it, and the pack is dropped after the last one.  An LRU cap bounds
-    memory whatever the order (a pack dropped early is fetched again).
+    need it, and the pack is dropped after the last one.  Reading a chunk of
+    the pack at position p of the plan's order starts fetching the packs up
+    to p + PREFETCH, so decoding overlaps writing even inside one large file.
+    An LRU cap bounds memory whatever the order (a pack dropped early is
+    fetched again).
     """
 
-    def __init__(self, repo: Repository, uses: Counter[str], pool: ThreadPoolExecutor) -> None:
+    def __init__(self, repo: Repository, uses: Counter[str], order: list[str], pool: ThreadPoolExecutor) -> None:
         self.repo = repo
         self.uses = uses
+        self.order = order
+        self.position = {pack_id: i for i, pack_id in enumerate(order)}
+        self.next_prefetch = 0
         self.pool = pool
         self.lock = threading.Lock()
         self.packs: OrderedDict[str, Future[bytes]] = OrderedDict()
 
     def get(self, pack_id: str) -> Future[bytes]:
         with self.lock:
-            future = self.packs.get(pack_id)
-            if future is None:
-                future = self.pool.submit(self.repo.fetch_pack, self.repo.index.packs[pack_id])
-                self.packs[pack_id] = future
-                while len(self.packs) > PACK_CACHE:
-                    self.packs.popitem(last=False)
-            else:
-                self.packs.move_to_end(pack_id)
+            future = self._get(pack_id)
+            ahead = min(self.position[pack_id] + PREFETCH, len(self.order) - 1)
+            while self.next_prefetch <= ahead:
+                self._get(self.order[self.next_prefetch])
+                self.next_prefetch += 1
             return future
+
+    def _get(self, pack_id: str) -> Future[bytes]:
+        future = self.packs.get(pack_id)
+        if future is None:
+            future = self.pool.submit(self.repo.fetch_pack, self.repo.index.packs[pack_id])
+            self.packs[pack_id] = future
+            while len(self.packs) > PACK_CACHE:
+                self.packs.popitem(last=False)
+        else:
+            self.packs.move_to_end(pack_id)
+        return future
 
     def used(self, pack_id: str) -> None:
         with self.lock:
@@ -101,7 +115,7 @@ class _PackCache:
                 self.packs.pop(pack_id, None)
 
 
-def _named_temp(dir_fd: int) -> str:
+def _named_temp() -> str:
     return f".shardvault-{secrets.token_hex(6)}"
 
 
@@ -112,7 +126,7 @@ def _create_unnamed(dir_fd: int) -> tuple[int, str | None]:
     except OSError as exc:
         if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
             raise
-    name = _named_temp(dir_fd)
+    name = _named_temp()
     return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), name
 
 
@@ -126,9 +140,7 @@ class FileRestorer:
         self.is_root = os.geteuid() == 0
         self.lost: dict[str, str] = {}
         self.pack_order: list[str] = []
-        self.pack_position: dict[str, int] = {}
         self.pack_uses: Counter[str] = Counter()
-        self.prefetched = 0
 
     # -- 1. plan -------------------------------------------------------------------
 
@@ -157,7 +169,6 @@ class FileRestorer:
                 order.setdefault(pack_id, len(order))
                 self.pack_uses[pack_id] += 1
         self.pack_order = list(order)
-        self.pack_position = order
         check_packs(set(order))
         if self.lost:
             raise DataLossError(self._lost_message())
@@ -180,15 +191,6 @@ class FileRestorer:
         return f"{len(self.lost)} pack(s) lost: {packs}; {len(failed)} file(s) cannot be restored{first}"
 
     # -- 2. restore ------------------------------------------------------------------
-
-    def _prefetch(self, cache: _PackCache, chunks: list[str]) -> None:
-        """Start fetching the next few packs, so decoding overlaps with writing."""
-        if not chunks:
-            return
-        newest = max(self.pack_position[self._pack_of(c)] for c in chunks)
-        while self.prefetched <= min(newest + PREFETCH, len(self.pack_order) - 1):
-            cache.get(self.pack_order[self.prefetched])
-            self.prefetched += 1
 
     def _read_chunk(self, cache: _PackCache, chunk: str) -> bytes:
         cid = bytes.fromhex(chunk)
@@ -235,7 +237,7 @@ class FileRestorer:
                     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
                     return size
                 except FileExistsError:  # replacing a file already in the target: via a named temporary
-                    tmp = _named_temp(dir_fd)
+                    tmp = _named_temp()
                     os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
             self._rename_into_place(dir_fd, tmp, name, entry.path)
             tmp = None
@@ -255,7 +257,7 @@ class FileRestorer:
         dirs: list[Entry] = []
         fetchers = ThreadPoolExecutor(3, thread_name_prefix="sv-fetch")
         workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="sv-write")
-        cache = _PackCache(self.repo, self.pack_uses, fetchers)
+        cache = _PackCache(self.repo, self.pack_uses, self.pack_order, fetchers)
         pending: deque[tuple[Entry, Future[int]]] = deque()
         last_report = 0.0
         try:
@@ -271,7 +273,6 @@ class FileRestorer:
                     elif entry.type == FILE:
                         # The worker gets its own descriptor: the target's cache may close its copy.
                         dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
-                        self._prefetch(cache, entry.chunks)
                         pending.append((entry, workers.submit(self._restore_file, cache, entry, parts[-1], dir_fd)))
                     while pending and (len(pending) > WINDOW or pending[0][1].done()):
                         self._account(*pending.popleft())
@@ -310,7 +311,7 @@ class FileRestorer:
 
     def _symlink(self, target: SafeTarget, entry: Entry, parts: list[str]) -> None:
         fd = target.dir_fd(parts[:-1], create=True, shown=entry.path)
-        tmp = f".shardvault-{secrets.token_hex(6)}"
+        tmp = _named_temp()
         # The link is created, never followed: its target may point anywhere.
         os.symlink(entry.target or "", tmp, dir_fd=fd)
         try:
