@@ -132,13 +132,13 @@ def get_pack(
     """Fetch and check any k good shards and decode the pack."""
     pack_hex = pack_id.hex()
 
-    # Fastest peers first; among peers of about the same speed (within 2x of
+    # Fastest peers first; among peers of about the same speed (within 4x of
     # the fastest), primary shards first, since decoding those is a copy.
     fastest = min((peers.cost(s.peer) for s in shards), default=0.0)
 
     def by_speed(record: ShardRecord) -> tuple[bool, bool, bool, float]:
         cost = peers.cost(record.peer)
-        return (peers.is_down(record.peer), cost > 2 * fastest + 0.001, record.num >= k, cost)
+        return (peers.is_down(record.peer), cost > 4 * fastest + 0.005, record.num >= k, cost)
 
     candidates = sorted(shards, key=by_speed)
     good: dict[int, memoryview] = {}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
 from itertools import combinations
+from pathlib import Path
 
 import pytest
 from vectors.make_vectors import stream  # type: ignore[import-not-found]
@@ -14,7 +17,8 @@ from shardvault.chunker import Chunker
 from shardvault.crypto import MasterKeys, OpenFailed
 from shardvault.metadata import make_key_object, open_key_object
 from shardvault.shards import erasure
-from shardvault.shards.peers import Peer
+from shardvault.shards.dispersal import get_pack, put_pack
+from shardvault.shards.peers import Peer, PeerSet
 from shardvault.shards.placement import place
 from shardvault.shards.stores import LocalStore
 
@@ -86,6 +90,50 @@ def test_placement_excludes_and_rotates() -> None:
     assert len(firsts) == 7  # the primary shard moves around
     chosen = place(peers, 6, b"\0\0\0\0", exclude=frozenset({"p0", "p1"}))
     assert len(chosen) == 5 and not {"p0", "p1"} & {p.name for p in chosen}
+
+
+class _CountingStore(LocalStore):
+    """A local peer that records what was read from it and can be made slow."""
+
+    def __init__(self, peer: str, root: Path, delay: float = 0.0) -> None:
+        super().__init__(peer, root, fsync=False)
+        self.delay = delay
+        self.loads: list[str] = []
+
+    def load(self, name: str) -> bytes:
+        self.loads.append(name)
+        time.sleep(self.delay)
+        return super().load(name)
+
+
+def test_reader_prefers_primary_shards_and_avoids_slow_peers(tmp_path: Path) -> None:
+    stores = [_CountingStore(f"p{i}", tmp_path / f"p{i}") for i in range(6)]
+    for store in stores:
+        store.root.mkdir()
+    peers = PeerSet([Peer(s.peer, f"z{i}", s) for i, s in enumerate(stores)])
+    data, pack_id = os.urandom(1 << 20), os.urandom(32)
+    with ThreadPoolExecutor(6) as pool:
+        records = put_pack(peers, pool, pack_id, data, 4, 6, 6, lambda num: f"data/00/x.{num:02d}")
+        by_num = {r.num: r.peer for r in records}
+        problems: list[object] = []
+
+        def read() -> set[int]:
+            for store in stores:
+                store.loads.clear()
+            got = get_pack(
+                peers, pool, pack_id, 4, 6, len(data), records, lambda num: f"data/00/x.{num:02d}", problems.append
+            )
+            assert got == data and not problems
+            return {int(name[-2:]) for s in stores for name in s.loads}
+
+        # Peers of about one speed: the primary shards, whose decoding is a copy.
+        assert read() == {0, 1, 2, 3}
+        # The peer of shard 0 turns slow: a parity shard from a fast peer is read instead.
+        slow = next(s for s in stores if s.peer == by_num[0])
+        slow.delay = 0.3
+        read()
+        slow.delay = 0.0
+        assert 0 not in read()
 
 
 def test_key_object_opens_only_with_its_passphrase() -> None:
