@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	# mypy runs inside the link tree, where the layout is one package.
 	cd build/__editable__.shardvault-* && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shardvault
 
