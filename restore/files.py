@@ -41,6 +41,7 @@ from shardvault.errors import (
     UnsafePathError,
 )
 from shardvault.repository import Repository
+from shardvault.shards.erasure import DecodedPack
 from shardvault.snapshot import Snapshot
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
@@ -86,9 +87,9 @@ class _PackCache:
         self.next_prefetch = 0
         self.pool = pool
         self.lock = threading.Lock()
-        self.packs: OrderedDict[str, Future[bytes]] = OrderedDict()
+        self.packs: OrderedDict[str, Future[DecodedPack]] = OrderedDict()
 
-    def get(self, pack_id: str) -> Future[bytes]:
+    def get(self, pack_id: str) -> Future[DecodedPack]:
         with self.lock:
             future = self._get(pack_id)
             ahead = min(self.position[pack_id] + PREFETCH, len(self.order) - 1)
@@ -97,7 +98,7 @@ class _PackCache:
                 self.next_prefetch += 1
             return future
 
-    def _get(self, pack_id: str) -> Future[bytes]:
+    def _get(self, pack_id: str) -> Future[DecodedPack]:
         future = self.packs.get(pack_id)
         if future is None:
             future = self.pool.submit(self.repo.fetch_pack, self.repo.index.packs[pack_id])
@@ -192,7 +193,7 @@ class FileRestorer:
 
     # -- 2. restore ------------------------------------------------------------------
 
-    def _read_chunk(self, cache: _PackCache, chunk: str) -> bytes:
+    def _read_chunk(self, cache: _PackCache, chunk: str) -> bytes | bytearray:
         cid = bytes.fromhex(chunk)
         loc = self.repo.index.blobs[cid]
         try:

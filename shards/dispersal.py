@@ -128,7 +128,7 @@ def get_pack(
     shards: list[ShardRecord],
     object_name: Callable[[int], str],
     report: Callable[[ShardProblem], None],
-) -> bytes:
+) -> erasure.DecodedPack:
     """Fetch and check any k good shards and decode the pack."""
     pack_hex = pack_id.hex()
 

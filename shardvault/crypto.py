@@ -91,7 +91,7 @@ class Cipher:
         return out
 
 
-def chunk_id(id_key: bytes, data: bytes | memoryview) -> bytes:
+def chunk_id(id_key: bytes, data: bytes | bytearray | memoryview) -> bytes:
     """The keyed BLAKE3 id of a chunk's plaintext."""
     return blake3.blake3(data, key=id_key).digest()
 

@@ -77,13 +77,13 @@ def seal_blob(
     return cipher.seal(compressed if len(compressed) < len(data) else data, chunk_id, nonce)
 
 
-def open_blob(cipher: Cipher, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int) -> bytes:
+def open_blob(cipher: Cipher, chunk_id: bytes, sealed: bytes | memoryview, raw_length: int) -> bytes | bytearray:
     try:
         payload = cipher.open(sealed, chunk_id)
     except OpenFailed as exc:
         raise PackFormatError(f"blob {chunk_id.hex()[:16]} does not authenticate: {exc}") from None
-    if len(payload) == raw_length:
-        return bytes(payload)
+    if len(payload) == raw_length:  # stored uncompressed: the decrypted buffer is the chunk
+        return payload
     if len(payload) > raw_length:
         raise PackFormatError(f"blob {chunk_id.hex()[:16]} is longer than its recorded length")
     try:

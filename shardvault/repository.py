@@ -49,6 +49,7 @@ from shardvault.metadata import (
 )
 from shardvault.packs import PackEntry, PackFormatError, open_blob
 from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
+from shardvault.shards.erasure import DecodedPack
 from shardvault.shards.peers import Peer, PeerSet
 from shardvault.shards.stores import open_store
 from shardvault.snapshot import Snapshot
@@ -286,7 +287,7 @@ class Repository:
 
     # -- packs and blobs -----------------------------------------------------------
 
-    def chunk_id(self, data: bytes | memoryview) -> bytes:
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> bytes:
         return chunk_id(self.keys.chunk_id, data)
 
     def store_pack(self, pack_id: bytes, kind: int, data: bytes, entries: list[PackEntry]) -> PackRecord:
@@ -297,7 +298,7 @@ class Repository:
         )
         return PackRecord(pid, kind, rc.k, rc.n, len(data), tuple(shards), tuple(entries))
 
-    def fetch_pack(self, record: PackRecord) -> bytes:
+    def fetch_pack(self, record: PackRecord) -> DecodedPack:
         return get_pack(
             self.peers,
             self.io,
@@ -350,10 +351,12 @@ class Repository:
                 unique.append(p)
         return unique
 
-    def open_blob(self, chunk: bytes, pack: bytes | memoryview, offset: int, length: int, raw_length: int) -> bytes:
+    def open_blob(
+        self, chunk: bytes, pack: DecodedPack, offset: int, length: int, raw_length: int
+    ) -> bytes | bytearray:
         """Decrypt one blob out of a decoded pack and check it is the chunk named."""
         try:
-            data = open_blob(self.cipher, chunk, memoryview(pack)[offset : offset + length], raw_length)
+            data = open_blob(self.cipher, chunk, pack.view(offset, length), raw_length)
         except PackFormatError as exc:
             raise DataLossError(f"chunk {chunk.hex()[:16]}: {exc}") from None
         if self.chunk_id(data) != chunk:
@@ -370,9 +373,9 @@ class BlobReader:
     def __init__(self, repo: Repository, max_packs: int) -> None:
         self.repo = repo
         self.max_packs = max_packs
-        self.packs: OrderedDict[str, bytes] = OrderedDict()
+        self.packs: OrderedDict[str, DecodedPack] = OrderedDict()
 
-    def pack(self, pack_id: str) -> bytes:
+    def pack(self, pack_id: str) -> DecodedPack:
         if pack_id in self.packs:
             self.packs.move_to_end(pack_id)
             return self.packs[pack_id]
@@ -382,7 +385,7 @@ class BlobReader:
             self.packs.popitem(last=False)
         return data
 
-    def read(self, chunk: bytes) -> bytes:
+    def read(self, chunk: bytes) -> bytes | bytearray:
         loc = self.repo.index.blobs.get(chunk)
         if loc is None:
             raise BlobNotFoundError(chunk.hex())

@@ -96,7 +96,7 @@ def path_key(path: str) -> tuple[str, ...]:
     return () if path == "." else tuple(path.split("/"))
 
 
-def parse_lines(blocks: Iterable[bytes]) -> Iterator[Entry]:
+def parse_lines(blocks: Iterable[bytes | bytearray]) -> Iterator[Entry]:
     """Entries from a byte stream cut at arbitrary points (chunk boundaries)."""
     rest = b""
     for block in blocks:

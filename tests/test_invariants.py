@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import time
 from itertools import combinations
 from pathlib import Path
@@ -264,15 +265,21 @@ def test_4_two_writers_at_once(tmp_path: Path) -> None:
         assert_same_tree(vault.source, tmp_path / snap["id"])
 
 
-def test_4_peer_lost_mid_backup_with_full_quorum_commits_nothing(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
-    _big_source(vault, 64)
-    before = json.loads(vault.cli("snapshots", "--json").stdout)
+def _backup_losing_peer_5(vault: Vault) -> tuple[subprocess.Popen[str], str]:
+    """Start a backup and take peer 5 away once its first shard has landed."""
     proc = vault.popen("backup", "src")
     while not list((vault.peer(5) / "data").rglob("*.*")):
         time.sleep(0.02)
     vault.peer(5).rename(vault.peers_dir / "p5-away")  # atomic: the disk is gone at once
     _, err = proc.communicate(timeout=300)
+    return proc, err
+
+
+def test_4_peer_lost_mid_backup_with_full_quorum_commits_nothing(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path)
+    _big_source(vault, 64)
+    before = json.loads(vault.cli("snapshots", "--json").stdout)
+    proc, err = _backup_losing_peer_5(vault)
     assert proc.returncode == 5, err
     assert "p5" in err and "Traceback" not in err
     vault.peer(5).mkdir()  # the disk comes back, empty
@@ -282,11 +289,7 @@ def test_4_peer_lost_mid_backup_with_full_quorum_commits_nothing(tmp_path: Path)
 def test_4_peer_lost_mid_backup_with_lower_quorum_commits_degraded(tmp_path: Path) -> None:
     vault = make_vault(tmp_path, write_quorum=5)
     _big_source(vault, 64)
-    proc = vault.popen("backup", "src")
-    while not list((vault.peer(5) / "data").rglob("*.*")):
-        time.sleep(0.02)
-    vault.peer(5).rename(vault.peers_dir / "p5-away")  # atomic: the disk is gone at once
-    _, err = proc.communicate(timeout=300)
+    proc, err = _backup_losing_peer_5(vault)
     assert proc.returncode == 0, err
     report = json.loads(vault.cli("check", "--json").stdout)
     assert report["packs"]["degraded"] > 0 and report["packs"]["lost"] == 0
