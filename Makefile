@@ -35,6 +35,8 @@ lint: $(STAMP)
 	cd build/__editable__.shardvault-* && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shardvault
 
 test: $(STAMP) lint
+	# Prometheus and promtool for the alert-rule tests and the end-to-end alert test.
+	scripts/apt-install prometheus
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -321,6 +321,6 @@ def run_backup(
         start_wall.timestamp(),
         source=source.name,
         snapshot=snapshot.id,
-        details=asdict(stats),
+        details=asdict(stats) | {"kind": snapshot.kind},
     )
     return BackupResult(snapshot, stats)

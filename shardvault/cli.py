@@ -15,14 +15,20 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shardvault.config import Config, load_config, read_password
-from shardvault.errors import BackupIncompleteError, DamageFoundError, ShardvaultError
+from shardvault.errors import (
+    BackupIncompleteError,
+    DamageFoundError,
+    DataLossError,
+    NotEnoughPeersError,
+    ShardvaultError,
+)
 from shardvault.repository import Repository
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -295,11 +301,122 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
         raise DamageFoundError(report.summary()) if not as_json else SystemExit(DamageFoundError.exit_code)
 
 
+class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A size: 1000, 64KiB, 500MiB, 2GiB, 1TB (binary and decimal units)."""
+
+    name = "bytes"
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 10**6}
+    _UNITS |= {"mb": 10**6, "mib": 1 << 20, "g": 10**9, "gb": 10**9, "gib": 1 << 30, "t": 10**12, "tib": 1 << 40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :]
+        try:
+            size = float(number) * self._UNITS[unit]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r} is not a size (examples: 500MiB, 2GiB, 1000000)", param, ctx)
+        if size <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return int(size)
+
+
 @main.command()
+@click.option("--budget", type=ByteSize(), help="Read at most this many bytes (e.g. 10GiB).")
+@click.option("--max-duration", type=click.FloatRange(min=0.001), help="Stop starting reads after this many seconds.")
+@click.option("--window", type=click.FloatRange(min=0.001), help="Days within which every shard must be read.")
+@click.option("--rate", type=click.FloatRange(min=0), help="Read at most this many MiB/s (0: unlimited).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
-def peers(ctx: Context, as_json: bool) -> None:
+def scrub(
+    ctx: Context,
+    budget: int | None,
+    max_duration: float | None,
+    window: float | None,
+    rate: float | None,
+    as_json: bool,
+) -> None:
+    """Read and verify shards, least recently verified first, within a budget."""
+    from shardvault.verify.scrub import scrub as run_scrub
+
+    with ctx.repository() as repo, progress_bar(not as_json, "scrub") as update:
+        report = run_scrub(
+            repo,
+            ctx.config.scrub,
+            budget_bytes=budget,
+            max_seconds=max_duration,
+            window_days=window,
+            rate_mib=rate,
+            progress=lambda n, total, nbytes: update(completed=n, total=total, info=human(nbytes)),
+        )
+    if as_json:
+        emit_json(report.to_doc())
+    else:
+        for issue in report.issues:
+            click.echo(f"{issue.problem} shard {issue.object} on peer {issue.peer}: {issue.detail}")
+        stop = f" (stopped by the {report.stopped_by} limit)" if report.stopped_by else ""
+        click.echo(
+            f"read {report.shards_read} of {report.shards_total} shards ({human(report.bytes_read)}) "
+            f"in {report.duration_seconds:.2f} s{stop}; coverage {report.coverage:.1%} within "
+            f"{report.window_days:g} days; {report.shards_left} shard(s) still due"
+        )
+        click.echo("damage found: run `shardvault repair`" if report.damaged else "no errors found")
+    if report.damaged:
+        raise DamageFoundError(f"{len(report.issues)} bad shard(s)") if not as_json else SystemExit(6)
+
+
+def _render_repair(doc: dict[str, Any]) -> None:
+    for lost in doc["lost"]:
+        needed = ", ".join(lost["snapshots"]) or "no snapshot"
+        click.echo(f"LOST pack {lost['pack'][:16]}: {lost['good']} good shards, {lost['k']} needed; needed by {needed}")
+        for f in lost["files"]:
+            click.echo(f"  {f}")
+    for line in doc["unplaced"]:
+        click.echo(f"not placed: {line}")
+    click.echo(
+        f"repaired {doc['packs_repaired']} of {doc['packs']} packs: {doc['shards_rebuilt']} shard(s) rebuilt, "
+        f"{doc['shards_relocated']} on another peer, {human(doc['bytes_written'])} written"
+    )
+
+
+@main.command(name="repair")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def repair_cmd(ctx: Context, as_json: bool) -> None:
+    """Rebuild missing and corrupt shards from k good ones, honouring zones."""
+    from shardvault.verify.repair import repair
+
+    with ctx.repository() as repo, progress_bar(not as_json, "repair") as update:
+        report = repair(repo, progress=lambda done, total: update(completed=done, total=total, info=f"{done}/{total}"))
+    doc = report.to_doc()
+    if as_json:
+        emit_json(doc)
+    else:
+        _render_repair(doc)
+    if report.lost:
+        raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair") if not as_json else SystemExit(7)
+    if report.unplaced:
+        raise NotEnoughPeersError(0, 0, f"{len(report.unplaced)} shard(s) could not be placed")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def peers(click_ctx: click.Context, as_json: bool) -> None:
+    """Show each peer (reachable or not, shards and bytes held); add, drain or remove one."""
+    if click_ctx.invoked_subcommand is None:
+        click_ctx.invoke(peers_list, as_json=as_json)
+
+
+@peers.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def peers_list(ctx: Context, as_json: bool) -> None:
     """Show each peer: reachable or not, shards and bytes held."""
     from dataclasses import asdict
 
@@ -316,6 +433,84 @@ def peers(ctx: Context, as_json: bool) -> None:
         click.echo(f"{r.name:<12}{r.zone:<10}{state:<14}{r.shards:>8}{human(r.shard_bytes):>12}  {r.url}")
         if r.error:
             click.echo(f"  {r.error}")
+
+
+def _peer_action(ctx: Context, action: str, name: str, as_json: bool) -> None:
+    from shardvault.verify import rebalance
+
+    with ctx.repository() as repo:
+        report = getattr(rebalance, action)(repo, name)
+    doc = report.to_doc()
+    if as_json:
+        emit_json(doc)
+    else:
+        for line in doc["unreadable"]:
+            click.echo(f"unreadable, rebuilt from other peers: {line}")
+        if doc["metadata_copied"]:
+            click.echo(f"copied {doc['metadata_copied']} metadata object(s) to {name}")
+        click.echo(f"{action}: {doc['shards_moved']} shard(s) moved ({human(doc['bytes_moved'])})")
+        if doc["repair"]:
+            _render_repair(doc["repair"])
+        if action in ("drain", "remove"):
+            click.echo(f"peer {name} holds no shard the index needs: it can be taken out of the configuration")
+    repair = doc["repair"]
+    if repair and not repair["complete"]:
+        raise DataLossError(f"{len(repair['lost'])} pack(s) lost, {len(repair['unplaced'])} shard(s) not placed")
+
+
+@peers.command(name="add")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def peers_add(ctx: Context, name: str, as_json: bool) -> None:
+    """Bring NAME (already in the config) into the repository and move its share of shards onto it."""
+    _peer_action(ctx, "add", name, as_json)
+
+
+@peers.command(name="drain")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def peers_drain(ctx: Context, name: str, as_json: bool) -> None:
+    """Move every shard off NAME (copy, commit, then delete), keeping every pack whole."""
+    _peer_action(ctx, "drain", name, as_json)
+
+
+@peers.command(name="remove")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def peers_remove(ctx: Context, name: str, as_json: bool) -> None:
+    """Give up on a dead peer NAME: rebuild its shards on the other peers."""
+    _peer_action(ctx, "remove", name, as_json)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:9477", show_default=True, help="HOST:PORT to serve /metrics on.")
+@click.option("--once", is_flag=True, help="Print the metrics once on stdout instead of serving them.")
+@pass_ctx
+@handle_errors
+def exporter(ctx: Context, listen: str, once: bool) -> None:
+    """Serve Prometheus metrics computed from the local state (no passphrase needed)."""
+    from shardvault.verify.exporter import find_state, make_exporter, render
+
+    config = ctx.config
+    state = find_state(config)
+    if once:
+        click.echo(render(config, state).decode(), nl=False)
+        return
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise click.BadParameter(f"{listen!r} is not HOST:PORT", param_hint="--listen")
+    try:
+        server = make_exporter(config, state, host, int(port))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot listen on {listen}: {exc.strerror}", param_hint="--listen") from None
+    err.print(f"serving metrics on http://{host}:{server.server_port}/metrics", markup=False)
+    server.serve_forever()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,16 @@ class SourceConfig:
     type: str
     path: Path
     exclude: tuple[str, ...] = ()
+    rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
+    backup_interval_seconds: int = 86400  # the schedule; alert when no backup for twice this
+
+
+@dataclass(frozen=True)
+class ScrubConfig:
+    window_days: float = 30.0  # every shard is read at least once per window
+    rate_mib: float = 0.0  # read rate limit in MiB/s; 0: unlimited
+    coverage_target: float = 1.0  # alert when the fraction read within the window is lower
+    corruption_ratio_max: float = 0.0  # alert when the last window's corrupt fraction is higher
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,7 @@ class Config:
     repository: RepositoryConfig
     peers: tuple[PeerConfig, ...]
     sources: tuple[SourceConfig, ...] = field(default_factory=tuple)
+    scrub: ScrubConfig = field(default_factory=ScrubConfig)
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -106,6 +117,15 @@ class _Reader:
         if not low <= value <= high:
             raise self.fail(key, f"must be between {low} and {high}, got {value}")
         return int(value)
+
+    def float_range(self, key: str, low: float, high: float, default: Any = ...) -> float:
+        value = self.table.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # TOML writes 30 for 30.0
+        value = self.get(key, float, default) if not isinstance(value, float) else value
+        if not low <= value <= high:
+            raise self.fail(key, f"must be between {low:g} and {high:g}, got {value:g}")
+        return float(value)
 
     def name(self, key: str) -> str:
         value = self.get(key, str, required=True)
@@ -214,7 +234,7 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
     sources: list[SourceConfig] = []
     for i, table in enumerate(tables):
         r = _Reader(path, f"sources[{i}]", table)
-        r.no_unknown({"name", "type", "path", "exclude"})
+        r.no_unknown({"name", "type", "path", "exclude", "rpo_objective_seconds", "backup_interval_seconds"})
         name = r.name("name")
         if any(s.name == name for s in sources):
             raise r.fail("name", f"duplicate source name {name!r}")
@@ -225,9 +245,29 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
         if not all(isinstance(e, str) for e in exclude):
             raise r.fail("exclude", "must be a list of glob strings")
         sources.append(
-            SourceConfig(name, kind, _resolve(path.parent, r.get("path", str, required=True)), tuple(exclude))
+            SourceConfig(
+                name,
+                kind,
+                _resolve(path.parent, r.get("path", str, required=True)),
+                tuple(exclude),
+                rpo_objective_seconds=r.int_range("rpo_objective_seconds", 60, 10**9, default=86400),
+                backup_interval_seconds=r.int_range("backup_interval_seconds", 60, 10**9, default=86400),
+            )
         )
     return tuple(sources)
+
+
+def _scrub(path: Path, table: Any) -> ScrubConfig:
+    if table is None:
+        return ScrubConfig()
+    r = _Reader(path, "scrub", table)
+    r.no_unknown({"window_days", "rate_mib", "coverage_target", "corruption_ratio_max"})
+    return ScrubConfig(
+        window_days=r.float_range("window_days", 0.001, 3650, default=30.0),
+        rate_mib=r.float_range("rate_mib", 0, 1e6, default=0.0),
+        coverage_target=r.float_range("coverage_target", 0, 1, default=1.0),
+        corruption_ratio_max=r.float_range("corruption_ratio_max", 0, 1, default=0.0),
+    )
 
 
 def parse_config(text: str, path: Path) -> Config:
@@ -236,7 +276,7 @@ def parse_config(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigValueError(path, "(syntax)", str(exc)) from None
     top = _Reader(path, "", data)
-    top.no_unknown({"repository", "peers", "sources"})
+    top.no_unknown({"repository", "peers", "sources", "scrub"})
     peers = _peers(path, data.get("peers"))
     if "repository" not in data:
         raise ConfigValueError(path, "repository", "the [repository] table is required")
@@ -245,6 +285,7 @@ def parse_config(text: str, path: Path) -> Config:
         repository=_repository(path, data["repository"], len(peers)),
         peers=peers,
         sources=_sources(path, data.get("sources")),
+        scrub=_scrub(path, data.get("scrub")),
     )
 
 

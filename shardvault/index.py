@@ -10,13 +10,21 @@ envelope)::
     {"version": 1, "packs": [
         {"id": hex, "kind": 0|1, "k": 4, "n": 6, "length": bytes,
          "shards": [[num, peer, hash hex, size], ...],
-         "blobs":  [[chunk id hex, offset, length, plaintext length], ...]}]}
+         "blobs":  [[chunk id hex, offset, length, plaintext length], ...],
+         "rev": 1}]}
+
+Repair and rebalancing move shards without rewriting history: they write a
+new index file with the pack's record at ``rev`` + 1 (``rev`` is absent, 0,
+for the record a backup wrote), and the union keeps, for each pack, the
+record with the highest ``rev``.  Writing that file is the one atomic step
+of a move: before it, readers use the old placement (whose shards are only
+deleted after it); after it, the new one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shardvault.packs import PackEntry
@@ -42,9 +50,10 @@ class PackRecord:
     length: int
     shards: tuple[ShardRecord, ...]
     entries: tuple[PackEntry, ...]
+    rev: int = 0
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "id": self.id,
             "kind": self.kind,
             "k": self.k,
@@ -53,6 +62,13 @@ class PackRecord:
             "shards": [[s.num, s.peer, s.hash.hex(), s.size] for s in self.shards],
             "blobs": [[e.chunk_id.hex(), e.offset, e.length, e.raw_length] for e in self.entries],
         }
+        if self.rev:
+            doc["rev"] = self.rev
+        return doc
+
+    def with_shards(self, shards: list[ShardRecord]) -> PackRecord:
+        """The next revision of this record, with a new placement."""
+        return replace(self, shards=tuple(sorted(shards, key=lambda s: (s.num, s.peer))), rev=self.rev + 1)
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> PackRecord:
@@ -65,6 +81,7 @@ class PackRecord:
             length=int(doc["length"]),
             shards=tuple(ShardRecord(int(s[0]), str(s[1]), bytes.fromhex(s[2]), int(s[3])) for s in doc["shards"]),
             entries=tuple(PackEntry(bytes.fromhex(b[0]), kind, int(b[1]), int(b[2]), int(b[3])) for b in doc["blobs"]),
+            rev=int(doc.get("rev", 0)),
         )
 
 
@@ -81,6 +98,11 @@ class Index:
         self.files: set[str] = set()
 
     def add(self, record: PackRecord) -> None:
+        old = self.packs.get(record.id)
+        # The highest revision wins, whatever order index files are read in;
+        # equal revisions (two repairs at once) are ordered by their bytes.
+        if old is not None and (old.rev, repr(old.shards)) >= (record.rev, repr(record.shards)):
+            return
         self.packs[record.id] = record
         for e in record.entries:
             self.blobs.setdefault(e.chunk_id, BlobLocation(record.id, e.offset, e.length, e.raw_length))

@@ -18,6 +18,7 @@ at restore time.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -31,29 +32,11 @@ from shardvault.metadata import pack_name
 from shardvault.repository import Repository
 from shardvault.shards.dispersal import ShardRecord
 from shardvault.shards.format import ShardFormatError, verify_shard
+from shardvault.state import ShardKey
 
-STATES = ("healthy", "degraded", "at_risk", "lost")
+from .record import STATES, ShardIssue, pack_state, presence
+
 READ_AHEAD = 8
-
-
-def pack_state(good: int, k: int, n: int) -> str:
-    if good >= n:
-        return "healthy"
-    if good > k:
-        return "degraded"
-    if good == k:
-        return "at_risk"
-    return "lost"
-
-
-@dataclass
-class ShardIssue:
-    pack: str
-    shard: int
-    peer: str
-    object: str
-    problem: str  # missing | corrupt | unreachable
-    detail: str
 
 
 @dataclass
@@ -101,76 +84,74 @@ ProgressFn = Callable[[int, int], None]
 
 def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None = None) -> CheckReport:
     report = CheckReport(read_data=read_data)
-    repo.peers.probe_all()
-    present = repo.list_shards()
+    started = time.time()
+    present, listed = presence(repo, report.shard_issues)
     report.peers_unreachable = repo.peers.down()
     index = repo.index
+    report.shards_checked = sum(len(p.shards) for p in index.packs.values())
     expected = {(p.id, s.num) for p in index.packs.values() for s in p.shards}
-    report.unreferenced_shards = sum(1 for key in present if key not in expected)
+    report.unreferenced_shards = sum(1 for key in listed if key not in expected)
 
-    # Presence (and sizes) from the listings.
     good: Counter[str] = Counter()
-    to_read: list[tuple[PackRecord, ShardRecord]] = []
-    for pack in index.packs.values():
-        for shard in pack.shards:
-            report.shards_checked += 1
-            name = pack_name(pack.id, shard.num)
-            holders = present.get((pack.id, shard.num), {})
-            if shard.peer not in holders:
-                if shard.peer in report.peers_unreachable:
-                    problem, detail = "unreachable", report.peers_unreachable[shard.peer]
-                else:
-                    problem, detail = "missing", "object not on the peer"
-                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, problem, detail))
-            elif holders[shard.peer] != shard.size:
-                detail = f"size {holders[shard.peer]}, expected {shard.size} (truncated or replaced)"
-                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, "corrupt", detail))
-            elif read_data:
-                to_read.append((pack, shard))
-            else:
-                good[pack.id] += 1
-
     if read_data:
-        for pack, shard, error in _read_all(repo, to_read, report, progress):
+        results: list[tuple[ShardKey, str, str, bool]] = []
+        for pack, shard, error in _read_all(repo, present, report, progress):
+            key = (pack.id, shard.num, shard.peer)
             if error is None:
                 good[pack.id] += 1
+                results.append((key, "ok", "", True))
             else:
-                name = pack_name(pack.id, shard.num)
                 problem = "corrupt" if isinstance(error, ShardFormatError) else "missing"
+                name = pack_name(pack.id, shard.num)
                 report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, problem, str(error)))
+                results.append((key, problem, str(error), isinstance(error, ShardFormatError)))
+        repo.state.record_shards(results)
+    else:
+        for pack, _ in present:
+            good[pack.id] += 1
 
+    states: dict[str, tuple[str, int, int, int]] = {}
     for pack in index.packs.values():
         state = pack_state(good[pack.id], pack.k, pack.n)
+        states[pack.id] = (state, good[pack.id], pack.k, pack.n)
         report.packs[state] += 1
         if state != "healthy":
             kind = "tree" if pack.kind else "data"
             report.damaged_packs.append(PackStatus(pack.id, kind, pack.k, pack.n, good[pack.id], state))
+    repo.state.record_packs(states)
 
     lost = {p.pack for p in report.damaged_packs if p.state == "lost"}
     _check_snapshots(repo, report, lost)
+    repo.state.record_run(
+        "check",
+        "damaged" if report.damaged else "ok",
+        started,
+        details={"read_data": read_data, "summary": report.summary(), "shards_read": report.shards_read},
+    )
     return report
+
+
+def read_shard(repo: Repository, pack: PackRecord, shard: ShardRecord) -> int:
+    """Read one shard and verify it against its own hash and the index's; return its size."""
+    peer = repo.peers.get(shard.peer)
+    if peer is None:
+        raise PeerError(shard.peer, "not in the configuration")
+    raw = peer.store.load(pack_name(pack.id, shard.num))
+    verify_shard(raw, pack_id=bytes.fromhex(pack.id), num=shard.num, k=pack.k, n=pack.n, expected_hash=shard.hash)
+    return len(raw)
 
 
 def _read_all(
     repo: Repository, items: list[tuple[PackRecord, ShardRecord]], report: CheckReport, progress: ProgressFn | None
 ) -> list[tuple[PackRecord, ShardRecord, Exception | None]]:
     """Read and verify shards with a bounded number in flight."""
-
-    def read(pack: PackRecord, shard: ShardRecord) -> int:
-        peer = repo.peers.get(shard.peer)
-        if peer is None:
-            raise PeerError(shard.peer, "not in the configuration")
-        raw = peer.store.load(pack_name(pack.id, shard.num))
-        verify_shard(raw, pack_id=bytes.fromhex(pack.id), num=shard.num, k=pack.k, n=pack.n, expected_hash=shard.hash)
-        return len(raw)
-
     results: list[tuple[PackRecord, ShardRecord, Exception | None]] = []
     pending: dict[Future[int], tuple[PackRecord, ShardRecord]] = {}
     queue = list(reversed(items))
     while queue or pending:
         while queue and len(pending) < READ_AHEAD:
             pack, shard = queue.pop()
-            pending[repo.io.submit(read, pack, shard)] = (pack, shard)
+            pending[repo.io.submit(read_shard, repo, pack, shard)] = (pack, shard)
         done, _ = wait(pending, return_when=FIRST_COMPLETED)
         for future in done:
             pack, shard = pending.pop(future)

@@ -1,0 +1,207 @@
+"""Prometheus metrics, computed from the state at scrape time.
+
+Nothing is cached between scrapes: every value is read from the state
+database when Prometheus asks, so an RPO keeps rising while backups are not
+happening, and a scrape never needs the passphrase or a peer.  Names follow
+Prometheus conventions: prefix ``shardvault_``, base units (seconds, bytes),
+``_total`` for counters, ratios between 0 and 1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shardvault.config import Config
+from shardvault.state import State
+
+from .record import STATES
+
+COUNTERS = {
+    "shards_checked": "Shards whose presence or bytes were verified.",
+    "shards_read": "Shards read and hashed (scrub, check --read-data).",
+    "shards_corrupt": "Shards found corrupt (bit rot, truncation, swapped or replayed).",
+    "shards_missing": "Shards found missing from their peer.",
+    "shards_unreachable": "Shards not verified because their peer was unreachable.",
+    "shards_repaired": "Shards rebuilt by repair onto this peer.",
+}
+
+
+class StateCollector(Collector):
+    """Reads the state database on every scrape."""
+
+    def __init__(self, config: Config, state: State, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.state = state
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.clock()
+        q = self.state.query
+        yield from self._peers(q)
+        yield from self._packs(q)
+        yield from self._scrub(q, now)
+        yield from self._sources(q, now)
+        yield from self._drills(q)
+        damaged = GaugeMetricFamily(
+            "shardvault_verification_damage_found",
+            "1 if the last check or scrub of this kind found damage, else 0.",
+            labels=["kind"],
+        )
+        for kind in ("check", "scrub", "repair"):
+            row = q("SELECT status FROM runs WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,))
+            if row:
+                damaged.add_metric([kind], 0.0 if row[0][0] == "ok" else 1.0)
+        yield damaged
+
+    def _peers(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        counters = {
+            name: CounterMetricFamily(f"shardvault_{name}", doc, labels=["peer"]) for name, doc in COUNTERS.items()
+        }
+        values = {
+            (str(peer), str(name)): float(value) for peer, name, value in q("SELECT peer, name, value FROM counters")
+        }
+        zone = {p.name: p.zone for p in self.config.peers}
+        peers = sorted(set(zone) | {peer for peer, _ in values})
+        for name, family in counters.items():
+            for peer in peers:
+                family.add_metric([peer], values.get((peer, name), 0.0))
+            yield family
+        up = GaugeMetricFamily(
+            "shardvault_peer_up", "1 if the peer answered at its last check, else 0.", labels=["peer", "zone"]
+        )
+        stored = GaugeMetricFamily("shardvault_peer_stored_bytes", "Bytes of shards held by the peer.", labels=["peer"])
+        shards = GaugeMetricFamily("shardvault_peer_stored_shards", "Shards held by the peer.", labels=["peer"])
+        seen = GaugeMetricFamily(
+            "shardvault_peer_last_check_timestamp_seconds", "When the peer was last listed.", labels=["peer"]
+        )
+        for peer, is_up, count, size, updated in q("SELECT peer, up, shards, bytes, updated FROM peers"):
+            if peer not in zone:
+                continue  # a peer since taken out of the configuration
+            up.add_metric([str(peer), zone[str(peer)]], float(is_up))
+            stored.add_metric([str(peer)], float(size))
+            shards.add_metric([str(peer)], float(count))
+            seen.add_metric([str(peer)], float(updated))
+        yield from (up, stored, shards, seen)
+
+    def _packs(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        packs = GaugeMetricFamily("shardvault_packs", "Packs by redundancy state.", labels=["state"])
+        counts = dict(q("SELECT state, COUNT(*) FROM packs GROUP BY state"))
+        for state in STATES:
+            packs.add_metric([state], float(counts.get(state, 0)))
+        yield packs
+
+    def _scrub(self, q: Callable[..., list[tuple[Any, ...]]], now: float) -> Iterator[Metric]:
+        scrub = self.config.scrub
+        window = scrub.window_days * 86400
+        total, recent, corrupt = q(
+            "SELECT COUNT(*), SUM(last_read >= ?), SUM(last_read >= ? AND status = 'corrupt') FROM shards",
+            (now - window, now - window),
+        )[0]
+        total, recent, corrupt = float(total or 0), float(recent or 0), float(corrupt or 0)
+        facts = {str(name): float(value) for name, value in q("SELECT name, value FROM facts")}
+        gauges = [
+            (
+                "scrub_coverage_ratio",
+                "Fraction of shards read and verified within the scrub window.",
+                recent / total if total else 1.0,
+            ),
+            ("scrub_coverage_target_ratio", "The configured coverage objective.", scrub.coverage_target),
+            (
+                "scrub_corruption_ratio",
+                "Fraction of the shards read within the window that were corrupt.",
+                corrupt / recent if recent else 0.0,
+            ),
+            (
+                "scrub_corruption_ratio_objective",
+                "The corruption ratio above which to alert.",
+                scrub.corruption_ratio_max,
+            ),
+            ("scrub_window_seconds", "The scrub window: every shard is to be read once per window.", window),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"shardvault_{name}", doc, value=value)
+        for fact, doc in (
+            ("scrub_last_complete_timestamp_seconds", "When a scrub last left no shard unread within the window."),
+            ("scrub_last_run_timestamp_seconds", "When a scrub last ran."),
+        ):
+            if fact in facts:
+                yield GaugeMetricFamily(f"shardvault_{fact}", doc, value=facts[fact])
+
+    def _sources(self, q: Callable[..., list[tuple[Any, ...]]], now: float) -> Iterator[Metric]:
+        last = GaugeMetricFamily(
+            "shardvault_backup_last_success_timestamp_seconds",
+            "When the last successful backup of this kind finished.",
+            labels=["source", "kind"],
+        )
+        rpo = GaugeMetricFamily(
+            "shardvault_rpo_seconds", "Now minus the last successful backup (+Inf if none).", labels=["source"]
+        )
+        rpo_obj = GaugeMetricFamily(
+            "shardvault_rpo_objective_seconds", "The configured recovery point objective.", labels=["source"]
+        )
+        interval = GaugeMetricFamily(
+            "shardvault_backup_interval_seconds", "The configured backup schedule.", labels=["source"]
+        )
+        duration = GaugeMetricFamily(
+            "shardvault_backup_duration_seconds", "Duration of the last successful backup.", labels=["source"]
+        )
+        read = GaugeMetricFamily(
+            "shardvault_backup_read_bytes", "Bytes read by the last successful backup.", labels=["source"]
+        )
+        stored = GaugeMetricFamily(
+            "shardvault_backup_stored_bytes", "New bytes stored by the last successful backup.", labels=["source"]
+        )
+        for source in self.config.sources:
+            rows = q(
+                "SELECT finished, details, snapshot FROM runs WHERE kind = 'backup' AND source = ?"
+                " AND status IN ('ok', 'warning') ORDER BY finished",
+                (source.name,),
+            )
+            newest: float | None = None
+            kinds: dict[str, float] = {}
+            details: dict[str, float] = {}
+            for finished, raw, _ in rows:
+                doc = json.loads(str(raw))
+                kinds[str(doc.get("kind", "full"))] = float(finished)
+                newest, details = float(finished), doc
+            for kind, when in sorted(kinds.items()):
+                last.add_metric([source.name, kind], when)
+            rpo.add_metric([source.name], now - newest if newest is not None else float("inf"))
+            rpo_obj.add_metric([source.name], float(source.rpo_objective_seconds))
+            interval.add_metric([source.name], float(source.backup_interval_seconds))
+            if details:
+                duration.add_metric([source.name], float(details.get("duration_seconds", 0)))
+                read.add_metric([source.name], float(details.get("bytes_read", 0)))
+                stored.add_metric([source.name], float(details.get("bytes_stored", 0)))
+        yield from (last, rpo, rpo_obj, interval, duration, read, stored)
+
+    def _drills(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        rto = GaugeMetricFamily(
+            "shardvault_drill_rto_seconds", "Measured recovery time of the last drill.", labels=["playbook"]
+        )
+        rto_obj = GaugeMetricFamily(
+            "shardvault_drill_rto_objective_seconds", "The playbook's recovery time objective.", labels=["playbook"]
+        )
+        ok = GaugeMetricFamily(
+            "shardvault_drill_success", "1 if the last drill of the playbook passed, else 0.", labels=["playbook"]
+        )
+        last = GaugeMetricFamily(
+            "shardvault_drill_last_timestamp_seconds", "When the playbook last ran.", labels=["playbook"]
+        )
+        latest: dict[str, tuple[Any, ...]] = {}
+        for row in q("SELECT source, status, finished, details FROM runs WHERE kind = 'drill' ORDER BY id"):
+            latest[str(row[0])] = row
+        for playbook, (_, status, finished, raw) in sorted(latest.items()):
+            doc = json.loads(str(raw))
+            rto.add_metric([playbook], float(doc.get("rto_seconds", 0)))
+            if "rto_objective_seconds" in doc:
+                rto_obj.add_metric([playbook], float(doc["rto_objective_seconds"]))
+            ok.add_metric([playbook], 1.0 if status == "ok" else 0.0)
+            last.add_metric([playbook], float(finished))
+        yield from (rto, rto_obj, ok, last)
