@@ -143,6 +143,9 @@ def run_tools(source: Path, size: int, repeat: int) -> None:
         )
     for _ in range(repeat):
         both("check --read-data", [*tools.sv, "check", "--read-data"], [*tools.restic, "check", "--read-data"])
+    for _ in range(repeat):
+        # A scrub without a budget reads every shard, oldest first, and records each result.
+        both("full scrub", [*tools.sv, "scrub"], [*tools.restic, "check", "--read-data"])
 
     print(f"median of {repeat} runs each, the tools alternating who goes first; sync before every run")
     print(f"{'operation':<22}{'shardvault':>18}{'restic':>18}{'ratio':>8}{'peak RSS':>11}")
@@ -163,6 +166,23 @@ def run_tools(source: Path, size: int, repeat: int) -> None:
     for i in range(repeat):
         shutil.rmtree(WORK / f"sv-restore-{i}")
         shutil.rmtree(WORK / f"restic-restore-{i}")
+    repair_after_peer_loss(tools, repeat)
+
+
+def repair_after_peer_loss(tools: Tools, repeat: int) -> None:
+    """Repair throughput: every shard of one peer deleted, rebuilt from the other five."""
+    lost = tools.sv_base / "peers" / "p0" / "data"
+    times, sizes = [], []
+    for _ in range(repeat):
+        sizes.append(sum(p.stat().st_size for p in lost.rglob("*") if p.is_file()))
+        shutil.rmtree(lost)
+        seconds, _ = tools.run([*tools.sv, "repair"])
+        times.append(seconds)
+    t = median(times)
+    print(
+        f"repair after losing peer p0: {sizes[0] / 2**20:.0f} MiB of shards rebuilt in {t:.2f} s "
+        f"({sizes[0] / t / 2**20:.0f} MiB/s written; reads k shards per pack, no restic equivalent)"
+    )
 
 
 def memory() -> None:

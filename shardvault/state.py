@@ -130,13 +130,14 @@ class State:
         source: str | None = None,
         snapshot: str | None = None,
         details: dict[str, Any] | None = None,
+        finished: float | None = None,
     ) -> None:
         try:
             with self._conn() as db:
                 db.execute(
                     "INSERT INTO runs (kind, source, snapshot, status, started, finished, details)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (kind, source, snapshot, status, started, time.time(), json.dumps(details or {})),
+                    (kind, source, snapshot, status, started, finished or time.time(), json.dumps(details or {})),
                 )
         except (OSError, sqlite3.Error):
             pass  # the state is a cache; a run is still recorded on the peers

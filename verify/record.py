@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
@@ -48,6 +49,7 @@ def presence(repo: Repository, issues: list[ShardIssue]) -> tuple[list[tuple[Pac
     are replaced by ``present``.  ``issues`` receives a ShardIssue per problem.
     """
     repo.peers.probe_all()
+    sync_backup_runs(repo)
     listed = repo.list_shards()
     down = repo.peers.down()
     rows = repo.state.shard_rows()
@@ -89,6 +91,28 @@ def presence(repo: Repository, issues: list[ShardIssue]) -> tuple[list[tuple[Pac
         {p.name: (p.name not in down, down.get(p.name, ""), held[p.name], held_bytes[p.name]) for p in repo.peers}
     )
     return present, listed
+
+
+def sync_backup_runs(repo: Repository) -> int:
+    """Record every committed snapshot as a backup run, if the state does not have it yet.
+
+    This rebuilds the backup history of a lost state, and brings in backups
+    made from other machines, so RPO metrics see every writer.  Returns how
+    many runs were added.
+    """
+    known = {row[0] for row in repo.state.query("SELECT snapshot FROM runs WHERE kind = 'backup'")}
+    added = 0
+    for snap in repo.snapshots():
+        if snap.id in known:
+            continue
+        details = {k: v for k, v in snap.stats.items() if k != "warnings"} | {"kind": snap.kind}
+        started = datetime.fromisoformat(snap.started).timestamp()
+        finished = datetime.fromisoformat(snap.finished).timestamp()
+        repo.state.record_run(
+            "backup", "ok", started, source=snap.source, snapshot=snap.id, details=details, finished=finished
+        )
+        added += 1
+    return added
 
 
 def record_pack_states(repo: Repository, present_rows: dict[ShardKey, tuple[float | None, str, str]]) -> dict[str, int]:
