@@ -458,34 +458,19 @@ def _peer_action(ctx: Context, action: str, name: str, as_json: bool) -> None:
         raise DataLossError(f"{len(repair['lost'])} pack(s) lost, {len(repair['unplaced'])} shard(s) not placed")
 
 
-@peers.command(name="add")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@pass_ctx
-@handle_errors
-def peers_add(ctx: Context, name: str, as_json: bool) -> None:
-    """Bring NAME (already in the config) into the repository and move its share of shards onto it."""
-    _peer_action(ctx, "add", name, as_json)
+def _peer_command(action: str, doc: str) -> None:
+    @peers.command(name=action, help=doc)
+    @click.argument("name")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+    @pass_ctx
+    @handle_errors
+    def command(ctx: Context, name: str, as_json: bool) -> None:
+        _peer_action(ctx, action, name, as_json)
 
 
-@peers.command(name="drain")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@pass_ctx
-@handle_errors
-def peers_drain(ctx: Context, name: str, as_json: bool) -> None:
-    """Move every shard off NAME (copy, commit, then delete), keeping every pack whole."""
-    _peer_action(ctx, "drain", name, as_json)
-
-
-@peers.command(name="remove")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@pass_ctx
-@handle_errors
-def peers_remove(ctx: Context, name: str, as_json: bool) -> None:
-    """Give up on a dead peer NAME: rebuild its shards on the other peers."""
-    _peer_action(ctx, "remove", name, as_json)
+_peer_command("add", "Bring NAME (already in the config) into the repository and move its share of shards onto it.")
+_peer_command("drain", "Move every shard off NAME (copy, commit, then delete), keeping every pack whole.")
+_peer_command("remove", "Give up on a dead peer NAME: rebuild its shards on the other peers.")
 
 
 @main.command()

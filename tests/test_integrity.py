@@ -287,3 +287,14 @@ def test_state_is_rebuilt_from_the_repository(backed_up: Vault) -> None:
     assert abs(after[0][2] - before[0][2]) < 1.0
     with backed_up.repo() as repo:
         assert packs == len(repo.index.packs)
+
+
+def test_bad_input_to_the_new_commands_is_one_clear_line(backed_up: Vault) -> None:
+    result = backed_up.cli("peers", "drain", "nope")
+    assert result.exit_code == 8 and "peer 'nope' is not in the configuration" in result.output
+    result = backed_up.cli("scrub", "--budget", "lots")
+    assert result.exit_code == 2 and "is not a size" in result.output
+    with open(backed_up.config, "a") as f:
+        f.write('[scrub]\nwindow_days = "monthly"\n')
+    result = backed_up.cli("scrub")
+    assert result.exit_code == 3 and "scrub.window_days: must be float" in result.output
