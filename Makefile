@@ -35,8 +35,8 @@ lint: $(STAMP)
 	cd build/__editable__.shardvault-* && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shardvault
 
 test: $(STAMP) lint
-	# Prometheus and promtool for the alert-rule tests and the end-to-end alert test.
-	scripts/apt-install prometheus
+	# Prometheus (promtool, a real server) and PostgreSQL 15 for the tests that need them.
+	scripts/apt-install prometheus postgresql:/usr/lib/postgresql/15/bin/initdb
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -134,7 +134,8 @@ def get_pack(
 
     # Fastest peers first; among peers of about the same speed (within 4x of
     # the fastest), primary shards first, since decoding those is a copy.
-    fastest = min((peers.cost(s.peer) for s in shards), default=0.0)
+    # Peers not measured yet (cost 0) are neither the yardstick nor slow.
+    fastest = min((c for s in shards if (c := peers.cost(s.peer)) > 0), default=0.0)
 
     def by_speed(record: ShardRecord) -> tuple[bool, bool, bool, float]:
         cost = peers.cost(record.peer)

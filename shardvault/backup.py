@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import IO, Any
 
-from shardvault.chunker import Chunker
+from shardvault.chunker import Chunker, Readable
 from shardvault.config import SourceConfig
 from shardvault.crypto import new_content_hasher
 from shardvault.index import PackRecord
@@ -287,40 +287,128 @@ def run_backup(
                 last_report = now
                 progress(stats, entry.path)
         pipe.drain(0)
-
-        # The tree is stored like file data, in its own packs.
-        tree_ids: list[str] = []
-        spool.seek(0)
-        for data in chunker.chunks(spool):  # type: ignore[arg-type]
-            pipe.submit_chunk(data, tree_ids, KIND_TREE)
-        pipe.finish()
+        tree_ids = _store_tree(pipe, chunker, spool)
     finally:
         pipe.close()
         spool.close()
+    return commit_snapshot(
+        repo,
+        source.name,
+        "files",
+        str(source.path),
+        "incremental" if parent is not None and not full else "full",
+        parent.id if parent else None,
+        tree_ids,
+        stats,
+        start,
+        start_wall,
+        progress,
+    )
 
+
+def _store_tree(pipe: _Pipeline, chunker: Chunker, spool: IO[bytes]) -> list[str]:
+    """Store the tree (JSON lines, already in ``spool``) like file data, in its own packs; flush everything."""
+    tree_ids: list[str] = []
+    spool.seek(0)
+    for data in chunker.chunks(spool):  # type: ignore[arg-type]  # SpooledTemporaryFile has readinto
+        pipe.submit_chunk(data, tree_ids, KIND_TREE)
+    pipe.finish()
+    return tree_ids
+
+
+def commit_snapshot(
+    repo: Repository,
+    source: str,
+    source_type: str,
+    path: str,
+    kind: str,
+    parent: str | None,
+    tree_ids: list[str],
+    stats: BackupStats,
+    start: float,
+    start_wall: datetime,
+    progress: ProgressFn | None = None,
+    extra: dict[str, Any] | None = None,
+) -> BackupResult:
+    """Write the snapshot (the commit: everything it names is stored and indexed) and record the run."""
     stats.duration_seconds = round(time.perf_counter() - start, 3)
     snapshot = Snapshot(
         id=new_id(),
-        source=source.name,
-        source_type="files",
-        path=str(source.path),
-        kind="incremental" if parent is not None and not full else "full",
-        parent=parent.id if parent else None,
+        source=source,
+        source_type=source_type,
+        path=path,
+        kind=kind,
+        parent=parent,
         started=start_wall.isoformat(),
         finished=datetime.now(UTC).isoformat(),
         hostname=socket.gethostname(),
         tree=tuple(tree_ids),
-        stats={k: v for k, v in asdict(stats).items() if k != "warnings"} | {"warnings": len(stats.warnings)},
+        stats={k: v for k, v in asdict(stats).items() if k != "warnings"}
+        | {"warnings": len(stats.warnings)}
+        | (extra or {}),
     )
-    repo.write_snapshot(snapshot)  # the commit: everything it names is stored and indexed
+    repo.write_snapshot(snapshot)
     if progress:
         progress(stats, "")
     repo.state.record_run(
         "backup",
         "ok" if not stats.warnings else "warning",
         start_wall.timestamp(),
-        source=source.name,
+        source=source,
         snapshot=snapshot.id,
         details=asdict(stats) | {"kind": snapshot.kind},
     )
     return BackupResult(snapshot, stats)
+
+
+def backup_stream(
+    repo: Repository,
+    stream: Readable,
+    *,
+    source: str,
+    source_type: str,
+    name: str,
+    kind: str,
+    parent: str | None = None,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> BackupResult:
+    """Back up one byte stream (a base backup, a dump) as a snapshot holding one file, ``name``.
+
+    The stream is chunked and deduplicated like any file, so a nightly dump
+    of a mostly unchanged database stores only what changed.  ``extra`` is
+    called after the stream ends (a producer's final facts, such as LSNs) and
+    its result is kept in the snapshot's stats.
+    """
+    start_wall = datetime.now(UTC)
+    start = time.perf_counter()
+    repo.require_quorum()
+    rc = repo.config.repository
+    chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
+    stats = BackupStats()
+    entry = Entry(name, FILE, 0o600, 0, 0, time.time_ns())
+    pipe = _Pipeline(repo, stats)
+    spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115 - closed in the finally below
+
+    def emit(e: Entry) -> None:
+        spool.write(e.to_line())
+
+    pipe.emit = emit
+    try:
+        hasher = new_content_hasher()
+        for data in chunker.chunks(stream):
+            hasher.update(data)
+            stats.bytes_read += len(data)
+            pipe.submit_chunk(data, entry.chunks)
+        entry.size = stats.bytes_total = stats.bytes_read
+        entry.hash = hasher.hexdigest()
+        stats.files = stats.files_read = 1
+        pipe.submit_entry(entry)
+        facts = extra() if extra else {}  # before the commit: a failed producer commits nothing
+        pipe.drain(0)
+        tree_ids = _store_tree(pipe, chunker, spool)
+    finally:
+        pipe.close()
+        spool.close()
+    return commit_snapshot(
+        repo, source, source_type, name, kind, parent, tree_ids, stats, start, start_wall, None, facts
+    )

@@ -12,9 +12,15 @@ on the window size; ``tests/test_chunker.py`` checks this.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Protocol
 
 from fastcdc.fastcdc_cy import fastcdc_cy  # the compiled chunker; the pure-Python one is ~100x slower
+
+
+class Readable(Protocol):
+    """What the chunker reads from: files, pipes, spooled files, wrappers."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 class Chunker:
@@ -31,7 +37,7 @@ class Chunker:
         for chunk in fastcdc_cy(data, self.min_size, self.avg_size, self.max_size):
             yield chunk.offset, chunk.length
 
-    def chunks(self, stream: BinaryIO) -> Iterator[bytes]:
+    def chunks(self, stream: Readable) -> Iterator[bytes]:
         """Yield the chunks of a stream, as the whole-buffer chunker would cut it."""
         buf = bytearray(self.window)
         view = memoryview(buf)
@@ -39,7 +45,7 @@ class Chunker:
         eof = False
         while True:
             while not eof and filled < self.window:  # read straight into the window
-                n = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+                n = stream.readinto(view[filled:])
                 if not n:
                     eof = True
                 else:

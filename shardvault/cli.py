@@ -181,7 +181,12 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
                 info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}"
             )
 
-        result = run_backup(repo, source_config, full=full, progress=on_progress)
+        if source_config.type == "postgres":
+            from shardvault.pgbackup import backup_postgres
+
+            result = backup_postgres(repo, source_config, full)
+        else:
+            result = run_backup(repo, source_config, full=full, progress=on_progress)
     s, snap = result.stats, result.snapshot
     if as_json:
         emit_json(result.to_doc() | {"warnings": s.warnings})
@@ -228,14 +233,28 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
 @main.command()
 @click.argument("snapshot")
 @click.option("--source", "source", help="Source of the snapshot (needed for 'latest').")
-@click.option(
-    "--target", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to restore into."
-)
+@click.option("--target", type=click.Path(path_type=Path), help="Directory to restore into.")
+@click.option("--to-time", help="PostgreSQL: recover up to this time (e.g. '2026-11-22 10:00:00+00').")
+@click.option("--to-lsn", help="PostgreSQL: recover up to this LSN.")
+@click.option("--database", help="PostgreSQL logical snapshot: restore into this new database.")
+@click.option("--start", "start_server", is_flag=True, help="PostgreSQL: start the restored cluster.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True, help="Port for --start.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
-def restore(ctx: Context, snapshot: str, source: str | None, target: Path, as_json: bool) -> None:
-    """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target."""
+def restore(
+    ctx: Context,
+    snapshot: str,
+    source: str | None,
+    target: Path | None,
+    to_time: str | None,
+    to_lsn: str | None,
+    database: str | None,
+    start_server: bool,
+    port: int,
+    as_json: bool,
+) -> None:
+    """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target (or --database)."""
     from dataclasses import asdict
 
     from shardvault.restore.files import RestoreStats, restore_files
@@ -243,6 +262,13 @@ def restore(ctx: Context, snapshot: str, source: str | None, target: Path, as_js
 
     with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
         snap = resolve(repo.snapshots(), snapshot, source)
+        if snap.source_type == "postgres":
+            doc = _restore_postgres(ctx, repo, snap, target, to_time, to_lsn, database, start_server, port)
+            if as_json:
+                emit_json(doc)
+            return
+        if target is None:
+            raise click.UsageError("--target is required")
 
         def on_progress(stats: RestoreStats, path: str) -> None:
             update(info=f"{stats.files} files, {human(stats.bytes)}  {path[-40:]}")
@@ -261,6 +287,90 @@ def restore(ctx: Context, snapshot: str, source: str | None, target: Path, as_js
         f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; "
         "every file matches its hash"
     )
+
+
+def _restore_postgres(
+    ctx: Context,
+    repo: Repository,
+    snap: Any,
+    target: Path | None,
+    to_time: str | None,
+    to_lsn: str | None,
+    database: str | None,
+    start_server: bool,
+    port: int,
+) -> dict[str, Any]:
+    from shardvault.restore import postgres as pgr
+
+    source = ctx.config.source(snap.source)
+    if snap.stats.get("postgres", {}).get("mode") == "logical":
+        if not database:
+            raise click.UsageError("a logical snapshot restores into a new database: pass --database NAME")
+        doc = pgr.restore_logical(repo, snap, source, database)
+        click.echo(f"restored dump {snap.short_id} into database {database!r}", err=True)
+        return doc
+    if target is None:
+        raise click.UsageError("--target is required (an empty directory for the data directory)")
+    password_file = Path(ctx.password_file).absolute() if ctx.password_file else None
+    doc = pgr.restore_physical(
+        repo,
+        snap,
+        source,
+        target.absolute(),
+        config_path=ctx.config.path,
+        password_file=password_file,
+        to_time=to_time,
+        to_lsn=to_lsn,
+    )
+    point = to_time or to_lsn or doc["settings"].get("recovery_target_lsn") or "the end of the archived WAL"
+    if start_server:
+        pgr.start(source, target.absolute(), port)
+        click.echo(f"restored {snap.short_id} to {target}, recovered to {point}; running on 127.0.0.1:{port}", err=True)
+    else:
+        click.echo(
+            f"restored {snap.short_id} to {target}; it recovers to {point} when started:\n"
+            f"  runuser -u postgres -- pg_ctl -D {target.absolute()} -o '-p PORT' start",
+            err=True,
+        )
+    return doc
+
+
+def _postgres_source(ctx: Context, name: str | None) -> Any:
+    if name:
+        return ctx.config.source(name)
+    physical = [s for s in ctx.config.sources if s.type == "postgres" and s.mode == "physical"]
+    if len(physical) != 1:
+        raise click.UsageError("pass --source NAME (the configuration has no single physical PostgreSQL source)")
+    return physical[0]
+
+
+@main.command(name="wal-push")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--source", help="The PostgreSQL source (default: the only one).")
+@pass_ctx
+@handle_errors
+def wal_push(ctx: Context, path: Path, source: str | None) -> None:
+    """Archive one WAL file (archive_command = 'shardvault ... wal-push %p')."""
+    from shardvault.wal import push
+
+    src = _postgres_source(ctx, source)
+    with ctx.repository() as repo:
+        push(repo, src, path)
+
+
+@main.command(name="wal-fetch")
+@click.argument("name")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--source", help="The PostgreSQL source (default: the only one).")
+@pass_ctx
+@handle_errors
+def wal_fetch(ctx: Context, name: str, dest: Path, source: str | None) -> None:
+    """Restore one WAL file (restore_command = 'shardvault ... wal-fetch %f %p')."""
+    from shardvault.wal import fetch
+
+    src = _postgres_source(ctx, source)
+    with ctx.repository() as repo:
+        fetch(repo, src, name, dest)
 
 
 @main.command(name="check")

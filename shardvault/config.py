@@ -35,11 +35,14 @@ class PeerConfig:
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
-    type: str
-    path: Path
+    type: str  # files | postgres
+    path: Path  # files: the tree; postgres: unused (the server's data directory is its own)
     exclude: tuple[str, ...] = ()
     rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
     backup_interval_seconds: int = 86400  # the schedule; alert when no backup for twice this
+    dsn: str = ""  # postgres: libpq connection string
+    mode: str = "physical"  # postgres: physical (base backup + WAL) or logical (pg_dump of the DSN's database)
+    bin_dir: str = ""  # postgres: where pg_basebackup, pg_dump, pg_restore, pg_ctl are (default: found)
 
 
 @dataclass(frozen=True)
@@ -234,26 +237,31 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
     sources: list[SourceConfig] = []
     for i, table in enumerate(tables):
         r = _Reader(path, f"sources[{i}]", table)
-        r.no_unknown({"name", "type", "path", "exclude", "rpo_objective_seconds", "backup_interval_seconds"})
+        r.no_unknown(
+            {"name", "type", "path", "exclude", "rpo_objective_seconds", "backup_interval_seconds"}
+            | {"dsn", "mode", "bin_dir"}
+        )
         name = r.name("name")
         if any(s.name == name for s in sources):
             raise r.fail("name", f"duplicate source name {name!r}")
         kind = r.get("type", str, required=True)
-        if kind != "files":
-            raise r.fail("type", f"unsupported source type {kind!r} (supported: files)")
-        exclude = r.get("exclude", list, default=[])
-        if not all(isinstance(e, str) for e in exclude):
-            raise r.fail("exclude", "must be a list of glob strings")
-        sources.append(
-            SourceConfig(
-                name,
-                kind,
-                _resolve(path.parent, r.get("path", str, required=True)),
-                tuple(exclude),
-                rpo_objective_seconds=r.int_range("rpo_objective_seconds", 60, 10**9, default=86400),
-                backup_interval_seconds=r.int_range("backup_interval_seconds", 60, 10**9, default=86400),
-            )
-        )
+        rpo = r.int_range("rpo_objective_seconds", 60, 10**9, default=86400)
+        interval = r.int_range("backup_interval_seconds", 60, 10**9, default=86400)
+        if kind == "files":
+            exclude = r.get("exclude", list, default=[])
+            if not all(isinstance(e, str) for e in exclude):
+                raise r.fail("exclude", "must be a list of glob strings")
+            tree = _resolve(path.parent, r.get("path", str, required=True))
+            sources.append(SourceConfig(name, kind, tree, tuple(exclude), rpo, interval))
+        elif kind == "postgres":
+            dsn = r.get("dsn", str, required=True)
+            mode = r.get("mode", str, default="physical")
+            if mode not in ("physical", "logical"):
+                raise r.fail("mode", f"must be 'physical' or 'logical', got {mode!r}")
+            bin_dir = r.get("bin_dir", str, default="")
+            sources.append(SourceConfig(name, kind, Path("/"), (), rpo, interval, dsn, mode, bin_dir))
+        else:
+            raise r.fail("type", f"unsupported source type {kind!r} (supported: files, postgres)")
     return tuple(sources)
 
 

@@ -183,6 +183,12 @@ class RestoreError(ShardvaultError):
     exit_code = 7
 
 
+class RestoreRefusedError(RestoreError):
+    """Cannot restore {0}: {1}"""
+
+    exit_code = 8
+
+
 class UnsafePathError(RestoreError):
     """Refusing to restore {0!r}: {1}"""
 
@@ -209,6 +215,14 @@ class SourceError(ShardvaultError):
     """Source {0}: {1}"""
 
     exit_code = 10
+
+
+class WalConflictError(SourceError):
+    """Source {0}: WAL file {1} is already archived with different content; refusing to replace it"""
+
+
+class WalMissingError(RepositoryError):
+    """Source {0}: WAL file {1} is not in the archive{2}"""
 
 
 class BackupIncompleteError(ShardvaultError):

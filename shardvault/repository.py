@@ -28,6 +28,7 @@ from shardvault.errors import (
     BlobNotFoundError,
     DataLossError,
     NotEnoughPeersError,
+    ObjectNotFoundError,
     PeerError,
     PeerUnavailableError,
     RepositoryCorruptError,
@@ -224,6 +225,18 @@ class Repository:
                 self.state.cache(name, data)
             return doc
         raise RepositoryCorruptError(name, "; ".join(failures) or "no peer reachable")
+
+    def meta_exists(self, name: str) -> bool:
+        """Whether any reachable peer holds the object (without reading it)."""
+        for peer in self.peers.up():
+            try:
+                peer.store.info(name)
+                return True
+            except ObjectNotFoundError:
+                continue
+            except PeerError as exc:
+                self.peers.mark_down(peer, str(exc))
+        return False
 
     def write_meta(self, name: str, doc: dict[str, Any]) -> None:
         """Store a sealed object on every reachable peer; at least the write quorum must take it."""

@@ -20,7 +20,7 @@ from shardvault.errors import (
     PeerReadOnlyError,
     PeerUnavailableError,
 )
-from shardvault.shards.stores import PeerStore, open_store
+from shardvault.shards.stores import LocalStore, PeerStore, open_store
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -141,3 +141,20 @@ def test_local_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert s.load("config") == b"old"
     assert [i.name for i in s.list("")] == ["config"]
     assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
+
+
+def test_local_peer_whose_directory_vanished_is_not_recreated(tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    root.mkdir()
+    store = open_store("p", f"file://{root}")
+    store.store("data/aa/first.00", b"x")
+    root.rename(tmp_path / "unmounted")  # the disk goes away between two writes
+    with pytest.raises(PeerUnavailableError):
+        store.store("data/bb/second.00", b"y")
+    assert not root.exists()
+    # Also when it vanishes after the store's first look (the race a backup once hit):
+    # creating the object's directories must not re-create the root.
+    assert isinstance(store, LocalStore)
+    with pytest.raises(FileNotFoundError):
+        store._mkdirs(root / "data" / "cc")
+    assert not root.exists()

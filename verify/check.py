@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from shardvault.backup import iter_tree
@@ -122,6 +123,7 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
 
     lost = {p.pack for p in report.damaged_packs if p.state == "lost"}
     _check_snapshots(repo, report, lost)
+    _check_wal(repo, report)
     repo.state.record_run(
         "check",
         "damaged" if report.damaged else "ok",
@@ -164,6 +166,30 @@ def _read_all(
         if progress:
             progress(len(results), len(items))
     return results
+
+
+def _check_wal(repo: Repository, report: CheckReport) -> None:
+    """Each PostgreSQL archive must be gap-free; record its gaps and newest file for the metrics."""
+    from shardvault.sources.postgres import gaps
+    from shardvault.wal import archived, record_name
+
+    for source in repo.config.sources:
+        if source.type != "postgres" or source.mode != "physical":
+            continue
+        names = archived(repo, source)
+        missing = gaps(names)
+        repo.state.set_fact(f"wal_gaps:{source.name}", len(missing))
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            report.snapshot_errors.append(
+                f"source {source.name}: {len(missing)} WAL segment(s) missing from the archive: {shown}"
+            )
+        segments = [n for n in names if len(n) == 24]
+        if segments:
+            pushed = repo.read_meta(record_name(source.name, segments[-1])).get("pushed")
+            if pushed:
+                when = datetime.fromisoformat(pushed).timestamp()
+                repo.state.set_fact(f"wal_last_archived_timestamp_seconds:{source.name}", when)
 
 
 def _check_snapshots(repo: Repository, report: CheckReport, lost: set[str]) -> None:

@@ -180,6 +180,27 @@ class StateCollector(Collector):
                 read.add_metric([source.name], float(details.get("bytes_read", 0)))
                 stored.add_metric([source.name], float(details.get("bytes_stored", 0)))
         yield from (last, rpo, rpo_obj, interval, duration, read, stored)
+        facts = {str(name): float(value) for name, value in q("SELECT name, value FROM facts")}
+        gaps = GaugeMetricFamily(
+            "shardvault_wal_gaps", "WAL segments missing from the archive (at the last check).", labels=["source"]
+        )
+        archived = GaugeMetricFamily(
+            "shardvault_wal_last_archived_timestamp_seconds",
+            "When the newest WAL segment was archived.",
+            labels=["source"],
+        )
+        lag = GaugeMetricFamily(
+            "shardvault_wal_archive_lag_seconds", "Now minus the newest archived WAL segment.", labels=["source"]
+        )
+        for source in self.config.sources:
+            if source.type != "postgres" or source.mode != "physical":
+                continue
+            if (g := facts.get(f"wal_gaps:{source.name}")) is not None:
+                gaps.add_metric([source.name], g)
+            if (t := facts.get(f"wal_last_archived_timestamp_seconds:{source.name}")) is not None:
+                archived.add_metric([source.name], t)
+                lag.add_metric([source.name], now - t)
+        yield from (gaps, archived, lag)
 
     def _drills(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
         rto = GaugeMetricFamily(

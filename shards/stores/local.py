@@ -92,13 +92,23 @@ class LocalStore(PeerStore):
         except OSError as exc:
             raise self._error(exc, name) from exc
 
+    def _mkdirs(self, directory: Path) -> None:
+        """Create the directories below the root, never the root itself: a peer whose
+        directory vanished (a disk unmounted) must fail, not be silently re-created empty."""
+        missing = []
+        while directory != self.root and not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for d in reversed(missing):
+            d.mkdir(exist_ok=True)
+
     def store(self, name: str, data: bytes | memoryview) -> None:
         path = self._path(name)
         if not self.root.is_dir():
             raise PeerUnavailableError(self.peer, f"directory {self.root} does not exist")
         tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdirs(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 view = memoryview(data)

@@ -10,11 +10,11 @@ an unreadable entry is a warning, not the end of the backup; special files
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from shardvault.errors import SourceError
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
@@ -94,10 +94,10 @@ def _walk_dir(
             yield from _walk_dir(path, rel + "/", exclude, warn)
 
 
-def open_file(path: str) -> BinaryIO:
+def open_file(path: str) -> io.FileIO:
     """Open a source file for reading without touching its atime when allowed."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOATIME | os.O_NOFOLLOW)
     except PermissionError:  # O_NOATIME needs ownership (or root)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    return os.fdopen(fd, "rb", buffering=0)
+    return io.FileIO(fd, "rb")

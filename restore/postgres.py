@@ -1,0 +1,253 @@
+"""Restores of PostgreSQL snapshots: a data directory ready to start, or a database from a dump.
+
+Physical: the base backup's tar is streamed out of the repository and
+unpacked with tarfile's ``data`` filter (no absolute paths, no ``..``, no
+links out of the target: invariant 6), its hash checked, and recovery set up
+in ``postgresql.auto.conf``: ``restore_command`` runs ``shardvault
+wal-fetch``, the target (a time, an LSN, or the end of an incremental
+snapshot) and ``recovery_target_action = 'promote'``.  Archiving is switched
+off in the copy, so a restored cluster never writes WAL into the archive of
+the one it was restored from.
+
+Logical: the dump is streamed into ``pg_restore`` for a new database.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from shardvault.backup import iter_tree
+from shardvault.config import SourceConfig
+from shardvault.crypto import new_content_hasher
+from shardvault.errors import DataLossError, RestoreRefusedError, SourceError, UnsafePathError
+from shardvault.repository import Repository
+from shardvault.restore.safepath import SafeTarget, safe_parts
+from shardvault.snapshot import Snapshot
+from shardvault.sources import postgres as pg
+from shardvault.tree import FILE, Entry
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _ChunkStream:
+    """A file-like view of one file of a snapshot, read chunk by chunk and hashed on the way."""
+
+    def __init__(self, repo: Repository, entry: Entry) -> None:
+        self.reader = repo.blob_reader()
+        self.chunks = iter(entry.chunks)
+        self.buffer = memoryview(b"")
+        self.hasher = new_content_hasher()
+        self.entry = entry
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while size < 0 or len(out) < size:
+            if not self.buffer:
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    break
+                data = self.reader.read(bytes.fromhex(chunk))
+                self.hasher.update(data)
+                self.buffer = memoryview(bytes(data))
+            take = len(self.buffer) if size < 0 else min(size - len(out), len(self.buffer))
+            out += self.buffer[:take]
+            self.buffer = self.buffer[take:]
+        return bytes(out)
+
+    def verify(self) -> None:
+        for _ in iter(lambda: self.read(1 << 20), b""):
+            pass  # a tar reader may stop before the end padding
+        if self.hasher.hexdigest() != self.entry.hash:
+            raise DataLossError(f"{self.entry.path}: content hash differs from the one recorded at backup")
+
+
+def _the_file(repo: Repository, snap: Snapshot) -> Entry:
+    entries = [e for e in iter_tree(repo, snap) if e.type == FILE]
+    if len(entries) != 1:
+        raise RestoreRefusedError(snap.short_id, "not a PostgreSQL snapshot (expected one stream)")
+    return entries[0]
+
+
+def restore_physical(
+    repo: Repository,
+    snap: Snapshot,
+    source: SourceConfig,
+    target: Path,
+    *,
+    config_path: Path,
+    password_file: Path | None,
+    to_time: str | None = None,
+    to_lsn: str | None = None,
+) -> dict[str, Any]:
+    base = snap
+    facts = dict(snap.stats.get("postgres", {}))
+    if snap.kind == "incremental":
+        parents = [s for s in repo.snapshots() if s.id == snap.parent]
+        if not parents:
+            raise RestoreRefusedError(snap.short_id, f"its base backup {snap.parent} is not in the repository")
+        base = parents[0]
+        if not (to_time or to_lsn):
+            to_lsn = str(facts.get("lsn"))
+    if password_file is None:
+        raise RestoreRefusedError(
+            snap.short_id,
+            "a physical restore needs --password-file: the restored server runs `shardvault wal-fetch` with it",
+        )
+    if target.exists() and any(target.iterdir()):
+        raise RestoreRefusedError(str(target), "the target directory is not empty")
+    target.mkdir(parents=True, exist_ok=True)
+    os.chmod(target, 0o700)
+    stream = _ChunkStream(repo, _the_file(repo, base))
+    _untar(stream, target)
+    stream.verify()
+    (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("shardvault")
+    fetch = (
+        f"{exe if exe.exists() else 'shardvault'} --config {config_path} --password-file {password_file} "
+        f"wal-fetch --source {source.name} %f %p"
+    )
+    settings = {"restore_command": fetch, "archive_mode": "off", "recovery_target_action": "promote"}
+    if to_time:
+        settings["recovery_target_time"] = to_time
+    elif to_lsn:
+        settings["recovery_target_lsn"] = to_lsn
+    with open(target / "postgresql.auto.conf", "a") as conf:
+        conf.write("\n# Added by shardvault restore\n")
+        for key, value in settings.items():
+            conf.write(f"{key} = '{value.replace(chr(39), chr(39) * 2)}'\n")
+    (target / "recovery.signal").write_bytes(b"")
+    _give_to_postgres(target)
+    return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
+
+
+def _untar(stream: _ChunkStream, target: Path) -> None:
+    """Unpack a base backup's tar inside ``target`` only (invariant 6).
+
+    Names go through the same checks as file restores (no absolute paths, no
+    ``..``), directories are opened without following symlinks, and only
+    directories and regular files are accepted: a data directory streamed to
+    one tar has no links (pg_basebackup refuses tablespaces in that mode).
+    """
+    with tarfile.open(fileobj=stream, mode="r|") as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
+        for member in tar:
+            name = member.name.rstrip("/")
+            while name.startswith("./"):  # pg_basebackup writes ./pg_wal/... for some entries
+                name = name[2:]
+            if name in ("", "."):
+                continue
+            parts = safe_parts(name)
+            if member.isdir():
+                fd = safe.dir_fd(parts, create=True, shown=name)
+                os.fchmod(fd, member.mode & 0o700 or 0o700)
+            elif member.isfile():
+                parent = safe.dir_fd(parts[:-1], create=True, shown=name)
+                source = tar.extractfile(member)
+                assert source is not None
+                fd = os.open(parts[-1], _CREATE, member.mode & 0o600 or 0o600, dir_fd=parent)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+            else:
+                raise UnsafePathError(name, "not a regular file or directory (links are not accepted in a base backup)")
+
+
+def _give_to_postgres(target: Path) -> None:
+    if os.geteuid() != 0:
+        return
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        return
+    for root, dirs, files in os.walk(target):
+        for name in [*dirs, *files]:
+            os.lchown(os.path.join(root, name), user.pw_uid, user.pw_gid)
+    os.chown(target, user.pw_uid, user.pw_gid)
+
+
+def start(source: SourceConfig, target: Path, port: int, timeout: float = 600.0) -> None:
+    """Start the restored cluster on 127.0.0.1:port and wait until recovery is done."""
+    argv = [
+        pg.tool(source, "pg_ctl"),
+        "-D",
+        str(target),
+        "-l",
+        str(target / "startup.log"),
+        "-w",
+        "-t",
+        "300",
+        "-o",
+        f"-p {port} -c listen_addresses=127.0.0.1 -k {target}",
+        "start",
+    ]
+    if os.geteuid() == 0:
+        argv = ["runuser", "-u", "postgres", "--", *argv]
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SourceError(source.name, f"the restored cluster did not start: {_last_log(target) or result.stderr}")
+    # Connections are accepted during recovery (hot standby): wait for the promotion at the target.
+    dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row is not None and not row[0]:
+                return
+        except psycopg.OperationalError:
+            if not (target / "postmaster.pid").exists():
+                raise SourceError(source.name, f"the restored cluster stopped: {_last_log(target)}") from None
+        time.sleep(0.2)
+    raise SourceError(source.name, f"recovery did not finish within {timeout:.0f} s: {_last_log(target)}")
+
+
+def _last_log(target: Path, lines: int = 3) -> str:
+    log = target / "startup.log"
+    text = log.read_text(errors="replace").strip().splitlines()[-lines:] if log.exists() else []
+    return " | ".join(text)
+
+
+def restore_logical(repo: Repository, snap: Snapshot, source: SourceConfig, database: str) -> dict[str, Any]:
+    with pg.connect(source) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if exists:
+            raise RestoreRefusedError(database, "the database already exists; restore into a new name")
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+    stream = _ChunkStream(repo, _the_file(repo, snap))
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(
+            [
+                pg.tool(source, "pg_restore"),
+                "--no-owner",
+                "--exit-on-error",
+                "--dbname",
+                make_conninfo(source.dsn, dbname=database),
+            ],
+            stdin=subprocess.PIPE,
+            stderr=errors,
+        )
+        assert proc.stdin is not None
+        try:
+            with proc.stdin:
+                shutil.copyfileobj(stream, proc.stdin, 1 << 20)
+        except BrokenPipeError:
+            pass  # pg_restore stopped early; its exit status says why
+        code = proc.wait()
+        errors.seek(0)
+        err = errors.read().decode(errors="replace")
+    stream.verify()
+    if code != 0:
+        lines = err.strip().splitlines()
+        raise SourceError(source.name, f"pg_restore failed: {lines[-1] if lines else code}")
+    return {"database": database, "bytes": stream.entry.size}

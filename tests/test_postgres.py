@@ -1,0 +1,270 @@
+"""PostgreSQL sources against a real PostgreSQL 15, started here as the postgres user.
+
+The server archives its WAL with ``shardvault wal-push`` (run by PostgreSQL,
+as ``postgres``), so the repository, its config and the password file live in
+a directory that user can reach.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from click.testing import CliRunner, Result
+from conftest import BIN, PASSWORD, free_port, local_peers, write_config
+
+from shardvault.cli import main
+
+PGBIN = Path(max(glob.glob("/usr/lib/postgresql/*/bin"), default="/usr/lib/postgresql/15/bin"))
+
+
+def _as_postgres(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["runuser", "-u", "postgres", "--", *argv], capture_output=True, text=True, check=check)
+
+
+@dataclass
+class Cluster:
+    base: Path
+    data: Path
+    port: int
+    config: Path
+    password_file: Path
+
+    @property
+    def dsn(self) -> str:
+        return f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres"
+
+    def sql(self, query: str, port: int | None = None) -> list[tuple[object, ...]]:
+        dsn = f"host=127.0.0.1 port={port or self.port} user=postgres dbname=postgres"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(query)
+            return cur.fetchall() if cur.description else []
+
+    def cli(self, *args: str) -> Result:
+        argv = ["--config", str(self.config), "--password-file", str(self.password_file), *args]
+        return CliRunner().invoke(main, argv, catch_exceptions=False)
+
+    def json(self, *args: str) -> dict:  # type: ignore[type-arg]
+        result = self.cli(*args, "--json")
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def _start(data: Path, port: int, log: Path) -> None:
+    _as_postgres(
+        str(PGBIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+        f"-c listen_addresses=127.0.0.1 -p {port} -k {data.parent}", "start",
+    )  # fmt: skip
+
+
+def _stop(data: Path) -> None:
+    _as_postgres(str(PGBIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop", check=False)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    if not (PGBIN / "initdb").exists():
+        pytest.fail("PostgreSQL 15 is not installed: `make test` installs it (scripts/apt-install postgresql)")
+    old_umask = os.umask(0)  # peers and state shared by root (the tests) and postgres (archive_command)
+    base = Path(tempfile.mkdtemp(prefix="sv-pg-", dir="/tmp"))
+    os.chmod(base, 0o777)
+    password_file = base / "password"
+    password_file.write_text(PASSWORD + "\n")
+    port = free_port()
+    config = base / "shardvault.toml"
+    peers = local_peers(base / "peers")
+    settings = {"k": 4, "n": 6, "state_dir": str(base / "state"), "fsync": False}
+    write_config(config, peers, {}, **settings)
+    with open(config, "a") as f:
+        dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
+        f.write(f'[[sources]]\nname = "db"\ntype = "postgres"\ndsn = "{dsn}"\n')
+        f.write(f'[[sources]]\nname = "dump"\ntype = "postgres"\nmode = "logical"\ndsn = "{dsn}"\n')
+    pg = base / "pg"
+    pg.mkdir()
+    shutil.chown(pg, "postgres", "postgres")
+    data = pg / "data"
+    _as_postgres(str(PGBIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale")
+    archive = f"{BIN / 'shardvault'} --config {config} --password-file {password_file} wal-push %p"
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(
+            "wal_level = replica\narchive_mode = on\n"
+            f"archive_command = '{archive}'\nfsync = off\nmax_wal_senders = 4\nlog_min_messages = warning\n"
+        )
+    c = Cluster(base, data, port, config, password_file)
+    assert c.cli("init").exit_code == 0
+    _start(data, port, pg / "log")
+    try:
+        yield c
+    finally:
+        _stop(data)
+        os.umask(old_umask)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def restored(cluster: Cluster) -> Iterator[list[tuple[Path, int]]]:
+    """Restored clusters to stop after the test."""
+    started: list[tuple[Path, int]] = []
+    yield started
+    for data, _ in started:
+        _stop(data)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _restore_and_start(cluster: Cluster, restored: list[tuple[Path, int]], *args: str) -> int:
+    target = cluster.base / f"restore-{len(restored)}-{time.time_ns()}"
+    port = free_port()
+    result = cluster.cli("restore", *args, "--source", "db", "--target", str(target), "--start", "--port", str(port))
+    restored.append((target, port))
+    assert result.exit_code == 0, result.output + _log(target)
+    return port
+
+
+def _log(target: Path) -> str:
+    log = target / "startup.log"
+    return log.read_text(errors="replace")[-2000:] if log.exists() else ""
+
+
+def test_point_in_time_recovery_restores_exactly_the_transactions_before_the_time(
+    cluster: Cluster, restored: list[tuple[Path, int]]
+) -> None:
+    subprocess.run(
+        [str(PGBIN / "pgbench"), "-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", str(cluster.port), "-U", "postgres",
+         "postgres"], check=True, capture_output=True,
+    )  # fmt: skip
+    cluster.sql("CREATE TABLE events (id serial PRIMARY KEY, batch int NOT NULL, amount int NOT NULL)")
+    full = cluster.json("backup", "db", "--full")
+    assert full["snapshot"]["kind"] == "full"
+    assert "start_lsn" in full["snapshot"]["stats"]["postgres"], full["snapshot"]["stats"]["postgres"]
+    cluster.sql("INSERT INTO events (batch, amount) SELECT 1, g FROM generate_series(1, 1000) g")
+    (between,) = cluster.sql("SELECT now()::text")[0]
+    time.sleep(1.2)
+    cluster.sql("INSERT INTO events (batch, amount) SELECT 2, g FROM generate_series(1, 500) g")
+    cluster.sql("UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid <= 100")
+    incremental = cluster.json("backup", "db")
+    assert incremental["snapshot"]["kind"] == "incremental"
+
+    port = _restore_and_start(cluster, restored, full["snapshot"]["id"], "--to-time", str(between))
+    rows = cluster.sql("SELECT batch, count(*), sum(amount) FROM events GROUP BY batch ORDER BY batch", port)
+    assert rows == [(1, 1000, 500500)]
+    assert cluster.sql("SELECT sum(abalance) FROM pgbench_accounts", port) == [(0,)]
+
+    # The incremental snapshot restores everything up to its own point.
+    port = _restore_and_start(cluster, restored, incremental["snapshot"]["id"])
+    rows = cluster.sql("SELECT batch, count(*) FROM events GROUP BY batch ORDER BY batch", port)
+    assert rows == [(1, 1000), (2, 500)]
+    assert cluster.sql("SELECT sum(abalance) FROM pgbench_accounts", port) == [(700,)], (
+        cluster.sql("SELECT sum(abalance) FROM pgbench_accounts"),
+        incremental["snapshot"]["stats"]["postgres"],
+        cluster.sql("SELECT pg_current_wal_lsn()::text", port),
+    )
+
+
+def _dumpall(port: int) -> str:
+    out = subprocess.run(
+        [str(PGBIN / "pg_dumpall"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    # Comments and the per-run random \restrict keys of newer pg_dump releases differ by design, and
+    # sequences come back up to 32 values ahead (WAL logs them in advance): PostgreSQL's own behaviour
+    # after any crash recovery, which loses no row.
+    skip = ("--", "\\restrict", "\\unrestrict", "SELECT pg_catalog.setval(")
+    keep = (line for line in out.splitlines() if not line.startswith(skip))
+    return "\n".join(keep)
+
+
+def test_restore_latest_matches_pg_dumpall_of_the_source(cluster: Cluster, restored: list[tuple[Path, int]]) -> None:
+    cluster.sql("CREATE TABLE IF NOT EXISTS notes (id int PRIMARY KEY, body text)")
+    cluster.sql("INSERT INTO notes SELECT g, md5(g::text) FROM generate_series(1, 2000) g ON CONFLICT DO NOTHING")
+    latest = cluster.json("backup", "db")
+    port = _restore_and_start(cluster, restored, latest["snapshot"]["id"])
+    assert _dumpall(port) == _dumpall(cluster.port)
+
+
+def test_logical_dump_round_trip_and_dedup(cluster: Cluster) -> None:
+    cluster.sql("CREATE TABLE IF NOT EXISTS big (id int PRIMARY KEY, body text)")
+    cluster.sql(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 40000) g ON CONFLICT DO NOTHING"
+    )
+    first = cluster.json("backup", "dump")
+    cluster.sql("INSERT INTO big VALUES (1000001, 'one more row')")
+    second = cluster.json("backup", "dump")
+    total, new = second["stats"]["bytes_read"], second["stats"]["bytes_new"]
+    assert total > 20 << 20 and new < total / 4, second["stats"]  # a mostly unchanged dump is mostly deduplicated
+    result = cluster.cli("restore", second["snapshot"]["id"], "--source", "dump", "--database", "roundtrip")
+    assert result.exit_code == 0, result.output
+    dsn = cluster.dsn.replace("dbname=postgres", "dbname=roundtrip")
+    with psycopg.connect(dsn) as conn:
+        assert (
+            conn.execute("SELECT count(*), sum(length(body)) FROM big").fetchone()
+            == cluster.sql("SELECT count(*), sum(length(body)) FROM big")[0]
+        )
+    assert first["snapshot"]["stats"]["postgres"]["mode"] == "logical"
+    again = cluster.cli("restore", second["snapshot"]["id"], "--source", "dump", "--database", "roundtrip")
+    assert again.exit_code != 0 and "already exists" in again.output
+
+
+def test_wal_push_is_idempotent_and_refuses_different_content(cluster: Cluster) -> None:
+    records = sorted((cluster.base / "peers" / "p0" / "wal" / "db").iterdir())
+    name = records[0].name.upper()
+    fetched = cluster.base / "fetched" / name
+    fetched.parent.mkdir(exist_ok=True)
+    assert cluster.cli("wal-fetch", name, str(fetched), "--source", "db").exit_code == 0
+    assert cluster.cli("wal-push", str(fetched), "--source", "db").exit_code == 0  # the same bytes again: fine
+    data = bytearray(fetched.read_bytes())
+    data[100] ^= 1
+    other = cluster.base / "other" / name
+    other.parent.mkdir(exist_ok=True)
+    other.write_bytes(bytes(data))
+    result = cluster.cli("wal-push", str(other), "--source", "db")
+    assert result.exit_code == 10 and "different content" in result.output
+
+
+def test_a_missing_wal_segment_is_reported(cluster: Cluster) -> None:
+    for _ in range(3):
+        cluster.sql("CREATE TABLE IF NOT EXISTS churn (x int); INSERT INTO churn VALUES (1); SELECT pg_switch_wal()")
+    cluster.json("backup", "db")  # waits until the last switch is archived
+    wal_dir = cluster.base / "peers"
+    names = sorted(p.name for p in (wal_dir / "p0" / "wal" / "db").iterdir() if len(p.name) == 24)
+    victim = names[len(names) // 2]
+    saved = {p: p.read_bytes() for p in wal_dir.glob(f"p*/wal/db/{victim}")}
+    try:
+        for p in saved:
+            p.unlink()
+        check = cluster.cli("check")
+        assert check.exit_code == 6 and victim.upper() in check.output and "missing from the archive" in check.output
+        fetch = cluster.cli("wal-fetch", victim.upper(), str(cluster.base / "x"), "--source", "db")
+        assert fetch.exit_code == 8 and "gap" in fetch.output
+    finally:
+        for p, data in saved.items():
+            p.write_bytes(data)
+    assert cluster.cli("check").exit_code == 0
+
+
+def test_wrong_dsn_or_server_down_is_one_clear_line(cluster: Cluster, tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    text = cluster.config.read_text().replace(f"port={cluster.port}", f"port={free_port()}")
+    config.write_text(text)
+    result = CliRunner().invoke(
+        main, ["--config", str(config), "--password-file", str(cluster.password_file), "backup", "db", "--full"]
+    )
+    assert result.exit_code == 10
+    assert "cannot connect to PostgreSQL" in result.output and "Traceback" not in result.output
+
+
+def test_postgres_config_errors_name_the_key(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1)
+    with open(config, "a") as f:
+        f.write('[[sources]]\nname = "db"\ntype = "postgres"\nmode = "sideways"\ndsn = "x"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "snapshots"], env={"SHARDVAULT_PASSWORD": "x"})
+    assert result.exit_code == 3 and "sources[0].mode" in result.output
