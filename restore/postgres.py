@@ -31,47 +31,15 @@ from psycopg.conninfo import make_conninfo
 
 from shardvault.backup import iter_tree
 from shardvault.config import SourceConfig
-from shardvault.crypto import new_content_hasher
-from shardvault.errors import DataLossError, RestoreRefusedError, SourceError, UnsafePathError
+from shardvault.errors import RestoreRefusedError, SourceError, UnsafePathError
 from shardvault.repository import Repository
 from shardvault.restore.safepath import SafeTarget, safe_parts
+from shardvault.restore.streams import ChunkStream
 from shardvault.snapshot import Snapshot
 from shardvault.sources import postgres as pg
 from shardvault.tree import FILE, Entry
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class _ChunkStream:
-    """A file-like view of one file of a snapshot, read chunk by chunk and hashed on the way."""
-
-    def __init__(self, repo: Repository, entry: Entry) -> None:
-        self.reader = repo.blob_reader()
-        self.chunks = iter(entry.chunks)
-        self.buffer = memoryview(b"")
-        self.hasher = new_content_hasher()
-        self.entry = entry
-
-    def read(self, size: int = -1) -> bytes:
-        out = bytearray()
-        while size < 0 or len(out) < size:
-            if not self.buffer:
-                chunk = next(self.chunks, None)
-                if chunk is None:
-                    break
-                data = self.reader.read(bytes.fromhex(chunk))
-                self.hasher.update(data)
-                self.buffer = memoryview(bytes(data))
-            take = len(self.buffer) if size < 0 else min(size - len(out), len(self.buffer))
-            out += self.buffer[:take]
-            self.buffer = self.buffer[take:]
-        return bytes(out)
-
-    def verify(self) -> None:
-        for _ in iter(lambda: self.read(1 << 20), b""):
-            pass  # a tar reader may stop before the end padding
-        if self.hasher.hexdigest() != self.entry.hash:
-            raise DataLossError(f"{self.entry.path}: content hash differs from the one recorded at backup")
 
 
 def _the_file(repo: Repository, snap: Snapshot) -> Entry:
@@ -110,7 +78,7 @@ def restore_physical(
         raise RestoreRefusedError(str(target), "the target directory is not empty")
     target.mkdir(parents=True, exist_ok=True)
     os.chmod(target, 0o700)
-    stream = _ChunkStream(repo, _the_file(repo, base))
+    stream = ChunkStream(repo, _the_file(repo, base))
     _untar(stream, target)
     stream.verify()
     (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
@@ -133,7 +101,7 @@ def restore_physical(
     return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
 
 
-def _untar(stream: _ChunkStream, target: Path) -> None:
+def _untar(stream: ChunkStream, target: Path) -> None:
     """Unpack a base backup's tar inside ``target`` only (invariant 6).
 
     Names go through the same checks as file restores (no absolute paths, no
@@ -224,7 +192,7 @@ def restore_logical(repo: Repository, snap: Snapshot, source: SourceConfig, data
         if exists:
             raise RestoreRefusedError(database, "the database already exists; restore into a new name")
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    stream = _ChunkStream(repo, _the_file(repo, snap))
+    stream = ChunkStream(repo, _the_file(repo, snap))
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
             [

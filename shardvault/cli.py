@@ -185,6 +185,10 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
             from shardvault.pgbackup import backup_postgres
 
             result = backup_postgres(repo, source_config, full)
+        elif source_config.type == "bucket":
+            from shardvault.bucketbackup import backup_bucket
+
+            result = backup_bucket(repo, source_config, full, progress=on_progress)
         else:
             result = run_backup(repo, source_config, full=full, progress=on_progress)
     s, snap = result.stats, result.snapshot
@@ -237,6 +241,10 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
 @click.option("--to-time", help="PostgreSQL: recover up to this time (e.g. '2026-11-22 10:00:00+00').")
 @click.option("--to-lsn", help="PostgreSQL: recover up to this LSN.")
 @click.option("--database", help="PostgreSQL logical snapshot: restore into this new database.")
+@click.option("--to-bucket", help="Bucket snapshot: restore into this bucket (created if missing).")
+@click.option("--to-prefix", default="", help="With --to-bucket: put the objects under this prefix.")
+@click.option("--endpoint", help="With --to-bucket: another S3 endpoint than the source's.")
+@click.option("--delete", "delete_extra", is_flag=True, help="With --to-bucket: remove objects the snapshot lacks.")
 @click.option("--start", "start_server", is_flag=True, help="PostgreSQL: start the restored cluster.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True, help="Port for --start.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -250,11 +258,15 @@ def restore(
     to_time: str | None,
     to_lsn: str | None,
     database: str | None,
+    to_bucket: str | None,
+    to_prefix: str,
+    endpoint: str | None,
+    delete_extra: bool,
     start_server: bool,
     port: int,
     as_json: bool,
 ) -> None:
-    """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target (or --database)."""
+    """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target, --database or --to-bucket."""
     from dataclasses import asdict
 
     from shardvault.restore.files import RestoreStats, restore_files
@@ -266,6 +278,22 @@ def restore(
             doc = _restore_postgres(ctx, repo, snap, target, to_time, to_lsn, database, start_server, port)
             if as_json:
                 emit_json(doc)
+            return
+        if to_bucket:
+            from shardvault.restore.bucket import restore_to_bucket
+
+            if snap.source_type != "bucket":
+                raise click.UsageError("--to-bucket restores bucket snapshots only")
+            result = restore_to_bucket(
+                repo, snap, ctx.config.source(snap.source), to_bucket, to_prefix, endpoint, delete_extra
+            )
+            if as_json:
+                emit_json({"snapshot": snap.id} | asdict(result))
+            else:
+                click.echo(
+                    f"restored snapshot {snap.short_id} into s3://{to_bucket}/{to_prefix}: {result.objects} objects, "
+                    f"{human(result.bytes)}; {len(result.deleted)} object(s) not in the snapshot removed"
+                )
             return
         if target is None:
             raise click.UsageError("--target is required")

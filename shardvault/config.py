@@ -43,6 +43,11 @@ class SourceConfig:
     dsn: str = ""  # postgres: libpq connection string
     mode: str = "physical"  # postgres: physical (base backup + WAL) or logical (pg_dump of the DSN's database)
     bin_dir: str = ""  # postgres: where pg_basebackup, pg_dump, pg_restore, pg_ctl are (default: found)
+    endpoint: str | None = None  # bucket: S3 endpoint URL (default AWS)
+    bucket: str = ""  # bucket: its name
+    prefix: str = ""  # bucket: only keys under this prefix
+    region: str | None = None  # bucket
+    profile: str | None = None  # bucket: AWS profile (else the usual AWS variables)
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,7 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
         r = _Reader(path, f"sources[{i}]", table)
         r.no_unknown(
             {"name", "type", "path", "exclude", "rpo_objective_seconds", "backup_interval_seconds"}
-            | {"dsn", "mode", "bin_dir"}
+            | {"dsn", "mode", "bin_dir", "endpoint", "bucket", "prefix", "region", "profile"}
         )
         name = r.name("name")
         if any(s.name == name for s in sources):
@@ -260,8 +265,24 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
                 raise r.fail("mode", f"must be 'physical' or 'logical', got {mode!r}")
             bin_dir = r.get("bin_dir", str, default="")
             sources.append(SourceConfig(name, kind, Path("/"), (), rpo, interval, dsn, mode, bin_dir))
+        elif kind == "bucket":
+            sources.append(
+                SourceConfig(
+                    name,
+                    kind,
+                    Path("/"),
+                    (),
+                    rpo,
+                    interval,
+                    endpoint=r.get("endpoint", str, default=None),
+                    bucket=r.get("bucket", str, required=True),
+                    prefix=r.get("prefix", str, default=""),
+                    region=r.get("region", str, default=None),
+                    profile=r.get("profile", str, default=None),
+                )
+            )
         else:
-            raise r.fail("type", f"unsupported source type {kind!r} (supported: files, postgres)")
+            raise r.fail("type", f"unsupported source type {kind!r} (supported: files, postgres, bucket)")
     return tuple(sources)
 
 

@@ -43,6 +43,7 @@ class Entry:
     hash: str | None = None
     target: str | None = None
     skip: bool = field(default=False, compare=False)  # unreadable during backup: left out of the tree
+    meta: dict[str, Any] | None = None  # bucket objects: etag, content type, user metadata
 
     def to_line(self) -> bytes:
         doc: dict[str, Any] = {
@@ -59,6 +60,8 @@ class Entry:
             doc.update(s=self.size, c=self.chunks, h=self.hash)
         elif self.type == SYMLINK:
             doc["l"] = self.target
+        if self.meta:
+            doc["x"] = self.meta
         # ASCII escapes keep undecodable file names (surrogate escapes) intact.
         return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
@@ -77,6 +80,7 @@ class Entry:
             chunks=[str(c) for c in doc.get("c", [])],
             hash=doc.get("h"),
             target=doc.get("l"),
+            meta=doc.get("x"),
         )
 
     def unchanged_since(self, old: Entry) -> bool:

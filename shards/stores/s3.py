@@ -37,6 +37,23 @@ _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
+def make_client(endpoint: str | None, region: str | None, profile: str | None) -> Any:
+    """A boto3 S3 client that works with AWS, MinIO, SeaweedFS and Ceph (path-style addressing)."""
+    session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+    return session.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=region or "us-east-1",
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            max_pool_connections=32,
+        ),
+    )
+
+
 class S3Store(PeerStore):
     """A peer kept under a prefix of an S3 bucket."""
 
@@ -55,21 +72,7 @@ class S3Store(PeerStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint
-        if client is None:
-            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
-            client = session.client(
-                "s3",
-                endpoint_url=endpoint,
-                region_name=region or "us-east-1",
-                config=Config(
-                    s3={"addressing_style": "path"},
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    connect_timeout=5,
-                    read_timeout=60,
-                    max_pool_connections=32,
-                ),
-            )
-        self.client = client
+        self.client = client if client is not None else make_client(endpoint, region, profile)
 
     def _where(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
