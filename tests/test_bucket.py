@@ -115,3 +115,16 @@ def test_unreachable_or_missing_bucket_is_one_clear_line(bucket_vault: tuple[Vau
     client.delete_bucket(Bucket=bucket)
     result = vault.cli("backup", "media")
     assert result.exit_code == 10 and "NoSuchBucket" in result.output and "Traceback" not in result.output
+
+
+def test_bucket_config_errors_name_the_key(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from conftest import local_peers, write_config
+
+    from shardvault.cli import main
+
+    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1)
+    with open(config, "a") as f:
+        f.write('[[sources]]\nname = "media"\ntype = "bucket"\nendpoint = "http://127.0.0.1:1"\n')
+    result = CliRunner().invoke(main, ["--config", str(config), "snapshots"], env={"SHARDVAULT_PASSWORD": "x"})
+    assert result.exit_code == 3 and "sources[0].bucket: is required" in result.output

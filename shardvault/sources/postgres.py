@@ -30,9 +30,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import psycopg
+if TYPE_CHECKING:
+    import psycopg
 
 from shardvault.config import SourceConfig
 from shardvault.errors import SourceError
@@ -66,8 +67,11 @@ def safe_dsn(dsn: str) -> str:
 
 @contextmanager
 def connect(source: SourceConfig, **params: Any) -> Iterator[psycopg.Connection[Any]]:
+    import psycopg  # here, not at the top: wal-push and wal-fetch run once per WAL file and never connect
+
     try:
-        conn = psycopg.connect(source.dsn, connect_timeout=10, autocommit=True, **params)
+        # An explicit client encoding: a SQL_ASCII cluster would otherwise give bytes, not text.
+        conn = psycopg.connect(source.dsn, connect_timeout=10, autocommit=True, client_encoding="utf8", **params)
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(source.name, f"cannot connect to PostgreSQL ({safe_dsn(source.dsn)}): {first}") from None
