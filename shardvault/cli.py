@@ -394,9 +394,11 @@ def wal_push(ctx: Context, path: Path, source: str | None) -> None:
 @handle_errors
 def wal_fetch(ctx: Context, name: str, dest: Path, source: str | None) -> None:
     """Restore one WAL file (restore_command = 'shardvault ... wal-fetch %f %p')."""
-    from shardvault.wal import fetch
+    from shardvault.wal import fetch, take_prefetched
 
     src = _postgres_source(ctx, source)
+    if take_prefetched(name, dest):
+        return
     with ctx.repository() as repo:
         fetch(repo, src, name, dest)
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -268,3 +269,72 @@ def test_postgres_config_errors_name_the_key(tmp_path: Path) -> None:
         f.write('[[sources]]\nname = "db"\ntype = "postgres"\nmode = "sideways"\ndsn = "x"\n')
     result = CliRunner().invoke(main, ["--config", str(config), "snapshots"], env={"SHARDVAULT_PASSWORD": "x"})
     assert result.exit_code == 3 and "sources[0].mode" in result.output
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        ("../escaped", tarfile.REGTYPE, ""),
+        ("/etc/escaped", tarfile.REGTYPE, ""),
+        ("base/../../escaped", tarfile.REGTYPE, ""),
+        ("pg_tblspc/16384", tarfile.SYMTYPE, "/etc"),
+        ("global/hard", tarfile.LNKTYPE, "/etc/passwd"),
+    ],
+)
+def test_a_base_backup_cannot_write_outside_its_target(tmp_path: Path, member: tuple[str, bytes, str]) -> None:
+    """Invariant 6 for PostgreSQL restores: the tar is unpacked by our own checks, not tarfile's."""
+    import io
+
+    from shardvault.errors import UnsafePathError
+    from shardvault.restore.postgres import _untar
+
+    name, kind, link = member
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        ok = tarfile.TarInfo("PG_VERSION")
+        ok.size = 3
+        tar.addfile(ok, io.BytesIO(b"15\n"))
+        bad = tarfile.TarInfo(name)
+        bad.type, bad.linkname = kind, link
+        tar.addfile(bad, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
+    buffer.seek(0)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(UnsafePathError):
+        _untar(buffer, target)  # type: ignore[arg-type]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["PG_VERSION", "target"]
+
+
+def test_wal_fetch_reads_ahead_and_serves_later_segments_without_the_repository(cluster: Cluster) -> None:
+    cluster.sql("CREATE TABLE IF NOT EXISTS ahead (x int)")
+    for _ in range(3):
+        cluster.sql("INSERT INTO ahead VALUES (1); SELECT pg_switch_wal()")
+    cluster.json("backup", "db")
+    names = sorted(
+        p.name.upper() for p in (cluster.base / "peers" / "p0" / "wal" / "db").iterdir() if len(p.name) == 24
+    )
+    first, second = names[-3], names[-2]
+    pg_wal = cluster.base / "fetch-test" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    assert cluster.cli("wal-fetch", first, str(pg_wal / "RECOVERYXLOG"), "--source", "db").exit_code == 0
+    assert (pg_wal / ".shardvault-prefetch" / second).exists()
+    # The next call is served from the read-ahead: it needs neither the passphrase nor a peer.
+    wrong = cluster.base / "wrong-password"
+    wrong.write_text("not the passphrase\n")
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(cluster.config),
+            "--password-file",
+            str(wrong),
+            "wal-fetch",
+            second,
+            str(pg_wal / "next"),
+            "--source",
+            "db",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (pg_wal / "next").stat().st_size == 16 << 20
+    assert not (pg_wal / ".shardvault-prefetch" / second).exists()
