@@ -109,7 +109,7 @@ def _untar(stream: ChunkStream, target: Path) -> None:
     directories and regular files are accepted: a data directory streamed to
     one tar has no links (pg_basebackup refuses tablespaces in that mode).
     """
-    with tarfile.open(fileobj=stream, mode="r|") as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
         for member in tar:
             name = member.name.rstrip("/")
             while name.startswith("./"):  # pg_basebackup writes ./pg_wal/... for some entries

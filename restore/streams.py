@@ -19,6 +19,10 @@ class ChunkStream:
         self.entry = entry
 
     def read(self, size: int = -1) -> bytes:
+        if 0 <= size <= len(self.buffer):  # the common case: one slice, one copy
+            piece = self.buffer[:size]
+            self.buffer = self.buffer[size:]
+            return bytes(piece)
         out = bytearray()
         while size < 0 or len(out) < size:
             if not self.buffer:
