@@ -111,6 +111,16 @@ class _Pipeline:
         self.finished_packs: list[PackRecord] = []
         self.emit: Callable[[Entry], None] = lambda entry: None
 
+    def tree_spool(self) -> IO[bytes]:
+        """A spooled file receiving the tree's lines as entries complete (in order); the caller closes it."""
+        spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - the caller closes it
+
+        def emit(entry: Entry) -> None:
+            spool.write(entry.to_line())
+
+        self.emit = emit
+        return spool
+
     # -- chunk stage ---------------------------------------------------------------
 
     def _prepare(self, data: bytes) -> tuple[bytes, bytearray | None, int]:
@@ -248,12 +258,7 @@ def run_backup(
     old = next(old_entries, None)
 
     pipe = _Pipeline(repo, stats)
-    spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - closed in the finally below
-
-    def emit(entry: Entry) -> None:
-        spool.write(entry.to_line())
-
-    pipe.emit = emit
+    spool = pipe.tree_spool()
     last_report = 0.0
     try:
         for entry, path in walk(source.path, source.exclude, warn):
@@ -387,12 +392,7 @@ def backup_stream(
     stats = BackupStats()
     entry = Entry(name, FILE, 0o600, 0, 0, time.time_ns())
     pipe = _Pipeline(repo, stats)
-    spool = tempfile.SpooledTemporaryFile(max_size=1 << 20)  # noqa: SIM115 - closed in the finally below
-
-    def emit(e: Entry) -> None:
-        spool.write(e.to_line())
-
-    pipe.emit = emit
+    spool = pipe.tree_spool()
     try:
         hasher = new_content_hasher()
         for data in chunker.chunks(stream):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from datetime import UTC, datetime
 
@@ -37,12 +36,7 @@ def backup_bucket(
     chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
     stats = BackupStats()
     pipe = _Pipeline(repo, stats)
-    spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - closed in the finally below
-
-    def emit(entry: Entry) -> None:
-        spool.write(entry.to_line())
-
-    pipe.emit = emit
+    spool = pipe.tree_spool()
     try:
         for rel, obj in objects:
             entry = Entry(rel, FILE, 0o644, 0, 0, obj.mtime_ns, size=obj.size)
