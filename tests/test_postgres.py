@@ -76,6 +76,17 @@ def _stop(data: Path) -> None:
 def cluster() -> Iterator[Cluster]:
     if not (PGBIN / "initdb").exists():
         pytest.fail("PostgreSQL 15 is not installed: `make test` installs it (scripts/apt-install postgresql)")
+    reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.wal", check=False)
+    if reach.returncode != 0:
+        # A checkout under a private directory (mode 700): let postgres traverse down to the venv
+        # and the editable link tree, which is all archive_command needs.
+        root = Path(__file__).resolve().parent.parent
+        for directory in {*BIN.parents, *root.parents, root, root / "build"}:
+            if directory.is_dir() and not directory.stat().st_mode & 0o001:
+                directory.chmod(directory.stat().st_mode | 0o001)
+        reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.wal", check=False)
+    if reach.returncode != 0:  # archive_command would fail and base backups would wait for it forever
+        pytest.fail(f"the postgres user cannot run {BIN / 'python'} (the venv must be world-readable): {reach.stderr}")
     old_umask = os.umask(0)  # peers and state shared by root (the tests) and postgres (archive_command)
     base = Path(tempfile.mkdtemp(prefix="sv-pg-", dir="/tmp"))
     os.chmod(base, 0o777)
