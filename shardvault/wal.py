@@ -22,7 +22,7 @@ from shardvault.backup import BackupStats, _Pipeline
 from shardvault.chunker import Chunker
 from shardvault.config import SourceConfig
 from shardvault.crypto import content_hash, new_content_hasher
-from shardvault.errors import SourceError, WalConflictError, WalMissingError
+from shardvault.errors import ShardvaultError, SourceError, WalConflictError, WalMissingError
 from shardvault.repository import BlobReader, Repository
 from shardvault.sources.postgres import WAL_NAME, gaps, segment_number
 
@@ -131,8 +131,14 @@ def fetch(
         following = f"{tli:08X}{n // 0x100:08X}{n % 0x100:08X}"
         if following not in have:
             break
-        if not (spool / following).exists():
+        if (spool / following).exists():
+            continue
+        try:
             _write_verified(repo, reader, source, following, spool / following)
+        except ShardvaultError:
+            # Read-ahead is best effort: a segment archived after this process
+            # loaded the index (its chunks unknown here) is fetched by its own call.
+            break
 
 
 def _write_verified(repo: Repository, reader: BlobReader, source: SourceConfig, name: str, target: Path) -> None:

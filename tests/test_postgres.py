@@ -349,3 +349,35 @@ def test_wal_fetch_reads_ahead_and_serves_later_segments_without_the_repository(
     assert result.exit_code == 0, result.output
     assert (pg_wal / "next").stat().st_size == 16 << 20
     assert not (pg_wal / ".shardvault-prefetch" / second).exists()
+
+
+def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
+    """A segment archived after wal-fetch loaded the index is skipped by the read-ahead, not an error."""
+    from shardvault.config import load_config
+    from shardvault.repository import Repository
+    from shardvault.wal import fetch, push
+
+    config = write_config(
+        tmp_path / "c.toml", local_peers(tmp_path / "peers"), {}, k=4, n=6, state_dir=str(tmp_path / "s")
+    )
+    with open(config, "a") as f:
+        f.write('[[sources]]\nname = "db"\ntype = "postgres"\ndsn = "host=127.0.0.1"\n')
+    assert (
+        CliRunner().invoke(main, ["--config", str(config), "init"], env={"SHARDVAULT_PASSWORD": PASSWORD}).exit_code
+        == 0
+    )
+    cfg = load_config(config)
+    segments = {n: os.urandom(1 << 20) for n in ("000000010000000000000001", "000000010000000000000002")}
+    for n, data in segments.items():
+        (tmp_path / n).write_bytes(data)
+    with Repository.open(cfg, PASSWORD) as writer:
+        push(writer, cfg.source("db"), tmp_path / "000000010000000000000001")
+    reader = Repository.open(cfg, PASSWORD)
+    _ = reader.index  # loaded now, before the second segment exists
+    with Repository.open(cfg, PASSWORD) as writer:
+        push(writer, cfg.source("db"), tmp_path / "000000010000000000000002")
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    fetch(reader, cfg.source("db"), "000000010000000000000001", pg_wal / "RECOVERYXLOG")
+    reader.close()
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == segments["000000010000000000000001"]
