@@ -8,6 +8,7 @@ import shutil
 import signal
 import sqlite3
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -201,6 +202,9 @@ def test_add_a_peer_copies_metadata_and_takes_a_share(tmp_path: Path) -> None:
     vault = make_vault(tmp_path, n=5)
     assert vault.cli("backup", "src").exit_code == 0
     peers = local_peers(vault.peers_dir, count=7)
+    # A new peer in a new zone, so that any pack can move a shard onto it without crowding a zone
+    # (in an existing zone only packs with few shards there may, which can be none of a small repo).
+    peers[6]["zone"] = "z-new"
     settings = {"k": 4, "n": 5, "state_dir": str(tmp_path / "state"), "pack_size_mib": 1}
     settings |= {"chunk_min_kib": 64, "chunk_avg_kib": 256, "chunk_max_kib": 1024}
     write_config(vault.config, peers, {"src": vault.source}, **settings)
@@ -210,7 +214,10 @@ def test_add_a_peer_copies_metadata_and_takes_a_share(tmp_path: Path) -> None:
     assert report["metadata_copied"] > 0 and report["shards_moved"] > 0
     assert (vault.peer(6) / "config").exists()
     _all_healthy(vault)
-    # The new peer alone with 3 others can tell the whole story (invariant 1 still holds).
+    zone = {p["name"]: p["zone"] for p in peers}
+    with vault.repo() as repo:
+        for record in repo.index.packs.values():  # 5 shards over 4 zones: never 3 in one zone
+            assert max(Counter(zone[s.peer] for s in record.shards).values()) <= 2
     _restore_matches(vault, tmp_path / "out")
 
 
