@@ -11,7 +11,7 @@ PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find shardvault shards verify restore flows -name '*.py' 2>/dev/null)
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench bench-pg clean
 
 # Every source file is a prerequisite: strict editable mode links files, so a
 # new module needs the (two-second) reinstall.
@@ -42,6 +42,9 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	scripts/apt-install restic
 	$(BIN)/python bench/run.py
+
+bench-pg: $(STAMP)
+	$(BIN)/python bench/pg.py
 
 clean:
 	rm -rf $(VENV) build demo *.egg-info
