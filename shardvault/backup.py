@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -44,7 +44,7 @@ from shardvault.index import PackRecord
 from shardvault.metadata import new_id
 from shardvault.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
 from shardvault.repository import Repository, random_pack_id
-from shardvault.snapshot import Snapshot
+from shardvault.snapshot import Snapshot, latest
 from shardvault.sources.files import open_file, walk
 from shardvault.tree import DIR, FILE, Entry, parse_lines, path_key
 
@@ -137,6 +137,15 @@ class _Pipeline:
         self.in_flight += 1
         self.drain(WINDOW)
 
+    def submit_stream(self, chunks: Iterable[bytes], ids: list[str]) -> str:
+        """Submit every chunk of one file or stream; return the hash of its content."""
+        hasher = new_content_hasher()
+        for data in chunks:
+            hasher.update(data)
+            self.stats.bytes_read += len(data)
+            self.submit_chunk(data, ids)
+        return hasher.hexdigest()
+
     def submit_entry(self, entry: Entry) -> None:
         self.queue.append(("entry", entry))
         self.drain(WINDOW)
@@ -222,22 +231,18 @@ class _Pipeline:
 
 
 def _read_file(pipe: _Pipeline, chunker: Chunker, entry: Entry, path: str, stats: BackupStats) -> None:
-    hasher = new_content_hasher()
     with open_file(path) as f:
         if entry.size < chunker.min_size:
             data = f.read()
             chunks: Iterator[bytes] = iter([data] if data else [])
         else:
             chunks = chunker.chunks(f)
-        for data in chunks:
-            hasher.update(data)
-            stats.bytes_read += len(data)
-            pipe.submit_chunk(data, entry.chunks)
+        content_hash = pipe.submit_stream(chunks, entry.chunks)
         st = os.fstat(f.fileno())
     if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
         stats.warnings.append(f"{path}: changed while it was read")
         entry.size, entry.mtime_ns, entry.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
-    entry.hash = hasher.hexdigest()
+    entry.hash = content_hash
 
 
 def run_backup(
@@ -252,8 +257,7 @@ def run_backup(
     stats = BackupStats()
     warn = stats.warnings.append
 
-    parents = [s for s in repo.snapshots() if s.source == source.name and s.source_type == "files"]
-    parent = max(parents, key=lambda s: (s.finished, s.id)) if parents else None
+    parent = latest(repo.snapshots(), source.name, "files")
     old_entries: Iterator[Entry] = iter(()) if full or parent is None else iter_tree(repo, parent)
     old = next(old_entries, None)
 
@@ -394,13 +398,8 @@ def backup_stream(
     pipe = _Pipeline(repo, stats)
     spool = pipe.tree_spool()
     try:
-        hasher = new_content_hasher()
-        for data in chunker.chunks(stream):
-            hasher.update(data)
-            stats.bytes_read += len(data)
-            pipe.submit_chunk(data, entry.chunks)
+        entry.hash = pipe.submit_stream(chunker.chunks(stream), entry.chunks)
         entry.size = stats.bytes_total = stats.bytes_read
-        entry.hash = hasher.hexdigest()
         stats.files = stats.files_read = 1
         pipe.submit_entry(entry)
         facts = extra() if extra else {}  # before the commit: a failed producer commits nothing

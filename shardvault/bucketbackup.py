@@ -16,8 +16,8 @@ from shardvault.backup import (
 )
 from shardvault.chunker import Chunker
 from shardvault.config import SourceConfig
-from shardvault.crypto import new_content_hasher
 from shardvault.repository import Repository
+from shardvault.snapshot import latest
 from shardvault.sources import bucket as b
 from shardvault.tree import FILE, Entry, path_key
 
@@ -29,8 +29,7 @@ def backup_bucket(
     repo.require_quorum()
     client = b.client_for(source)
     objects = sorted(b.iter_keys(b.list_objects(source, client), source.prefix), key=lambda ro: path_key(ro[0]))
-    parents = [s for s in repo.snapshots() if s.source == source.name and s.source_type == "bucket"]
-    parent = max(parents, key=lambda s: (s.finished, s.id)) if parents else None
+    parent = latest(repo.snapshots(), source.name, "bucket")
     old = {} if full or parent is None else {e.path: e for e in iter_tree(repo, parent)}
     rc = repo.config.repository
     chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
@@ -54,12 +53,7 @@ def backup_bucket(
                 stats.files_unchanged += 1
             else:
                 body, meta = b.open_object(source, client, obj.key)
-                hasher = new_content_hasher()
-                for data in chunker.chunks(body):
-                    hasher.update(data)
-                    stats.bytes_read += len(data)
-                    pipe.submit_chunk(data, entry.chunks)
-                entry.hash = hasher.hexdigest()
+                entry.hash = pipe.submit_stream(chunker.chunks(body), entry.chunks)
                 entry.meta = {"etag": obj.etag} | meta
                 stats.files_read += 1
             pipe.submit_entry(entry)

@@ -9,19 +9,12 @@ from shardvault.backup import BackupResult, BackupStats, backup_stream, commit_s
 from shardvault.config import SourceConfig
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
-from shardvault.snapshot import Snapshot
+from shardvault.snapshot import Snapshot, latest
 from shardvault.sources import postgres as pg
 from shardvault.wal import record_name
 
 BASE_NAME = "base.tar"
 DUMP_NAME = "dump.pgdump"
-
-
-def latest_full(repo: Repository, source: SourceConfig) -> Snapshot | None:
-    fulls = [
-        s for s in repo.snapshots() if s.source == source.name and s.source_type == "postgres" and s.kind == "full"
-    ]
-    return max(fulls, key=lambda s: (s.finished, s.id)) if fulls else None
 
 
 def backup_postgres(repo: Repository, source: SourceConfig, full: bool) -> BackupResult:
@@ -34,7 +27,7 @@ def backup_postgres(repo: Repository, source: SourceConfig, full: bool) -> Backu
             "WAL archiving into shardvault is not set up (archive_mode = on and "
             "archive_command = 'shardvault --config ... wal-push %p'): without it, backups cannot be restored",
         )
-    parent = latest_full(repo, source)
+    parent = latest(repo.snapshots(), source.name, "postgres", kind="full")
     if full or parent is None:
         return _base(repo, source, facts)
     return _wal_checkpoint(repo, source, facts, parent)

@@ -77,6 +77,12 @@ class Snapshot:
         return doc
 
 
+def latest(snapshots: list[Snapshot], source: str, source_type: str, kind: str | None = None) -> Snapshot | None:
+    """The newest snapshot of a source (of one kind, if given): the parent of the next backup."""
+    matching = [s for s in snapshots if s.source == source and s.source_type == source_type and kind in (None, s.kind)]
+    return max(matching, key=lambda s: (s.finished, s.id)) if matching else None
+
+
 def resolve(snapshots: list[Snapshot], spec: str, source: str | None = None) -> Snapshot:
     """An id, a unique id prefix, or ``latest`` (of ``source`` if given)."""
     candidates = [s for s in snapshots if source is None or s.source == source]

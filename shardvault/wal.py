@@ -54,8 +54,7 @@ def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -
     chunks: list[str] = []
     pipe = _Pipeline(repo, stats)
     try:
-        for chunk in Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)):
-            pipe.submit_chunk(chunk, chunks)
+        pipe.submit_stream(Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)), chunks)
         pipe.finish()
     finally:
         pipe.close()
@@ -68,7 +67,7 @@ def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -
         "pushed": datetime.now(UTC).isoformat(),
     }
     repo.write_meta(record, doc)  # the commit
-    stats.bytes_read = stats.bytes_total = len(data)
+    stats.bytes_total = stats.bytes_read
     repo.state.record_run(
         "backup", "ok", started, source=source.name, details={"kind": "wal", "wal": name, **stats.__dict__}
     )

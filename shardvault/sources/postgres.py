@@ -2,8 +2,8 @@
 
 * **physical, full**: ``pg_basebackup -Ft -D - -X none`` streams the cluster
   as one tar through the ordinary chunker (so unchanged relation files
-  deduplicate between full backups); its start and stop LSN and timeline,
-  from ``pg_basebackup -v``, are kept in the snapshot.  ``-X none`` is safe
+  deduplicate between full backups); the start LSN, WAL file and timeline
+  from its backup_label (sent first in the tar) are kept in the snapshot.  ``-X none`` is safe
   because the server waits for the WAL it needs to be archived, which
   ``wal-push`` does.
 * **physical, incremental**: the WAL is already continuous, so an
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import psycopg
@@ -159,20 +159,16 @@ class LabelSniffer:
     _TIMELINE = re.compile(rb"START TIMELINE: (\d+)")
     _KEEP = 1 << 20
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    def __init__(self, stream: io.BufferedReader) -> None:
         self.stream = stream
         self.head = bytearray()
 
-    def read(self, size: int = -1) -> bytes:
-        data = self.stream.read(size)
+    def readinto(self, buffer: memoryview) -> int:
+        # Straight into the chunker's window: the base backup is not copied once more.
+        n = self.stream.readinto(buffer) or 0
         if len(self.head) < self._KEEP:
-            self.head += data[: self._KEEP - len(self.head)]
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+            self.head += buffer[: min(n, self._KEEP - len(self.head))]
+        return n
 
     def facts(self) -> dict[str, Any]:
         start, timeline = self._START.search(self.head), self._TIMELINE.search(self.head)
