@@ -14,7 +14,6 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shardvault.backup import iter_tree
 from shardvault.config import SourceConfig
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
@@ -49,7 +48,7 @@ def restore_to_bucket(
         except ClientError:
             client.create_bucket(Bucket=bucket)
         keep: set[str] = set()
-        for entry in iter_tree(repo, snap):
+        for entry in repo.iter_tree(snap):
             key = prefix + entry.path
             keep.add(key)
             meta: dict[str, Any] = entry.meta or {}

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shardvault.backup import iter_tree
 from shardvault.crypto import new_content_hasher
 from shardvault.errors import (
     BlobNotFoundError,
@@ -163,7 +162,7 @@ class FileRestorer:
                 f"the tree of snapshot {self.snapshot.short_id} is in lost {packs}; nothing can be restored"
             )
         order: dict[str, int] = {}  # packs in the order the restore first needs them
-        for entry in iter_tree(self.repo, self.snapshot):
+        for entry in self.repo.iter_tree(self.snapshot):
             safe_parts(entry.path)
             for c in entry.chunks:
                 pack_id = self._pack_of(c)
@@ -185,7 +184,7 @@ class FileRestorer:
         if failed is None:
             failed = [
                 e.path
-                for e in iter_tree(self.repo, self.snapshot)
+                for e in self.repo.iter_tree(self.snapshot)
                 if any(self._pack_of(c) in self.lost for c in e.chunks)
             ]
         first = f"; first: {failed[0]}" if failed else ""
@@ -263,7 +262,7 @@ class FileRestorer:
         last_report = 0.0
         try:
             with SafeTarget(self.target) as target:
-                for entry in iter_tree(self.repo, self.snapshot):
+                for entry in self.repo.iter_tree(self.snapshot):
                     parts = safe_parts(entry.path)
                     if entry.type == DIR:
                         target.dir_fd(parts, create=True, shown=entry.path)

@@ -29,7 +29,6 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from shardvault.backup import iter_tree
 from shardvault.config import SourceConfig
 from shardvault.errors import RestoreRefusedError, SourceError, UnsafePathError
 from shardvault.repository import Repository
@@ -43,7 +42,7 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _the_file(repo: Repository, snap: Snapshot) -> Entry:
-    entries = [e for e in iter_tree(repo, snap) if e.type == FILE]
+    entries = [e for e in repo.iter_tree(snap) if e.type == FILE]
     if len(entries) != 1:
         raise RestoreRefusedError(snap.short_id, "not a PostgreSQL snapshot (expected one stream)")
     return entries[0]

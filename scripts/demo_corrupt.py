@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-from shardvault.backup import iter_tree
 from shardvault.config import load_config, read_password
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
@@ -19,7 +18,7 @@ def main(peer_name: str, source: str) -> None:
     config = load_config()
     with Repository.open(config, read_password()) as repo:
         snap = [s for s in repo.snapshots() if s.source == source][-1]
-        chunk = next(iter_tree(repo, snap)).chunks or [c for e in iter_tree(repo, snap) for c in e.chunks]
+        chunk = next(repo.iter_tree(snap)).chunks or [c for e in repo.iter_tree(snap) for c in e.chunks]
         pack_id = repo.index.blobs[bytes.fromhex(chunk[0])].pack_id
         shard = next(s for s in repo.index.packs[pack_id].shards if s.peer == peer_name)
     path = config.peer(peer_name).url.removeprefix("file://") + "/" + pack_name(pack_id, shard.num)

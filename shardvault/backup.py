@@ -46,7 +46,7 @@ from shardvault.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
 from shardvault.repository import Repository, random_pack_id
 from shardvault.snapshot import Snapshot, latest
 from shardvault.sources.files import open_file, walk
-from shardvault.tree import DIR, FILE, Entry, parse_lines, path_key
+from shardvault.tree import DIR, FILE, Entry, path_key
 
 WINDOW = 8
 PACKS_IN_FLIGHT = 2
@@ -81,12 +81,6 @@ class BackupResult:
 
 
 ProgressFn = Callable[[BackupStats, str], None]
-
-
-def iter_tree(repo: Repository, snapshot: Snapshot) -> Iterator[Entry]:
-    """The entries of a snapshot's tree, streamed from the repository."""
-    reader = repo.blob_reader(max_packs=2)
-    return parse_lines(reader.read(bytes.fromhex(c)) for c in snapshot.tree)
 
 
 class _Pipeline:
@@ -258,7 +252,7 @@ def run_backup(
     warn = stats.warnings.append
 
     parent = latest(repo.snapshots(), source.name, "files")
-    old_entries: Iterator[Entry] = iter(()) if full or parent is None else iter_tree(repo, parent)
+    old_entries: Iterator[Entry] = iter(()) if full or parent is None else repo.iter_tree(parent)
     old = next(old_entries, None)
 
     pipe = _Pipeline(repo, stats)

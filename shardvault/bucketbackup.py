@@ -12,7 +12,6 @@ from shardvault.backup import (
     _Pipeline,
     _store_tree,
     commit_snapshot,
-    iter_tree,
 )
 from shardvault.chunker import Chunker
 from shardvault.config import SourceConfig
@@ -30,7 +29,7 @@ def backup_bucket(
     client = b.client_for(source)
     objects = sorted(b.iter_keys(b.list_objects(source, client), source.prefix), key=lambda ro: path_key(ro[0]))
     parent = latest(repo.snapshots(), source.name, "bucket")
-    old = {} if full or parent is None else {e.path: e for e in iter_tree(repo, parent)}
+    old = {} if full or parent is None else {e.path: e for e in repo.iter_tree(parent)}
     rc = repo.config.repository
     chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
     stats = BackupStats()

@@ -21,6 +21,7 @@ Exit codes (stable, documented in the README):
 9   restore refused: a path would escape the target
 10  source error (missing or unreadable source)
 11  backup finished but some files could not be read
+12  restore target unusable (not a directory, not writable, full, not empty)
 ==  ==========================================================
 """
 
@@ -66,6 +67,21 @@ class ConfigValueError(ConfigError):
 
 class PasswordMissingError(ConfigError):
     """No passphrase: set $SHARDVAULT_PASSWORD or pass --password-file"""
+
+
+class AliasedPeersError(ConfigError):
+    """Peers {0} and {1} are the same storage ({2}): each peer must be an independent disk or bucket"""
+
+
+class RepositoryMismatchError(ConfigError):
+    """{0}: {1} is {2} in the configuration but {3} in the repository (recorded at init, authoritative)"""
+
+
+# --- helper areas: append new classes below your own marker only ---------------
+# [backup]
+# [restore]
+# [config]
+# [verify]
 
 
 # --- keys and crypto ---------------------------------------------------------
@@ -152,6 +168,10 @@ class RepositoryCorruptError(RepositoryError):
     """Repository object {0} is unreadable on every peer: {1}"""
 
 
+class ForeignRepositoryError(RepositoryError):
+    """Peer {0} holds repository {1}, not {2} (a peer of another repository is configured here)"""
+
+
 class UnsupportedFormatError(RepositoryError):
     """{0} has format version {1}; this shardvault reads version {2}"""
 
@@ -197,6 +217,16 @@ class UnsafePathError(RestoreError):
 
 class IntegrityError(RestoreError):
     """Integrity check failed for {0}: {1}"""
+
+
+class RestoreTargetError(ShardvaultError):
+    """Restore target {0}: {1}"""
+
+    exit_code = 12
+
+
+class TargetNotEmptyError(RestoreTargetError):
+    """Restore target {0} is not empty ({1}); choose --overwrite if-changed or always, or an empty directory"""
 
 
 # --- check -------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,6 +56,7 @@ from shardvault.shards.peers import Peer, PeerSet
 from shardvault.shards.stores import open_store
 from shardvault.snapshot import Snapshot
 from shardvault.state import State
+from shardvault.tree import Entry, parse_lines
 
 CONFIG_NAME = "config"
 
@@ -378,6 +380,11 @@ class Repository:
 
     def blob_reader(self, max_packs: int = 4) -> BlobReader:
         return BlobReader(self, max_packs)
+
+    def iter_tree(self, snapshot: Snapshot) -> Iterator[Entry]:
+        """The entries of a snapshot's tree, streamed from the repository."""
+        reader = self.blob_reader(max_packs=2)
+        return parse_lines(reader.read(bytes.fromhex(c)) for c in snapshot.tree)
 
 
 class BlobReader:

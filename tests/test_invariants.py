@@ -524,9 +524,8 @@ def test_7_unreadable_file_is_reported(backed_up: Vault, monkeypatch: pytest.Mon
     assert "private: cannot read: Permission denied" in result.stderr
     with backed_up.repo() as repo:
         snap = resolve(repo.snapshots(), "latest", "src")
-        from shardvault.backup import iter_tree
 
-        assert "dir1/private" not in {e.path for e in iter_tree(repo, snap)}
+        assert "dir1/private" not in {e.path for e in repo.iter_tree(snap)}
 
 
 def test_7_data_loss_error_carries_exit_code() -> None:

@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from shardvault.backup import iter_tree
 from shardvault.errors import PeerError, ShardvaultError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
@@ -201,7 +200,7 @@ def _check_snapshots(repo: Repository, report: CheckReport, lost: set[str]) -> N
         chunks = [bytes.fromhex(c) for c in snapshot.tree]
         try:
             if all(c in blobs and blobs[c].pack_id not in lost for c in chunks):
-                chunks += [bytes.fromhex(c) for e in iter_tree(repo, snapshot) for c in e.chunks]
+                chunks += [bytes.fromhex(c) for e in repo.iter_tree(snapshot) for c in e.chunks]
         except ShardvaultError as exc:
             report.snapshot_errors.append(f"{name}: tree unreadable: {exc}")
             continue

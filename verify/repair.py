@@ -30,7 +30,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardvault.backup import iter_tree
 from shardvault.errors import PeerError, ShardvaultError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
@@ -247,7 +246,7 @@ def _name_lost_data(repo: Repository, lost: list[LostPack], first_files: int = 5
         if tree_packs & by_id.keys():
             continue
         try:
-            for entry in iter_tree(repo, snapshot):
+            for entry in repo.iter_tree(snapshot):
                 for pack_id in {blobs[bytes.fromhex(c)].pack_id for c in entry.chunks} & by_id.keys():
                     lp = by_id[pack_id]
                     if label not in lp.snapshots:
