@@ -80,6 +80,14 @@ class RepositoryMismatchError(ConfigError):
 # --- helper areas: append new classes below your own marker only ---------------
 # [backup]
 # [restore]
+
+
+class LatestNeedsSourceError(ShardvaultError):
+    """'latest' is ambiguous: the repository holds snapshots of {0} sources ({1}); pass --source NAME"""
+
+    exit_code = 2
+
+
 # [config]
 # [verify]
 
