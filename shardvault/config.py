@@ -4,6 +4,44 @@ Looked up as ``--config PATH``, else ``$SHARDVAULT_CONFIG``, else
 ``./shardvault.toml``.  Every problem is a :class:`ConfigValueError` naming the
 file, the key (``peers[2].url``) and what is wrong; unknown keys are errors,
 because a misspelt ``write_quorum`` silently ignored is how backups get lost.
+
+Redundancy and the write quorum
+-------------------------------
+Every pack is cut into ``n`` shards of which any ``k`` rebuild it.  ``k = n``
+leaves no redundancy at all (one lost disk loses data), so it is refused
+unless ``[repository] allow_no_redundancy = true`` says it is meant.
+
+``write_quorum`` is how many shards (on distinct peers) must be acknowledged
+before a commit.  Its default follows Tahoe-LAFS's "servers of happiness":
+a write succeeds when enough distinct servers hold shares that the file
+survives the failures it promised to survive, not only when every server
+answered.  Here the default is ``n - 1`` but never below ``k + 1``:
+
+* with ``n - 1`` a single dead peer (the most common failure: one disk) does
+  not stop every backup, so the RPO survives the loss of one disk until
+  ``repair`` restores the missing shards;
+* with at least ``k + 1`` every commit still survives one more failure after
+  it was written, so a degraded commit is never already "at risk".
+
+When ``n = k + 1`` the two rules disagree and the default stays ``n``: a
+commit on ``k`` peers would survive nothing.  An explicit ``write_quorum``
+always wins; it must satisfy ``k <= write_quorum <= n``.
+
+Peers that are the same storage
+-------------------------------
+Two ``[[peers]]`` entries that reach the same disk or bucket prefix look like
+two failure domains but are one, so ``n - k`` promised failures become fewer.
+Peer URLs are therefore canonicalised (:class:`PeerLocation`): local paths
+are percent-decoded (``file:`` URLs), made absolute against the config file's
+directory and resolved with ``realpath`` (``..``, symlinks);
+``file://localhost/p`` is ``/p``; S3 peers are (endpoint with lower-case
+scheme and host and no default port or trailing slash, bucket, prefix without
+surrounding slashes).  Two peers at the same place, or one nested inside the
+other (a listing of the outer one would include the inner one's objects), are
+refused with :class:`~shardvault.errors.AliasedPeersError`.  The same bucket
+and prefix on two different endpoints are two storages and are accepted.
+Aliasing the configuration cannot see (two mounts of one export, two DNS
+names of one server) is caught by the identity object each peer carries.
 """
 
 from __future__ import annotations
@@ -12,30 +50,96 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from shardvault.errors import ConfigFileNotFoundError, ConfigValueError, PasswordMissingError
+from shardvault.errors import AliasedPeersError, ConfigFileNotFoundError, ConfigValueError, PasswordMissingError
 
 DEFAULT_CONFIG_NAME = "shardvault.toml"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MIB = 1 << 20
 
 
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds: a peer that takes longer to accept a connection is down
+DEFAULT_READ_TIMEOUT = 30.0  # seconds without a byte of answer: the peer is down for this run
+DEFAULT_MAX_ATTEMPTS = 3  # tries per S3 request, the first included; bounds the time one peer can cost
+
+
+class PeerKind(StrEnum):
+    LOCAL = "local"
+    S3 = "s3"
+
+
+@dataclass(frozen=True)
+class PeerLocation:
+    """Where a peer's objects really are, in a form two aliases share.
+
+    Local: ``path`` is the realpath of the directory.  S3: ``endpoint`` is
+    normalised ("" is the default AWS endpoint), ``prefix`` has no surrounding
+    slashes ("" is the whole bucket).
+    """
+
+    kind: PeerKind
+    path: str = ""
+    endpoint: str = ""
+    bucket: str = ""
+    prefix: str = ""
+
+    def __str__(self) -> str:
+        if self.kind is PeerKind.LOCAL:
+            return self.path
+        where = f"s3://{self.bucket}/{self.prefix}"
+        return where + (f" at {self.endpoint}" if self.endpoint else " at the default AWS endpoint")
+
+    def contains(self, other: PeerLocation) -> bool:
+        """True if ``other`` is this storage or lies inside it (a listing of self shows other's objects)."""
+        if self.kind is not other.kind:
+            return False
+        if self.kind is PeerKind.LOCAL:
+            return other.path == self.path or other.path.startswith(self.path.rstrip("/") + "/")
+        if (self.endpoint, self.bucket) != (other.endpoint, other.bucket):
+            return False
+        return not self.prefix or other.prefix == self.prefix or other.prefix.startswith(self.prefix + "/")
+
+
 @dataclass(frozen=True)
 class PeerConfig:
     name: str
-    url: str
+    url: str  # canonical: file:///realpath (percent-quoted) or s3://bucket/prefix
     zone: str
     endpoint: str | None = None
     region: str | None = None
     profile: str | None = None
+    location: PeerLocation | None = None  # None only for PeerConfigs built by hand
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # S3 only
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # S3 only
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS  # S3 only
+
+
+class SourceKind(StrEnum):
+    """What a source is; a StrEnum, so ``source.type == "files"`` keeps working."""
+
+    FILES = "files"
+    POSTGRES = "postgres"
+    BUCKET = "bucket"
+
+
+_SOURCE_COMMON_KEYS = frozenset({"name", "type", "rpo_objective_seconds", "backup_interval_seconds"})
+# The keys each kind of source accepts (besides the common ones): a key of another
+# kind (a dsn on a files source) is a mistake about what is backed up, so it is refused.
+SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
+    SourceKind.FILES: frozenset({"path", "exclude"}),
+    SourceKind.POSTGRES: frozenset({"dsn", "mode", "bin_dir"}),
+    SourceKind.BUCKET: frozenset({"endpoint", "bucket", "prefix", "region", "profile"}),
+}
 
 
 @dataclass(frozen=True)
 class SourceConfig:
     name: str
-    type: str  # files | postgres
+    type: SourceKind
     path: Path  # files: the tree; postgres: unused (the server's data directory is its own)
     exclude: tuple[str, ...] = ()
     rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
@@ -70,6 +174,7 @@ class RepositoryConfig:
     chunk_avg: int = 1 * MIB
     chunk_max: int = 4 * MIB
     fsync: bool = True
+    allow_no_redundancy: bool = False  # k = n only with this explicit opt-in
 
 
 @dataclass(frozen=True)
@@ -157,6 +262,24 @@ def _resolve(base: Path, value: str) -> Path:
     return path if path.is_absolute() else (base / path).resolve()
 
 
+def default_write_quorum(k: int, n: int) -> int:
+    """``n - 1`` but never below ``k + 1`` (else ``n``); see the module docstring."""
+    return n - 1 if n - 1 >= k + 1 else n
+
+
+def _check_state_dir(r: _Reader, state_dir: Path) -> None:
+    """A state_dir that is (or lies under) a file cannot be created: say so now, not as a traceback later."""
+    probe = state_dir
+    while not probe.exists():
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+    if not probe.is_dir():
+        if probe == state_dir:
+            raise r.fail("state_dir", f"{state_dir} exists and is not a directory")
+        raise r.fail("state_dir", f"{probe} is not a directory, so {state_dir} cannot be created")
+
+
 def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
     r = _Reader(path, "repository", table)
     r.no_unknown(
@@ -164,6 +287,7 @@ def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
             "k",
             "n",
             "write_quorum",
+            "allow_no_redundancy",
             "state_dir",
             "pack_size_mib",
             "compression_level",
@@ -177,10 +301,19 @@ def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
     n = r.int_range("n", 1, 255)
     if n < k:
         raise r.fail("n", f"must be at least k ({k}), got {n}")
+    allow_no_redundancy = bool(r.get("allow_no_redundancy", bool, default=False))
+    if n == k and not allow_no_redundancy:
+        raise r.fail(
+            "n",
+            f"n = k = {k} leaves no redundancy (losing any one peer loses data); "
+            "use n > k, or set allow_no_redundancy = true to mean it",
+        )
     if n_peers < n:
         raise ConfigValueError(path, "peers", f"{n_peers} peer(s) configured, but n = {n} needs at least {n}")
-    quorum = r.int_range("write_quorum", k, n, default=n)
+    quorum = r.int_range("write_quorum", k, n, default=default_write_quorum(k, n))
     state = r.get("state_dir", str, default=None)
+    state_dir = _resolve(path.parent, state) if state else default_state_dir()
+    _check_state_dir(r, state_dir)
     chunk_min = r.int_range("chunk_min_kib", 64, 16 * 1024, default=256) * 1024
     chunk_avg = r.int_range("chunk_avg_kib", 256, 64 * 1024, default=1024) * 1024
     chunk_max = r.int_range("chunk_max_kib", 1024, 256 * 1024, default=4096) * 1024
@@ -193,14 +326,87 @@ def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
         k=k,
         n=n,
         write_quorum=quorum,
-        state_dir=_resolve(path.parent, state) if state else default_state_dir(),
+        state_dir=state_dir,
         pack_size=pack_size,
         compression_level=r.int_range("compression_level", -7, 19, default=3),
         chunk_min=chunk_min,
         chunk_avg=chunk_avg,
         chunk_max=chunk_max,
         fsync=bool(r.get("fsync", bool, default=True)),
+        allow_no_redundancy=allow_no_redundancy,
     )
+
+
+_PEER_COMMON_KEYS = frozenset({"name", "url", "zone"})
+# Keys that only mean something for S3 peers; on a local peer they would be
+# silently ignored, which hides a mistake about where the peer is.
+_PEER_S3_KEYS = frozenset(
+    {"endpoint", "region", "profile", "connect_timeout_seconds", "read_timeout_seconds", "max_attempts"}
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def canonical_endpoint(endpoint: str) -> str:
+    """``HTTP://Host:80/`` -> ``http://host``; ValueError for what is not an http(s) URL."""
+    split = urlsplit(endpoint)
+    scheme = split.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not split.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {endpoint!r}")
+    host = split.hostname  # urllib lower-cases it and drops any user:password@
+    port = split.port  # ValueError for a port that is not a number
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        netloc += f":{port}"
+    return urlunsplit((scheme, netloc, split.path.rstrip("/"), "", ""))
+
+
+def peer_location(url: str, base: Path, endpoint: str | None = None) -> tuple[PeerLocation, str]:
+    """The canonical location and URL of a peer; ValueError (with the reason) for a bad URL.
+
+    ``base`` is the directory relative local paths are resolved against (the
+    config file's).  A plain path is taken literally; a ``file:`` URL is
+    percent-decoded.  The returned URL is percent-quoted, so reading it back
+    with :func:`urllib.parse.unquote` gives the path again.
+    """
+    if "://" not in url:
+        scheme, rest = "", url
+    else:
+        scheme, rest = url.split("://", 1)[0].lower(), url
+    if scheme == "":
+        if not url:
+            raise ValueError("is empty")
+        real = os.path.realpath(base / os.path.expanduser(rest))
+        return PeerLocation(PeerKind.LOCAL, path=real), "file://" + quote(real)
+    split = urlsplit(url)
+    if split.query or split.fragment:
+        raise ValueError(f"{url!r} has a '?' or '#' part (percent-encode them in names: %3F, %23)")
+    if scheme == "file":
+        if split.netloc.lower() not in ("", "localhost"):
+            raise ValueError(f"file URL must be file:///absolute/path (or file://localhost/...), got {url!r}")
+        local = unquote(split.path)
+        if not local:
+            raise ValueError(f"empty path in {url!r}")
+        real = os.path.realpath(base / local)
+        return PeerLocation(PeerKind.LOCAL, path=real), "file://" + quote(real)
+    if scheme == "s3":
+        if not split.netloc:
+            raise ValueError(f"S3 URL needs a bucket: s3://bucket/prefix, got {url!r}")
+        prefix = unquote(split.path).strip("/")
+        where = canonical_endpoint(endpoint) if endpoint is not None else ""
+        location = PeerLocation(PeerKind.S3, endpoint=where, bucket=split.netloc, prefix=prefix)
+        return location, f"s3://{split.netloc}/{quote(prefix)}"
+    raise ValueError(f"unsupported URL {url!r} (use file:///path, a plain path or s3://bucket/prefix)")
+
+
+def _aliasing(a: PeerLocation, b: PeerLocation) -> str | None:
+    """Why two peer locations are not independent storages, or None if they are."""
+    if a == b:
+        return f"both are {a}"
+    if a.contains(b):
+        return f"{b} lies inside {a}, so a listing of one includes the other"
+    if b.contains(a):
+        return f"{a} lies inside {b}, so a listing of one includes the other"
+    return None
 
 
 def _peers(path: Path, tables: Any) -> tuple[PeerConfig, ...]:
@@ -209,26 +415,36 @@ def _peers(path: Path, tables: Any) -> tuple[PeerConfig, ...]:
     peers: list[PeerConfig] = []
     for i, table in enumerate(tables):
         r = _Reader(path, f"peers[{i}]", table)
-        r.no_unknown({"name", "url", "zone", "endpoint", "region", "profile"})
+        r.no_unknown(set(_PEER_COMMON_KEYS | _PEER_S3_KEYS))
         name = r.name("name")
         if any(p.name == name for p in peers):
             raise r.fail("name", f"duplicate peer name {name!r}")
         url = r.get("url", str, required=True)
-        if url.startswith("file://") or "://" not in url:
-            local = url[len("file://") :] if url.startswith("file://") else url
-            url = "file://" + str(_resolve(path.parent, local))
-        elif not url.startswith("s3://"):
-            raise r.fail("url", f"unsupported URL {url!r} (use file:///path or s3://bucket/prefix)")
-        if any(p.url == url for p in peers):
-            raise r.fail("url", f"{url} is already peer {next(p.name for p in peers if p.url == url)!r}")
+        endpoint = r.get("endpoint", str, default=None)
+        try:
+            location, canonical = peer_location(url, path.parent, endpoint)
+        except ValueError as exc:
+            key = "endpoint" if endpoint is not None and url.lower().startswith("s3://") else "url"
+            raise r.fail(key, str(exc)) from None
+        if location.kind is PeerKind.LOCAL:
+            for key in sorted(_PEER_S3_KEYS & table.keys()):
+                raise r.fail(key, f"applies to S3 peers only, but this peer is the local directory {location}")
+        for other in peers:
+            why = _aliasing(other.location, location) if other.location else None
+            if why:
+                raise AliasedPeersError(other.name, name, f"{why}; in {path}")
         peers.append(
             PeerConfig(
                 name=name,
-                url=url,
+                url=canonical,
                 zone=r.get("zone", str, default=name),
-                endpoint=r.get("endpoint", str, default=None),
+                endpoint=endpoint,
                 region=r.get("region", str, default=None),
                 profile=r.get("profile", str, default=None),
+                location=location,
+                connect_timeout=r.float_range("connect_timeout_seconds", 0.1, 600, default=DEFAULT_CONNECT_TIMEOUT),
+                read_timeout=r.float_range("read_timeout_seconds", 0.1, 3600, default=DEFAULT_READ_TIMEOUT),
+                max_attempts=r.int_range("max_attempts", 1, 10, default=DEFAULT_MAX_ATTEMPTS),
             )
         )
     return tuple(peers)
@@ -239,51 +455,67 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
         return ()
     if not isinstance(tables, list):
         raise ConfigValueError(path, "sources", "must be an array of [[sources]] tables")
+    every_key = set(_SOURCE_COMMON_KEYS.union(*SOURCE_KEYS.values()))
     sources: list[SourceConfig] = []
     for i, table in enumerate(tables):
         r = _Reader(path, f"sources[{i}]", table)
-        r.no_unknown(
-            {"name", "type", "path", "exclude", "rpo_objective_seconds", "backup_interval_seconds"}
-            | {"dsn", "mode", "bin_dir", "endpoint", "bucket", "prefix", "region", "profile"}
-        )
+        r.no_unknown(every_key)
         name = r.name("name")
         if any(s.name == name for s in sources):
             raise r.fail("name", f"duplicate source name {name!r}")
-        kind = r.get("type", str, required=True)
+        type_name = r.get("type", str, required=True)
+        try:
+            kind = SourceKind(type_name)
+        except ValueError:
+            supported = ", ".join(k.value for k in SourceKind)
+            raise r.fail("type", f"unsupported source type {type_name!r} (supported: {supported})") from None
+        for key in sorted(table.keys() - _SOURCE_COMMON_KEYS - SOURCE_KEYS[kind]):
+            valid = ", ".join(sorted(SOURCE_KEYS[kind]))
+            raise r.fail(key, f"is not a key of a {kind.value} source (its keys: {valid})")
         rpo = r.int_range("rpo_objective_seconds", 60, 10**9, default=86400)
         interval = r.int_range("backup_interval_seconds", 60, 10**9, default=86400)
-        if kind == "files":
-            exclude = r.get("exclude", list, default=[])
-            if not all(isinstance(e, str) for e in exclude):
-                raise r.fail("exclude", "must be a list of glob strings")
-            tree = _resolve(path.parent, r.get("path", str, required=True))
-            sources.append(SourceConfig(name, kind, tree, tuple(exclude), rpo, interval))
-        elif kind == "postgres":
-            dsn = r.get("dsn", str, required=True)
-            mode = r.get("mode", str, default="physical")
-            if mode not in ("physical", "logical"):
-                raise r.fail("mode", f"must be 'physical' or 'logical', got {mode!r}")
-            bin_dir = r.get("bin_dir", str, default="")
-            sources.append(SourceConfig(name, kind, Path("/"), (), rpo, interval, dsn, mode, bin_dir))
-        elif kind == "bucket":
-            sources.append(
-                SourceConfig(
-                    name,
-                    kind,
-                    Path("/"),
-                    (),
-                    rpo,
-                    interval,
-                    endpoint=r.get("endpoint", str, default=None),
-                    bucket=r.get("bucket", str, required=True),
-                    prefix=r.get("prefix", str, default=""),
-                    region=r.get("region", str, default=None),
-                    profile=r.get("profile", str, default=None),
-                )
-            )
-        else:
-            raise r.fail("type", f"unsupported source type {kind!r} (supported: files, postgres, bucket)")
+        sources.append(_SOURCE_READERS[kind](r, path, name, rpo, interval))
     return tuple(sources)
+
+
+def _files_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
+    exclude = r.get("exclude", list, default=[])
+    if not all(isinstance(e, str) for e in exclude):
+        raise r.fail("exclude", "must be a list of glob strings")
+    tree = _resolve(path.parent, r.get("path", str, required=True))
+    return SourceConfig(name, SourceKind.FILES, tree, tuple(exclude), rpo, interval)
+
+
+def _postgres_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
+    dsn = r.get("dsn", str, required=True)
+    mode = r.get("mode", str, default="physical")
+    if mode not in ("physical", "logical"):
+        raise r.fail("mode", f"must be 'physical' or 'logical', got {mode!r}")
+    bin_dir = r.get("bin_dir", str, default="")
+    return SourceConfig(name, SourceKind.POSTGRES, Path("/"), (), rpo, interval, dsn, mode, bin_dir)
+
+
+def _bucket_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
+    return SourceConfig(
+        name,
+        SourceKind.BUCKET,
+        Path("/"),
+        (),
+        rpo,
+        interval,
+        endpoint=r.get("endpoint", str, default=None),
+        bucket=r.get("bucket", str, required=True),
+        prefix=r.get("prefix", str, default=""),
+        region=r.get("region", str, default=None),
+        profile=r.get("profile", str, default=None),
+    )
+
+
+_SOURCE_READERS = {
+    SourceKind.FILES: _files_source,
+    SourceKind.POSTGRES: _postgres_source,
+    SourceKind.BUCKET: _bucket_source,
+}
 
 
 def _scrub(path: Path, table: Any) -> ScrubConfig:
