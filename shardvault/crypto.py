@@ -35,6 +35,8 @@ SCRYPT_N = 1 << 15
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_MAX_N = 1 << 20
+# Memory (128 * r * N * p bytes) a key object may ask of us: 4x today's default.
+SCRYPT_MAX_MEMORY = 128 << 20
 
 
 class OpenFailed(Exception):

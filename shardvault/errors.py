@@ -168,6 +168,10 @@ class RepositoryNotFoundError(RepositoryError):
     """No repository on any reachable peer ({0}); run 'shardvault init' first"""
 
 
+class RepositoryNotReachableError(RepositoryError):
+    """No key object on the peers that answered ({0}): {1}"""
+
+
 class RepositoryExistsError(RepositoryError):
     """A repository already exists on peer {0}"""
 

@@ -15,12 +15,30 @@ any key is known::
     {"format": "shardvault-key", "version": 1, "kdf": "scrypt",
      "n": 32768, "r": 8, "p": 1, "salt": b64, "data": b64(sealed master keys)}
 
+The peer identity object is the other exception, JSON in the clear, one per
+peer, written at ``init`` and ``peers add`` (and by ``repair`` onto an empty
+or replaced peer)::
+
+    {"format": "shardvault-peer", "version": 1, "repository": hex,
+     "peer": 32 hex (random, this storage's own token), "name": name at creation}
+
+It lets a run tell, before any key is derived, that two configured peers are
+the same storage (they show the same token), that a peer belongs to another
+repository, or that a peer is empty or replaced (no identity at all).  It is
+not secret and proves nothing against a hostile peer; it catches mistakes.
+
+Every JSON body carries a ``version`` that readers look up in
+:data:`KNOWN_VERSIONS`, so a future format is refused by name rather than
+misread.
+
 Object names (all lower-case hex, opaque to the peer)::
 
     config                       repository config (format version, k, n, chunker)
+    identity                     this peer's identity (clear JSON, see above)
     keys/<16 hex>                one per passphrase
     index/<64 hex>               pack -> shards and chunk -> pack, per backup run
     snapshots/<64 hex>           one per committed snapshot
+    wal/<source>/<file>          one per archived WAL file (PostgreSQL sources)
     data/<2 hex>/<64 hex>.<nn>   shard nn of a pack
 """
 
@@ -34,6 +52,7 @@ from typing import Any
 import zstandard
 
 from shardvault.crypto import (
+    SCRYPT_MAX_MEMORY,
     SCRYPT_N,
     SCRYPT_P,
     SCRYPT_R,
@@ -49,6 +68,48 @@ from shardvault.errors import UnsupportedFormatError
 FORMAT_VERSION = 1
 META_MAGIC = b"SVMD"
 _KEY_AAD = b"shardvault key v1"
+IDENTITY_NAME = "identity"
+CONFIG_NAME = "config"
+
+# The body versions each reader knows (Tahoe's ALL_SCHEMAS): a version not
+# listed is refused by name, never guessed at.
+KNOWN_VERSIONS: dict[str, frozenset[int]] = {
+    "envelope": frozenset({1}),
+    "config": frozenset({1}),
+    "key": frozenset({1}),
+    "identity": frozenset({1}),
+    "index": frozenset({1}),
+    "snapshot": frozenset({1}),
+    "wal": frozenset({1}),
+}
+# Metadata prefixes, each replicated to every peer (invariant 1).
+META_PREFIXES = ("keys/", "index/", "snapshots/", "wal/")
+
+
+def check_version(kind: str, doc: dict[str, Any], name: str) -> None:
+    """Refuse a body whose version this shardvault does not read."""
+    version = doc.get("version")
+    known = KNOWN_VERSIONS[kind]
+    if version not in known:
+        raise UnsupportedFormatError(name, version, ", ".join(str(v) for v in sorted(known)))
+
+
+def kind_of(name: str) -> str | None:
+    """The metadata kind an object name holds, or None for a name that is not metadata."""
+    if name in (CONFIG_NAME, IDENTITY_NAME):
+        return name
+    head, _, rest = name.partition("/")
+    if head == "keys" and len(rest) == 16 and _is_hex(rest):
+        return "key"
+    if head in ("index", "snapshots") and len(rest) == 64 and _is_hex(rest):
+        return "index" if head == "index" else "snapshot"
+    if head == "wal" and rest.count("/") == 1:
+        return "wal"
+    return None
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 class MalformedObject(Exception):
@@ -83,7 +144,7 @@ def seal_object(cipher: Cipher, name: str, doc: dict[str, Any]) -> bytes:
 def open_object(cipher: Cipher, name: str, data: bytes) -> dict[str, Any]:
     if len(data) < 5 or data[:4] != META_MAGIC:
         raise MalformedObject("not a shardvault metadata object")
-    if data[4] != FORMAT_VERSION:
+    if data[4] not in KNOWN_VERSIONS["envelope"]:
         raise UnsupportedFormatError(name, data[4], FORMAT_VERSION)
     try:
         body = cipher.open(memoryview(data)[5:], name.encode())
@@ -115,17 +176,63 @@ def make_key_object(passphrase: str, keys: MasterKeys, repo_id: str) -> bytes:
     return json.dumps(doc, indent=1).encode()
 
 
-def open_key_object(passphrase: str, data: bytes) -> tuple[MasterKeys, str]:
-    """Return (keys, repository id); OpenFailed on a wrong passphrase."""
+def parse_key_object(data: bytes) -> dict[str, Any]:
+    """The key object's clear fields, checked before any work is spent on it.
+
+    A peer is untrusted: KDF parameters beyond :data:`SCRYPT_MAX_MEMORY` (a
+    planted key asking for gigabytes and a minute of scrypt) are refused here,
+    without deriving anything.
+    """
     try:
         doc = json.loads(data)
-        if doc.get("format") != "shardvault-key":
+        if not isinstance(doc, dict) or doc.get("format") != "shardvault-key":
             raise MalformedObject("not a shardvault key object")
-        if doc.get("version") != FORMAT_VERSION:
-            raise UnsupportedFormatError("key object", doc.get("version"), FORMAT_VERSION)
-        kek = Cipher(derive_key(passphrase, b64d(doc["salt"]), int(doc["n"]), int(doc["r"]), int(doc["p"])))
-        sealed = b64d(doc["data"])
+        if doc.get("version") not in KNOWN_VERSIONS["key"]:
+            raise MalformedObject(f"key object version {doc.get('version')!r} is not one this shardvault reads")
+        if doc.get("kdf") != "scrypt":
+            raise MalformedObject(f"unknown KDF {doc.get('kdf')!r}")
+        n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
+        b64d(doc["salt"]), b64d(doc["data"])
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedObject(f"unparsable key object: {exc}") from None
-    secret = json.loads(kek.open(sealed, _KEY_AAD))
-    return MasterKeys(b64d(secret["encryption"]), b64d(secret["chunk_id"])), str(secret["repository"])
+    if not (n >= 2 and n & (n - 1) == 0 and 1 <= r <= 32 and 1 <= p <= 4) or 128 * r * n * p > SCRYPT_MAX_MEMORY:
+        raise MalformedObject(f"scrypt parameters N={n}, r={r}, p={p} exceed the accepted bounds")
+    return doc
+
+
+def open_key_object(passphrase: str, data: bytes) -> tuple[MasterKeys, str]:
+    """Return (keys, repository id); OpenFailed on a wrong passphrase, MalformedObject on junk."""
+    doc = parse_key_object(data)
+    kek = Cipher(derive_key(passphrase, b64d(doc["salt"]), int(doc["n"]), int(doc["r"]), int(doc["p"])))
+    try:
+        secret = json.loads(kek.open(b64d(doc["data"]), _KEY_AAD))
+        return MasterKeys(b64d(secret["encryption"]), b64d(secret["chunk_id"])), str(secret["repository"])
+    except (ValueError, KeyError, TypeError) as exc:  # authenticated but malformed: a bug or a forgery
+        raise MalformedObject(f"key object content: {exc}") from None
+
+
+def make_identity(repo_id: str, peer_name: str) -> bytes:
+    doc = {
+        "format": "shardvault-peer",
+        "version": 1,
+        "repository": repo_id,
+        "peer": secrets.token_hex(16),
+        "name": peer_name,
+    }
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def parse_identity(data: bytes) -> dict[str, str]:
+    """(repository, peer token, name) of an identity object; MalformedObject otherwise."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != "shardvault-peer":
+            raise MalformedObject("not a shardvault peer identity")
+        if doc.get("version") not in KNOWN_VERSIONS["identity"]:
+            raise MalformedObject(f"identity version {doc.get('version')!r} is not one this shardvault reads")
+        out = {"repository": str(doc["repository"]), "peer": str(doc["peer"]), "name": str(doc.get("name", ""))}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MalformedObject(f"unparsable identity: {exc}") from None
+    if len(out["repository"]) != 64 or len(out["peer"]) != 32:
+        raise MalformedObject("identity fields have the wrong length")
+    return out

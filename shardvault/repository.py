@@ -21,31 +21,44 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from shardvault.config import Config
-from shardvault.crypto import Cipher, MasterKeys, OpenFailed, chunk_id
+from shardvault.crypto import Cipher, MasterKeys, OpenFailed, chunk_id, content_hash
 from shardvault.errors import (
+    AliasedPeersError,
     BlobNotFoundError,
     DataLossError,
+    ForeignRepositoryError,
     NotEnoughPeersError,
     ObjectNotFoundError,
     PeerError,
     PeerUnavailableError,
     RepositoryCorruptError,
+    RepositoryError,
     RepositoryExistsError,
+    RepositoryMismatchError,
     RepositoryNotFoundError,
+    RepositoryNotReachableError,
+    UnsupportedFormatError,
     WrongPassphraseError,
 )
 from shardvault.index import Index, PackRecord, index_doc
 from shardvault.metadata import (
+    CONFIG_NAME,
     FORMAT_VERSION,
+    IDENTITY_NAME,
     MalformedObject,
+    check_version,
+    kind_of,
+    make_identity,
     make_key_object,
     new_id,
     open_key_object,
     open_object,
     pack_name,
+    parse_identity,
     parse_shard_name,
     seal_object,
 )
@@ -56,9 +69,8 @@ from shardvault.shards.peers import Peer, PeerSet
 from shardvault.shards.stores import open_store
 from shardvault.snapshot import Snapshot
 from shardvault.state import State
+from shardvault.survey import PeerSurvey, majority_repository, refuse_aliases, survey
 from shardvault.tree import Entry, parse_lines
-
-CONFIG_NAME = "config"
 
 
 def open_peers(config: Config) -> PeerSet:
@@ -85,6 +97,95 @@ def _unreachable(peers: PeerSet) -> str:
     return "; ".join(f"{name}: {why}" for name, why in peers.down().items())
 
 
+def _not_found(config: Config, peers: PeerSet, answers: dict[str, PeerSurvey]) -> RepositoryError:
+    """No key object anywhere: say what is known instead of advising init when a repository exists."""
+    traces = [name for name, a in answers.items() if not a.empty]
+    down = peers.down()
+    state_dir = config.repository.state_dir
+    known_here = state_dir.is_dir() and any((d / "state.db").exists() for d in state_dir.iterdir() if d.is_dir())
+    if traces:
+        return RepositoryCorruptError(
+            "keys/*", f"peers {', '.join(traces)} hold a repository but no key object; do NOT run init"
+        )
+    if down:
+        return RepositoryNotReachableError(", ".join(answers) or "none", _unreachable(peers))
+    if known_here:
+        return RepositoryNotReachableError(
+            ", ".join(answers), f"but the state in {state_dir} knows a repository: are these the right peers?"
+        )
+    return RepositoryNotFoundError(", ".join(answers) or "none")
+
+
+def _open_key(
+    config: Config, password: str, key_names: dict[str, list[Peer]], majority: str | None
+) -> tuple[MasterKeys, str, list[MetaProblem]]:
+    """Find the key object our passphrase opens, trying every distinct copy.
+
+    The key that opened the repository last is tried first.  Each copy of a
+    key object is loaded until one opens: a bit flipped in one peer's copy
+    costs one more scrypt, never "wrong passphrase" while a good copy exists
+    (finding 4 of issue 7); copies with identical bytes are tried once.  A
+    key whose repository is not the one the peers' identities name is
+    foreign and skipped.
+    """
+    problems: list[MetaProblem] = []
+    hint_file = config.repository.state_dir / _HINT_FILE
+    try:
+        hint = hint_file.read_text().strip()
+    except OSError:
+        hint = ""
+    order = sorted(key_names, key=lambda name: (name != hint, name))
+    wrong = False
+    for name in order:
+        tried: set[bytes] = set()
+        for peer in key_names[name]:
+            try:
+                data = peer.store.load(name)
+            except PeerError as exc:
+                problems.append(MetaProblem(name, peer.name, str(exc)))
+                continue
+            digest = content_hash(data)
+            if digest in tried:
+                continue
+            tried.add(digest)
+            try:
+                keys, repo_id = open_key_object(password, data)
+            except MalformedObject as exc:
+                problems.append(MetaProblem(name, peer.name, f"bad key object: {exc}"))
+                continue
+            except OpenFailed:
+                wrong = True
+                continue  # another peer's copy may differ (a flipped bit); try it
+            if majority is not None and repo_id != majority:
+                problems.append(MetaProblem(name, peer.name, f"key of another repository ({repo_id[:8]})"))
+                continue
+            if name != hint:
+                try:
+                    hint_file.parent.mkdir(parents=True, exist_ok=True)
+                    hint_file.write_text(name)
+                except OSError:
+                    pass
+            return keys, repo_id, problems
+    if wrong or not problems:
+        raise WrongPassphraseError()
+    raise RepositoryCorruptError("keys/*", "; ".join(f"{p.peer}:{p.name}: {p.detail}" for p in problems))
+
+
+@dataclass(frozen=True)
+class MetaProblem:
+    """A copy of a metadata object that could not be used, or an object no peer holds intact."""
+
+    name: str
+    peer: str  # "" when the object as a whole is unreadable
+    detail: str
+
+    def to_doc(self) -> dict[str, str]:
+        return {"object": self.name, "peer": self.peer, "detail": self.detail}
+
+
+_HINT_FILE = "last-key"
+
+
 class Repository:
     """An opened repository.  Use :meth:`init` or :meth:`open`; close when done."""
 
@@ -100,6 +201,9 @@ class Repository:
         self._index: Index | None = None
         self._problems: list[ShardProblem] = []
         self._lock = threading.Lock()
+        self.meta_problems: list[MetaProblem] = []  # bad copies and unreadable objects met this run
+        self.survey: dict[str, PeerSurvey] = {}
+        self.degraded_writes: list[str] = []  # metadata committed on fewer peers than the quorum
 
     # -- opening -------------------------------------------------------------------
 
@@ -110,7 +214,9 @@ class Repository:
         for peer in peers:
             peer.store.create()  # raises on the first unreachable or read-only peer
         for peer in peers:
-            if any(True for _ in peer.store.list("keys/")) or any(True for _ in peer.store.list(CONFIG_NAME)):
+            if any(True for _ in peer.store.list("keys/")) or any(
+                item.name in (CONFIG_NAME, IDENTITY_NAME) for item in peer.store.list("") if "/" not in item.name
+            ):
                 raise RepositoryExistsError(peer.name)
         keys = MasterKeys.generate()
         repo_id = new_id()
@@ -128,57 +234,101 @@ class Repository:
             "chunk_id": "blake3-keyed",
         }
         repo = cls(config, peers, keys, repo_id, doc)
-        objects = {
-            f"keys/{secrets.token_hex(8)}": make_key_object(password, keys, repo_id),
-            CONFIG_NAME: seal_object(repo.cipher, CONFIG_NAME, doc),
-        }
         written: list[tuple[Peer, str]] = []
         try:
+            # Identities first, one write each, then read back: a peer that
+            # shows another's token is the same storage, refused before any key
+            # or config is written (invariant 1: every peer an independent copy).
+            identities = {peer.name: make_identity(repo_id, peer.name) for peer in peers}
+            for peer in peers:
+                peer.store.store(IDENTITY_NAME, identities[peer.name])
+                written.append((peer, IDENTITY_NAME))
+            token_of = {parse_identity(data)["peer"]: name for name, data in identities.items()}
+            for peer in peers:
+                seen = parse_identity(peer.store.load(IDENTITY_NAME))["peer"]
+                if token_of.get(seen) != peer.name:
+                    other = token_of.get(seen, "(unknown)")
+                    raise AliasedPeersError(peer.name, other, f"writing {other}'s identity replaced {peer.name}'s")
+            objects = {
+                f"keys/{secrets.token_hex(8)}": make_key_object(password, keys, repo_id),
+                CONFIG_NAME: seal_object(repo.cipher, CONFIG_NAME, doc),
+            }
             for name, data in objects.items():
                 for peer in peers:
                     peer.store.store(name, data)
                     written.append((peer, name))
-        except PeerError:
+        except (PeerError, AliasedPeersError, MalformedObject) as exc:
             for peer, name in written:  # leave every peer as it was
                 try:
                     peer.store.delete(name)
                 except PeerError:
                     pass
             repo.close()
+            if isinstance(exc, MalformedObject):
+                raise RepositoryCorruptError(IDENTITY_NAME, str(exc)) from None
             raise
+        repo._remember_key(next(iter(objects)))
         return repo
 
     @classmethod
     def open(cls, config: Config, password: str) -> Repository:
         peers = open_peers(config)
         peers.probe_all()
-        up = peers.up()
-        if not up:
+        if not peers.up():
             raise PeerUnavailableError("(all)", f"no peer is reachable: {_unreachable(peers)}")
+        with ThreadPoolExecutor(max_workers=max(4, len(peers)), thread_name_prefix="sv-open") as pool:
+            answers = survey(peers, pool)
+        refuse_aliases(answers)
         key_names: dict[str, list[Peer]] = {}
-        for peer in up:
-            try:
-                for item in peer.store.list("keys/"):
-                    key_names.setdefault(item.name, []).append(peer)
-            except PeerError as exc:
-                peers.mark_down(peer, str(exc))
+        for name, answer in answers.items():
+            peer = peers.get(name)
+            assert peer is not None
+            for key in answer.keys:
+                key_names.setdefault(key, []).append(peer)
         if not key_names:
-            where = ", ".join(p.name for p in peers.up()) or "none"
-            raise RepositoryNotFoundError(where)
-        for name, holders in sorted(key_names.items()):
-            for peer in holders:
-                try:
-                    keys, repo_id = open_key_object(password, peer.store.load(name))
-                except (PeerError, MalformedObject):
-                    continue  # a damaged copy; another peer may have a good one
-                except OpenFailed:
-                    break  # authenticated encryption: this key is not ours
-                repo = cls(config, peers, keys, repo_id, {})
-                repo.doc = repo.read_meta(CONFIG_NAME, cache=False)
-                if repo.doc.get("id") != repo_id:
-                    raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
-                return repo
-        raise WrongPassphraseError()
+            raise _not_found(config, peers, answers)
+        majority = majority_repository(answers)
+        keys, repo_id, problems = _open_key(config, password, key_names, majority)
+        repo = cls(config, peers, keys, repo_id, {})
+        repo.survey = answers
+        repo.meta_problems.extend(problems)
+        try:
+            for name, answer in answers.items():
+                if answer.identity is not None and answer.identity["repository"] != repo_id:
+                    raise ForeignRepositoryError(name, answer.identity["repository"][:8], repo_id[:8])
+            repo.doc = repo.read_meta(CONFIG_NAME, cache=False)
+            check_version("config", repo.doc, CONFIG_NAME)
+            if repo.doc.get("id") != repo_id:
+                raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
+            repo._check_parameters()
+        except BaseException:
+            repo.close()
+            raise
+        return repo
+
+    def _check_parameters(self) -> None:
+        """The parameters recorded at init are authoritative; a TOML that disagrees is refused."""
+        rc, doc = self.config.repository, self.doc
+        chunker = doc.get("chunker", {})
+        recorded = {
+            "repository.k": (rc.k, doc.get("k")),
+            "repository.n": (rc.n, doc.get("n")),
+            "repository.chunk_min_kib": (rc.chunk_min // 1024, int(chunker.get("min", 0)) // 1024),
+            "repository.chunk_avg_kib": (rc.chunk_avg // 1024, int(chunker.get("avg", 0)) // 1024),
+            "repository.chunk_max_kib": (rc.chunk_max // 1024, int(chunker.get("max", 0)) // 1024),
+        }
+        for key, (configured, actual) in recorded.items():
+            if configured != actual:
+                raise RepositoryMismatchError(self.config.path, key, configured, actual)
+
+    def _remember_key(self, name: str) -> None:
+        """Remember which key object opened this repository: tried first next time (one scrypt, not several)."""
+        hint = self.config.repository.state_dir / _HINT_FILE
+        try:
+            hint.parent.mkdir(parents=True, exist_ok=True)
+            hint.write_text(name)
+        except OSError:
+            pass  # a hint that cannot be written only costs time
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
@@ -194,7 +344,7 @@ class Repository:
     # -- metadata objects ----------------------------------------------------------
 
     def list_meta(self, prefix: str) -> list[str]:
-        """Names under ``prefix`` on any reachable peer (the union)."""
+        """Names under ``prefix`` on any reachable peer (the union); junk names are reported, not returned."""
         names: set[str] = set()
         for peer in self.peers.up():
             try:
@@ -203,29 +353,58 @@ class Repository:
                 self.peers.mark_down(peer, str(exc))
         if not self.peers.up():
             raise PeerUnavailableError("(all)", f"no peer is reachable: {_unreachable(self.peers)}")
-        return sorted(names)
+        good = []
+        for name in sorted(names):
+            if kind_of(name) is None:
+                self._meta_problem(MetaProblem(name, "", "not a shardvault object name (planted or foreign)"))
+            else:
+                good.append(name)
+        return good
+
+    def _meta_problem(self, problem: MetaProblem) -> None:
+        with self._lock:
+            if problem not in self.meta_problems:
+                self.meta_problems.append(problem)
 
     def read_meta(self, name: str, cache: bool = True) -> dict[str, Any]:
-        """The object from the local cache or the first peer whose copy authenticates."""
+        """The object from the local cache or the first peer whose copy authenticates.
+
+        Bad copies are skipped and remembered in :attr:`meta_problems` (one bad
+        copy is never fatal while a good one exists); RepositoryCorruptError
+        names an object no peer holds intact.
+        """
         failures: list[str] = []
+        unsupported: UnsupportedFormatError | None = None
         if cache and (data := self.state.cached(name)) is not None:
             try:
                 return open_object(self.cipher, name, data)
-            except MalformedObject:
+            except (MalformedObject, UnsupportedFormatError):
                 self.state.forget(name)
         for peer in sorted(self.peers.up(), key=lambda p: self.peers.cost(p.name)):
             try:
                 data = self.peers.timed(peer, len, lambda p=peer: p.store.load(name))  # type: ignore[misc]
                 doc = open_object(self.cipher, name, data)
+            except ObjectNotFoundError:
+                failures.append(f"peer {peer.name}: missing")
+                continue
             except PeerError as exc:
                 failures.append(str(exc))
                 continue
+            except UnsupportedFormatError as exc:
+                unsupported = exc
+                failures.append(f"peer {peer.name}: {exc}")
+                self._meta_problem(MetaProblem(name, peer.name, str(exc)))
+                continue
             except MalformedObject as exc:
                 failures.append(f"peer {peer.name}: {exc}")
+                self._meta_problem(MetaProblem(name, peer.name, f"bad copy: {exc}"))
                 continue
             if cache:
                 self.state.cache(name, data)
             return doc
+        if unsupported is not None and all("missing" in f or "format version" in f for f in failures):
+            raise unsupported
+        self._meta_problem(MetaProblem(name, "", "no peer holds an intact copy: " + "; ".join(failures)))
         raise RepositoryCorruptError(name, "; ".join(failures) or "no peer reachable")
 
     def meta_exists(self, name: str) -> bool:
@@ -241,7 +420,16 @@ class Repository:
         return False
 
     def write_meta(self, name: str, doc: dict[str, Any]) -> None:
-        """Store a sealed object on every reachable peer; at least the write quorum must take it."""
+        """Store a sealed object on every reachable peer: the commit step of every writer.
+
+        Committed means visible, and visible means committed (finding 9 of
+        issue 7): at least the write quorum must take it, or every copy that
+        was written is deleted again and NotEnoughPeersError says nothing was
+        committed.  Only if that undo itself fails is the object visible with
+        fewer copies; then it *is* committed, the write returns normally, and
+        :attr:`degraded_writes` names it so the caller says "degraded" and
+        repair re-replicates it.
+        """
         data = seal_object(self.cipher, name, doc)
         up = self.peers.up()
         errors: list[str] = []
@@ -250,24 +438,60 @@ class Repository:
             peer.store.store(name, data)
 
         futures = [(peer, self.io.submit(put, peer)) for peer in up]
-        acked = 0
+        acked: list[Peer] = []
         for peer, future in futures:
             try:
                 future.result()
-                acked += 1
+                acked.append(peer)
             except PeerError as exc:
                 self.peers.mark_down(peer, str(exc))
                 errors.append(str(exc))
         quorum = self.config.repository.write_quorum
-        if acked < quorum:
-            raise NotEnoughPeersError(acked, quorum, "; ".join(errors) or _unreachable(self.peers))
+        if len(acked) < quorum:
+            undone = 0
+            for peer in acked:
+                try:
+                    peer.store.delete(name)
+                    undone += 1
+                except PeerError:
+                    pass
+            if undone == len(acked):
+                raise NotEnoughPeersError(len(acked), quorum, "; ".join(errors) or _unreachable(self.peers))
+            self.degraded_writes.append(name)
+        elif len(acked) < len(self.peers):
+            self.degraded_writes.append(name)
         self.state.cache(name, data)
 
     def require_quorum(self) -> None:
         """Before writing: enough peers must answer, or nothing is written."""
         errors = [e for e in self.peers.probe_all().values() if e is not None]
         if len(self.peers.up()) < self.config.repository.write_quorum:
-            raise errors[0]
+            raise (
+                errors[0]
+                if errors
+                else NotEnoughPeersError(
+                    len(self.peers.up()), self.config.repository.write_quorum, _unreachable(self.peers)
+                )
+            )
+
+    def _read_all(self, names: list[str], kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """Read many objects in parallel; an object no peer holds intact is reported and skipped.
+
+        One junk or unauthenticated object must not stop every command
+        (finding 4 of issue 7): unrelated snapshots still restore and backups
+        still run; ``check`` names the unreadable object.
+        """
+
+        def read(name: str) -> dict[str, Any] | None:
+            try:
+                doc = self.read_meta(name)
+                check_version(kind, doc, name)
+                return doc
+            except (RepositoryCorruptError, UnsupportedFormatError) as exc:
+                self._meta_problem(MetaProblem(name, "", str(exc)))
+                return None
+
+        return [(n, d) for n, d in zip(names, self.io.map(read, names), strict=True) if d is not None]
 
     # -- index and snapshots -------------------------------------------------------
 
@@ -279,9 +503,11 @@ class Repository:
 
     def load_index(self) -> Index:
         index = Index()
-        names = self.list_meta("index/")
-        for name, doc in zip(names, self.io.map(self.read_meta, names), strict=True):
-            index.add_doc(name, doc)
+        for name, doc in self._read_all(self.list_meta("index/"), "index"):
+            try:
+                index.add_doc(name, doc)
+            except (KeyError, ValueError, TypeError, IndexError) as exc:  # authenticated but malformed
+                self._meta_problem(MetaProblem(name, "", f"unparsable index body: {exc!r}"))
         return index
 
     def write_index(self, packs: list[PackRecord]) -> str:
@@ -293,8 +519,17 @@ class Repository:
         return name
 
     def snapshots(self) -> list[Snapshot]:
-        names = self.list_meta("snapshots/")
-        snaps = [Snapshot.from_doc(doc) for doc in self.io.map(self.read_meta, names)]
+        snaps = []
+        for name, doc in self._read_all(self.list_meta("snapshots/"), "snapshot"):
+            try:
+                snap = Snapshot.from_doc(doc)
+            except (KeyError, ValueError, TypeError) as exc:  # authenticated but malformed
+                self._meta_problem(MetaProblem(name, "", f"unparsable snapshot body: {exc!r}"))
+                continue
+            if name != f"snapshots/{snap.id}":
+                self._meta_problem(MetaProblem(name, "", f"names snapshot {snap.id[:16]}, not itself"))
+                continue
+            snaps.append(snap)
         return sorted(snaps, key=lambda s: (s.finished, s.id))
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
