@@ -4,6 +4,11 @@
 costs one timeout, not one per pack) and how fast each answered (an
 exponentially weighted mean of seconds per MiB), so readers can ask the
 fastest peers first.
+
+A peer marked down stays down for the run: ``probe_all`` is called by several
+steps of one command, and probing a peer that already timed out again would
+cost its timeout again each time (an unresponsive S3 peer once made
+``snapshots`` take minutes).  A new run probes it afresh.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from shardvault.errors import PeerError
+from shardvault.errors import PeerError, PeerUnavailableError
 
 from .stores import PeerStore
 
@@ -37,6 +42,7 @@ class PeerSet:
         self._by_name = {p.name: p for p in self.peers}
         self._lock = threading.Lock()
         self._down: dict[str, str] = {}
+        self._errors: dict[str, PeerError] = {}  # why each down peer is down, for probe_all's answer
         self._cost: dict[str, float] = {}
 
     def __iter__(self) -> Iterator[Peer]:
@@ -56,9 +62,15 @@ class PeerSet:
         with self._lock:
             return dict(self._down)
 
-    def mark_down(self, peer: Peer, reason: str) -> None:
+    def mark_down(self, peer: Peer, reason: str | PeerError) -> None:
+        """Record that ``peer`` failed; the first reason is kept (it is usually the cause)."""
         with self._lock:
-            self._down.setdefault(peer.name, reason)
+            if peer.name in self._down:
+                return
+            self._down[peer.name] = str(reason)
+            self._errors[peer.name] = (
+                reason if isinstance(reason, PeerError) else PeerUnavailableError(peer.name, reason)
+            )
 
     def is_down(self, name: str) -> bool:
         with self._lock:
@@ -81,14 +93,23 @@ class PeerSet:
         return result
 
     def probe_all(self) -> dict[str, PeerError | None]:
-        """Probe every peer; mark failures down.  Returns name -> error or None."""
+        """Probe every peer not yet down; mark failures down.  Returns name -> error or None.
+
+        A peer already down is not probed again (it answers with the error that
+        put it down), so a dead peer costs one timeout per run.
+        """
         results: dict[str, PeerError | None] = {}
         for peer in self.peers:
+            with self._lock:
+                known = self._errors.get(peer.name)
+            if known is not None:
+                results[peer.name] = known
+                continue
             try:
                 peer.store.probe()
                 results[peer.name] = None
             except PeerError as exc:
-                self.mark_down(peer, str(exc))
+                self.mark_down(peer, exc)
                 results[peer.name] = exc
         return results
 

@@ -2,19 +2,37 @@
 
 :func:`open_store` turns a peer's URL into a store: ``file:///path`` (or a
 plain path) for a local directory, ``s3://bucket/prefix`` for S3-compatible
-servers.
+servers.  :func:`open_peer_store` does the same for a configured peer,
+passing on every per-peer setting (endpoint, timeouts).  URLs are
+percent-decoded here as in :mod:`shardvault.config`, which canonicalised
+them, so the store works on exactly the place the aliasing check compared.
 """
 
 from __future__ import annotations
 
 from urllib.parse import unquote, urlparse
 
+from shardvault.config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_READ_TIMEOUT,
+    PeerConfig,
+)
 from shardvault.errors import ConfigError
 
-from .base import ItemInfo, PeerStore, validate_name
+from .base import ItemInfo, PeerStore, is_leftover_name, validate_leftover_name, validate_name
 from .local import LocalStore
 
-__all__ = ["ItemInfo", "LocalStore", "PeerStore", "open_store", "validate_name"]
+__all__ = [
+    "ItemInfo",
+    "LocalStore",
+    "PeerStore",
+    "is_leftover_name",
+    "open_peer_store",
+    "open_store",
+    "validate_leftover_name",
+    "validate_name",
+]
 
 
 def open_store(
@@ -25,13 +43,19 @@ def open_store(
     region: str | None = None,
     profile: str | None = None,
     fsync: bool = True,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
 ) -> PeerStore:
-    """Return the store for ``url``; ConfigError for an unknown scheme."""
+    """Return the store for ``url``; ConfigError for an unknown scheme.
+
+    The timeouts and ``max_attempts`` apply to S3 peers only.
+    """
     parsed = urlparse(url)
     if parsed.scheme in ("", "file"):
-        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        if parsed.scheme == "file" and parsed.netloc.lower() not in ("", "localhost"):
             raise ConfigError(f"peer {peer}: file URL must be file:///absolute/path, got {url!r}")
-        path = unquote(parsed.path if parsed.scheme else url)
+        path = unquote(parsed.path) if parsed.scheme else url
         if not path:
             raise ConfigError(f"peer {peer}: empty path in {url!r}")
         return LocalStore(peer, path, fsync=fsync)
@@ -40,5 +64,30 @@ def open_store(
             raise ConfigError(f"peer {peer}: S3 URL needs a bucket: s3://bucket/prefix, got {url!r}")
         from .s3 import S3Store  # boto3 is slow to import; only S3 peers pay for it
 
-        return S3Store(peer, parsed.netloc, parsed.path, endpoint=endpoint, region=region, profile=profile)
+        return S3Store(
+            peer,
+            parsed.netloc,
+            unquote(parsed.path),
+            endpoint=endpoint,
+            region=region,
+            profile=profile,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_attempts=max_attempts,
+        )
     raise ConfigError(f"peer {peer}: unsupported URL scheme {parsed.scheme!r} in {url!r} (use file:// or s3://)")
+
+
+def open_peer_store(peer: PeerConfig, *, fsync: bool = True) -> PeerStore:
+    """The store of a configured peer, with every per-peer setting of the configuration."""
+    return open_store(
+        peer.name,
+        peer.url,
+        endpoint=peer.endpoint,
+        region=peer.region,
+        profile=peer.profile,
+        fsync=fsync,
+        connect_timeout=peer.connect_timeout,
+        read_timeout=peer.read_timeout,
+        max_attempts=peer.max_attempts,
+    )

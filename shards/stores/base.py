@@ -12,6 +12,13 @@ Modelled on borgstore: five verbs over flat, slash-separated object names.
 Plus ``create()`` (make an empty store, refusing if it cannot write) and
 ``probe()`` (is the peer there and answering, cheaply).
 
+Leftovers: a write killed half-way (SIGKILL, power loss) may leave its
+temporary object behind.  ``list()`` never shows it (its last component starts
+with a dot, which no valid name does), so ``list_leftovers()`` is the one way
+to see them (``check`` reports them) and ``delete_leftover(name)`` the one way
+to remove them (prune).  Leftover names are validated like object names: the
+directory part is a valid name, the last component a temporary's name.
+
 Names are validated here, at the boundary, so no caller can reach outside the
 store (``..``, absolute paths, odd characters) whatever the repository's
 metadata says.  Peers are untrusted: implementations turn transport failures
@@ -26,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from shardvault.errors import InvalidObjectNameError
+from shardvault.errors import InvalidObjectNameError, ObjectNotFoundError
 
 # Lower-case components of letters, digits, '.', '_' and '-', not starting with
 # a dot (so no '..', no hidden temp files), at most 8 deep and 255 long.
@@ -43,6 +50,33 @@ def validate_name(name: str) -> str:
         raise InvalidObjectNameError(name, f"longer than {MAX_NAME_LENGTH} characters")
     if not _NAME_RE.match(name):
         raise InvalidObjectNameError(name, "only lower-case a-z, 0-9, '.', '_', '-' components separated by '/'")
+    return name
+
+
+# The temporaries our stores write: ".tmp-<hex>" (local writes) and ".probe" or
+# ".probe-<hex>" (the writability probe of create()).  Nothing else hidden is
+# ours, so nothing else is ever reported or deleted as a leftover.
+_LEFTOVER_RE = re.compile(r"^\.(tmp-[0-9a-f]{1,64}|probe(-[0-9a-f]{1,64})?)$")
+
+
+def is_leftover_name(name: str) -> bool:
+    """True if ``name`` is a temporary object's name (``data/ab/.tmp-1f2e``, ``.probe``)."""
+    head, _, tail = name.rpartition("/")
+    if not _LEFTOVER_RE.match(tail):
+        return False
+    if not head:
+        return True
+    try:
+        validate_name(head)
+    except InvalidObjectNameError:
+        return False
+    return True
+
+
+def validate_leftover_name(name: str) -> str:
+    """Return ``name`` if it names a temporary object, else raise (never a real object's name)."""
+    if not isinstance(name, str) or not is_leftover_name(name):
+        raise InvalidObjectNameError(str(name), "not the name of a leftover temporary object")
     return name
 
 
@@ -94,6 +128,18 @@ class PeerStore(ABC):
     @abstractmethod
     def info(self, name: str) -> ItemInfo:
         """Return the object's info; ObjectNotFoundError if it is absent."""
+
+    def list_leftovers(self) -> Iterator[ItemInfo]:
+        """Yield the temporary objects of killed writes, which ``list()`` hides.
+
+        The default, for stores whose writes leave no temporaries, yields nothing.
+        """
+        return iter(())
+
+    def delete_leftover(self, name: str) -> None:
+        """Remove one leftover that ``list_leftovers()`` yielded; ObjectNotFoundError if it is gone."""
+        validate_leftover_name(name)
+        raise ObjectNotFoundError(self.peer, name)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has none."""

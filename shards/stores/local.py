@@ -4,7 +4,12 @@ Writes go to a hidden temporary file in the target directory, are fsynced,
 renamed over the final name and the directory is fsynced, so an object is
 either absent or complete even after a crash or SIGKILL.  Temporary files
 start with a dot, which no valid object name does, so ``list`` never shows a
-torn write; a later prune may remove them.
+torn write; ``list_leftovers`` finds them (``check`` reports them) and
+``delete_leftover`` removes them (prune).
+
+``create`` makes only the peer's own directory, never its parents: a mistyped
+path (``/mnt/dsik3/shardvault``) must fail naming the missing parent, not
+quietly create a peer on the root filesystem beside the real disks.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from shardvault.errors import (
     PeerUnavailableError,
 )
 
-from .base import ItemInfo, PeerStore, validate_name, validate_prefix
+from .base import ItemInfo, PeerStore, is_leftover_name, validate_leftover_name, validate_name, validate_prefix
 
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -172,3 +177,27 @@ class LocalStore(PeerStore):
         except OSError as exc:
             raise self._error(exc, name) from exc
         return ItemInfo(name, st.st_size)
+
+    def list_leftovers(self) -> Iterator[ItemInfo]:
+        self.probe()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, self.root)
+            for filename in sorted(filenames):
+                name = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                if not is_leftover_name(name):
+                    continue
+                try:
+                    size = os.stat(os.path.join(dirpath, filename)).st_size
+                except FileNotFoundError:  # a write finished (renamed) while listing
+                    continue
+                yield ItemInfo(name, size)
+
+    def delete_leftover(self, name: str) -> None:
+        path = self.root / validate_leftover_name(name)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(self.peer, name) from None
+        except OSError as exc:
+            raise self._error(exc, name, writing=True) from exc

@@ -6,6 +6,16 @@ with every server we target.  PUT is atomic in S3, so ``store`` needs no
 temporary object.  Transport failures map to PeerUnavailableError, a denied
 write to PeerReadOnlyError and an unparsable answer to PeerProtocolError, so
 callers handle every peer type alike.
+
+Every request is bounded: ``connect_timeout`` to get a connection,
+``read_timeout`` without a byte of answer, ``max_attempts`` tries in all
+(botocore's standard retry mode), so a peer that accepts connections and
+never answers costs at most about ``max_attempts * (connect + read)``
+seconds, once per run (the peer set marks it down and does not ask again).
+
+Leftovers: ``put_object`` is atomic and single-part, so a killed write leaves
+nothing; only ``create``'s ``.probe`` object can be left by a killed ``init``.
+``list_leftovers`` yields the hidden temporaries under the prefix.
 """
 
 from __future__ import annotations
@@ -18,11 +28,14 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
     EndpointConnectionError,
     NoCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.parsers import ResponseParserError
 
+from shardvault.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT
 from shardvault.errors import (
     ObjectNotFoundError,
     PeerError,
@@ -31,14 +44,25 @@ from shardvault.errors import (
     PeerUnavailableError,
 )
 
-from .base import ItemInfo, PeerStore, validate_name, validate_prefix
+from .base import ItemInfo, PeerStore, is_leftover_name, validate_leftover_name, validate_name, validate_prefix
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
-def make_client(endpoint: str | None, region: str | None, profile: str | None) -> Any:
-    """A boto3 S3 client that works with AWS, MinIO, SeaweedFS and Ceph (path-style addressing)."""
+def make_client(
+    endpoint: str | None,
+    region: str | None,
+    profile: str | None,
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+) -> Any:
+    """A boto3 S3 client that works with AWS, MinIO, SeaweedFS and Ceph (path-style addressing).
+
+    ``max_attempts`` counts every try, the first included.
+    """
     session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
     return session.client(
         "s3",
@@ -46,9 +70,9 @@ def make_client(endpoint: str | None, region: str | None, profile: str | None) -
         region_name=region or "us-east-1",
         config=Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
             max_pool_connections=32,
         ),
     )
@@ -67,12 +91,28 @@ class S3Store(PeerStore):
         region: str | None = None,
         profile: str | None = None,
         client: Any = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         super().__init__(peer)
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint
-        self.client = client if client is not None else make_client(endpoint, region, profile)
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self.client = (
+            client
+            if client is not None
+            else make_client(
+                endpoint,
+                region,
+                profile,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                max_attempts=max_attempts,
+            )
+        )
 
     def _where(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
@@ -97,6 +137,14 @@ class S3Store(PeerStore):
             ) from exc
         if isinstance(exc, ResponseParserError):
             raise PeerProtocolError(self.peer, f"unparsable answer from {self._where()}") from exc
+        if isinstance(exc, ConnectTimeoutError):
+            raise PeerUnavailableError(
+                self.peer, f"no connection to {self._where()} within {self.connect_timeout:g}s"
+            ) from exc
+        if isinstance(exc, ReadTimeoutError):
+            raise PeerUnavailableError(
+                self.peer, f"no answer from {self._where()} within {self.read_timeout:g}s"
+            ) from exc
         if isinstance(exc, EndpointConnectionError):
             raise PeerUnavailableError(self.peer, f"cannot connect to {self._where()}") from exc
         if isinstance(exc, BotoCoreError):
@@ -181,6 +229,31 @@ class S3Store(PeerStore):
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, name)
         return ItemInfo(name, int(response["ContentLength"]))
+
+    def list_leftovers(self) -> Iterator[ItemInfo]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                if not isinstance(page, dict):
+                    raise PeerProtocolError(self.peer, f"unparsable listing from {self._where()}")
+                for item in page.get("Contents", []):
+                    name = str(item["Key"])[len(self.prefix) :]
+                    if is_leftover_name(name):
+                        yield ItemInfo(name, int(item["Size"]))
+        except PeerError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PeerProtocolError(self.peer, f"malformed listing from {self._where()}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, "")
+
+    def delete_leftover(self, name: str) -> None:
+        key = self.prefix + validate_leftover_name(name)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)  # S3 deletes of absent keys succeed silently
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name, writing=True)
 
     def close(self) -> None:
         self.client.close()
