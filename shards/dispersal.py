@@ -11,6 +11,11 @@ Reading (:func:`get_pack`): shards are fetched from the fastest peers first,
 k at a time in parallel; every shard is checked against its own hash and the
 index's record before use; a bad or missing one is reported and replaced by
 the next candidate until k good shards are in hand or none are left.
+
+This module is the one place that builds shards (:func:`build_shards`), reads
+and verifies one (:func:`read_shard`), and names what is wrong with one
+(:func:`classify`): check, scrub, repair, rebalance and restore all go through
+these, so they cannot disagree about the same failure.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from shardvault.errors import NotEnoughPeersError, NotEnoughShardsError, ObjectNotFoundError, PeerError
@@ -38,6 +44,23 @@ class ShardRecord:
     size: int
 
 
+class ShardProblemKind(StrEnum):
+    """What is wrong with a shard; the values are the words of reports, JSON and the state."""
+
+    MISSING = "missing"  # the peer answered: the object is not there
+    CORRUPT = "corrupt"  # there, but not the bytes the index expects (bit rot, truncation, swap, replay)
+    UNREACHABLE = "unreachable"  # the peer did not answer (down, timeout, not configured)
+
+
+def classify(exc: BaseException) -> ShardProblemKind:
+    """The one verdict for an error met while reading a shard."""
+    if isinstance(exc, ShardFormatError):
+        return ShardProblemKind.CORRUPT
+    if isinstance(exc, ObjectNotFoundError):
+        return ShardProblemKind.MISSING
+    return ShardProblemKind.UNREACHABLE
+
+
 @dataclass(frozen=True)
 class ShardProblem:
     """A shard that could not be used, and why."""
@@ -46,7 +69,7 @@ class ShardProblem:
     num: int
     peer: str
     object: str
-    kind: str  # "missing", "corrupt", "unreachable"
+    kind: ShardProblemKind
     detail: str
 
     def to_doc(self) -> dict[str, Any]:
@@ -60,12 +83,43 @@ class ShardProblem:
         }
 
 
-def shard_objects(pack_id: bytes, data: bytes, k: int, n: int) -> dict[int, bytes]:
-    """The n shard objects (header + block + hash) of a pack."""
-    blocks = erasure.encode(data, k, n)
+@dataclass(frozen=True)
+class VerifiedShard:
+    """A shard read from its peer and checked: the object's bytes and the zfec block inside."""
+
+    raw: bytes
+    payload: memoryview
+
+
+def build_shards(pack_id: bytes, data: bytes, k: int, n: int, nums: list[int] | None = None) -> dict[int, bytes]:
+    """Shard objects (header + block + hash) ``nums`` (default all n) of a pack.
+
+    zfec makes any block on its own, so repair asks only for the numbers it
+    lost; the bytes are exactly those written at backup time.
+    """
+    blocks = erasure.encode(data, k, n, wanted=nums)
     return {
         num: build_shard(ShardHeader(k, n, num, pack_id, len(data), len(block)), block) for num, block in blocks.items()
     }
+
+
+def shard_objects(pack_id: bytes, data: bytes, k: int, n: int) -> dict[int, bytes]:
+    """The n shard objects of a pack (the golden vectors' name for :func:`build_shards`)."""
+    return build_shards(pack_id, data, k, n)
+
+
+def read_shard(peers: PeerSet, record: ShardRecord, name: str, *, pack_id: bytes, k: int, n: int) -> VerifiedShard:
+    """Load one shard from its recorded peer and verify it against its own hash and the index's.
+
+    Raises :class:`PeerError` or :class:`ShardFormatError`; :func:`classify`
+    names either.  The peer's speed estimate is updated on the way.
+    """
+    peer = peers.get(record.peer)
+    if peer is None:
+        raise PeerError(record.peer, "not in the configuration")
+    raw = peers.timed(peer, len, lambda: peer.store.load(name))
+    payload = verify_shard(raw, pack_id=pack_id, num=record.num, k=k, n=n, expected_hash=record.hash)
+    return VerifiedShard(raw, payload)
 
 
 def put_pack(
@@ -79,7 +133,7 @@ def put_pack(
     object_name: Callable[[int], str],
 ) -> list[ShardRecord]:
     """Store the shards of one pack; return the acknowledged ones."""
-    shards = shard_objects(pack_id, data, k, n)
+    shards = build_shards(pack_id, data, k, n)
     del data
     targets = place(peers.up(), n, pack_id)
     used = {p.name for p in targets}
@@ -146,21 +200,14 @@ def get_pack(
     problems: list[str] = []
 
     def fetch(record: ShardRecord) -> memoryview:
-        peer = peers.get(record.peer)
-        if peer is None:
-            raise PeerError(record.peer, "not in the configuration")
-        raw = peers.timed(peer, len, lambda: peer.store.load(object_name(record.num)))
-        return verify_shard(raw, pack_id=pack_id, num=record.num, k=k, n=n, expected_hash=record.hash)
+        return read_shard(peers, record, object_name(record.num), pack_id=pack_id, k=k, n=n).payload
 
     def problem(record: ShardRecord, exc: Exception) -> None:
-        if isinstance(exc, ObjectNotFoundError):
-            kind = "missing"
-        elif isinstance(exc, ShardFormatError):
-            kind = "corrupt"
-        else:
-            kind = "unreachable"
+        kind = classify(exc)
+        if kind is ShardProblemKind.UNREACHABLE:
+            # One timeout per peer and run, not one per pack.
             peer = peers.get(record.peer)
-            if peer is not None and not isinstance(exc, ObjectNotFoundError):
+            if peer is not None:
                 peers.mark_down(peer, str(exc))
         name = object_name(record.num)
         problems.append(f"{record.peer}:{name} {kind}")

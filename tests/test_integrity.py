@@ -254,6 +254,13 @@ def test_repair_with_a_target_peer_failing_leaves_a_consistent_index(
         # p0 took two shards and failed; the others went to other peers and were committed.
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["shards_relocated"] > 0
+        # With p0 down, some packs got two shards on one peer: restorable, but one peer failure
+        # short of n-k, so not healthy.  Once p0 is back, repair spreads them out again.
+        code, crowded = _json(vault, "check")
+        assert code == 6 and crowded["packs"]["lost"] == 0 and not crowded["shard_issues"], crowded
+        assert all(p["peer_failures_survived"] < 2 for p in crowded["damaged_packs"])
+        code, spread = _json(vault, "repair")
+        assert code == 0 and spread["shards_spread"] == len(crowded["damaged_packs"]), spread
         _all_healthy(vault)
     else:
         # The new placement needs p0 to acknowledge the index, so repair reports failure; whatever

@@ -6,10 +6,18 @@ is good if its object is on the recorded peer with the recorded size.  With
 hash and the index's (bit rot, truncation, a swapped or replayed shard).  Each
 pack is then
 
-* ``healthy``  all n shards good,
-* ``degraded`` more than k but fewer than n,
-* ``at_risk``  exactly k (one more loss and it is gone),
+* ``healthy``  all n shards good, surviving any n-k peer failures and as
+  many zone failures as the configured zones allow,
+* ``degraded`` restorable after any one more peer failure, but short of that
+  (fewer than n good shards, two on one peer, too many in one zone),
+* ``at_risk``  one more peer failure can lose it (exactly k shards, or a
+  peer holding several),
 * ``lost``     fewer than k.
+
+Damaged packs carry how many peer and zone failures they survive.
+
+The check also counts leftovers: shard objects no index names, and temporary
+objects of killed runs (prune removes both).  They are not damage.
 
 The check also walks every snapshot's tree and confirms each chunk it names is
 in the index, so a snapshot that references missing data is caught here, not
@@ -19,7 +27,6 @@ at restore time.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
@@ -30,11 +37,12 @@ from shardvault.errors import PeerError, ShardvaultError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
-from shardvault.shards.dispersal import ShardRecord
-from shardvault.shards.format import ShardFormatError, verify_shard
+from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
+from shardvault.shards.dispersal import read_shard as read_verified
+from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
-from .record import STATES, ShardIssue, pack_state, presence
+from .record import STATES, Layout, PackState, ShardIssue, presence
 
 READ_AHEAD = 8
 
@@ -47,6 +55,19 @@ class PackStatus:
     n: int
     good: int
     state: str
+    peer_failures_survived: int = 0
+    zone_failures_survived: int = 0
+    zone_failures_possible: int = 0
+
+
+@dataclass
+class Leftovers:
+    """Objects on one peer that no index names; prune removes them."""
+
+    objects: int = 0
+    bytes: int = 0
+    unreferenced_shards: int = 0
+    temporary: int = 0  # objects a killed run left half-written
 
 
 @dataclass
@@ -60,6 +81,10 @@ class CheckReport:
     shards_read: int = 0
     bytes_read: int = 0
     unreferenced_shards: int = 0
+    leftovers: dict[str, Leftovers] = field(default_factory=dict)
+    # pack counts by how many peer / zone failures they survive (-1: lost)
+    peer_failures_survived: dict[int, int] = field(default_factory=dict)
+    zone_failures_survived: dict[int, int] = field(default_factory=dict)
     snapshots: int = 0
     snapshot_errors: list[str] = field(default_factory=list)
 
@@ -69,8 +94,8 @@ class CheckReport:
 
     def summary(self) -> str:
         parts = [f"{self.packs[s]} {s}" for s in STATES]
-        missing = sum(1 for i in self.shard_issues if i.problem != "corrupt")
-        corrupt = sum(1 for i in self.shard_issues if i.problem == "corrupt")
+        missing = sum(1 for i in self.shard_issues if i.problem != ShardProblemKind.CORRUPT)
+        corrupt = sum(1 for i in self.shard_issues if i.problem == ShardProblemKind.CORRUPT)
         return f"packs: {', '.join(parts)}; shards missing: {missing}, corrupt: {corrupt}"
 
     def to_doc(self) -> dict[str, Any]:
@@ -89,38 +114,52 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
     report.peers_unreachable = repo.peers.down()
     index = repo.index
     report.shards_checked = sum(len(p.shards) for p in index.packs.values())
-    expected = {(p.id, s.num) for p in index.packs.values() for s in p.shards}
-    report.unreferenced_shards = sum(1 for key in listed if key not in expected)
+    _count_leftovers(repo, report, listed)
 
-    good: Counter[str] = Counter()
+    good: dict[str, list[ShardRecord]] = {}
     if read_data:
         results: list[tuple[ShardKey, str, str, bool]] = []
         for pack, shard, error in _read_all(repo, present, report, progress):
             key = (pack.id, shard.num, shard.peer)
             if error is None:
-                good[pack.id] += 1
+                good.setdefault(pack.id, []).append(shard)
                 results.append((key, "ok", "", True))
             else:
-                problem = "corrupt" if isinstance(error, ShardFormatError) else "missing"
+                problem = classify(error)
                 name = pack_name(pack.id, shard.num)
                 report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, problem, str(error)))
-                results.append((key, problem, str(error), isinstance(error, ShardFormatError)))
+                results.append((key, problem, str(error), problem is ShardProblemKind.CORRUPT))
         repo.state.record_shards(results)
     else:
-        for pack, _ in present:
-            good[pack.id] += 1
+        for pack, shard in present:
+            good.setdefault(pack.id, []).append(shard)
 
+    layout = Layout(repo)
     states: dict[str, tuple[str, int, int, int]] = {}
     for pack in index.packs.values():
-        state = pack_state(good[pack.id], pack.k, pack.n)
-        states[pack.id] = (state, good[pack.id], pack.k, pack.n)
-        report.packs[state] += 1
-        if state != "healthy":
+        r = layout.assess(pack, good.get(pack.id, []))
+        states[pack.id] = (r.state.value, r.good, pack.k, pack.n)
+        report.packs[r.state] += 1
+        report.peer_failures_survived[r.peer_failures] = report.peer_failures_survived.get(r.peer_failures, 0) + 1
+        report.zone_failures_survived[r.zone_failures] = report.zone_failures_survived.get(r.zone_failures, 0) + 1
+        if r.state is not PackState.HEALTHY:
             kind = "tree" if pack.kind else "data"
-            report.damaged_packs.append(PackStatus(pack.id, kind, pack.k, pack.n, good[pack.id], state))
+            report.damaged_packs.append(
+                PackStatus(
+                    pack.id,
+                    kind,
+                    pack.k,
+                    pack.n,
+                    r.good,
+                    r.state.value,
+                    r.peer_failures,
+                    r.zone_failures,
+                    r.zone_failures_possible,
+                )
+            )
     repo.state.record_packs(states)
 
-    lost = {p.pack for p in report.damaged_packs if p.state == "lost"}
+    lost = {p.pack for p in report.damaged_packs if p.state == PackState.LOST}
     _check_snapshots(repo, report, lost)
     _check_wal(repo, report)
     repo.state.record_run(
@@ -134,12 +173,35 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
 
 def read_shard(repo: Repository, pack: PackRecord, shard: ShardRecord) -> int:
     """Read one shard and verify it against its own hash and the index's; return its size."""
-    peer = repo.peers.get(shard.peer)
-    if peer is None:
-        raise PeerError(shard.peer, "not in the configuration")
-    raw = peer.store.load(pack_name(pack.id, shard.num))
-    verify_shard(raw, pack_id=bytes.fromhex(pack.id), num=shard.num, k=pack.k, n=pack.n, expected_hash=shard.hash)
-    return len(raw)
+    name = pack_name(pack.id, shard.num)
+    verified = read_verified(repo.peers, shard, name, pack_id=bytes.fromhex(pack.id), k=pack.k, n=pack.n)
+    return len(verified.raw)
+
+
+def _count_leftovers(repo: Repository, report: CheckReport, listed: dict[tuple[str, int], dict[str, int]]) -> None:
+    """Shard objects no index names, and temporary objects of killed runs, per peer."""
+    expected = {(p.id, s.num, s.peer) for p in repo.index.packs.values() for s in p.shards}
+    for (pack_id, num), holders in listed.items():
+        for holder, size in holders.items():
+            if (pack_id, num, holder) not in expected:
+                left = report.leftovers.setdefault(holder, Leftovers())
+                left.objects += 1
+                left.bytes += size
+                left.unreferenced_shards += 1
+                report.unreferenced_shards += 1
+    down = repo.peers.down()
+    for peer in repo.peers:
+        if peer.name in down:
+            continue
+        try:
+            items = list(peer.store.list_leftovers())
+        except PeerError:
+            continue  # a listing that fails now is not damage; the next check counts them
+        for item in items:
+            left = report.leftovers.setdefault(peer.name, Leftovers())
+            left.objects += 1
+            left.bytes += int(item.size)
+            left.temporary += 1
 
 
 def _read_all(

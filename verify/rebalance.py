@@ -4,11 +4,16 @@
   metadata object, so it can tell the whole story like the others
   (invariant 1), then shards move onto it from the most loaded peers until it
   holds its share, only where that does not put more of a pack in one zone.
+  Packs crowded on one peer or zone are then spread out by a repair, which
+  picks the least used peers (the new one first).
 * **drain**: every shard on the peer is copied to another peer (chosen as
   repair chooses), the new placement is committed, and only then is the old
   copy deleted: a pack never has fewer good shards than before the move.
   A shard that cannot be read from the draining peer is rebuilt from the
-  others instead.
+  others instead.  A backup running meanwhile may commit packs with shards
+  on the peer, so after each round the index is read again from the peers
+  and the next round moves what appeared; only when a fresh index names no
+  shard on the peer does the report call it removable.
 * **remove**: for a dead peer: its shards are rebuilt from the other peers
   onto the others (a repair that treats the peer as gone), and the index
   stops naming it.  Nothing is read from or written to the removed peer.
@@ -27,12 +32,14 @@ from shardvault.errors import PeerError, RepositoryError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
-from shardvault.shards.dispersal import ShardRecord
-from shardvault.shards.format import ShardFormatError, verify_shard
+from shardvault.shards.dispersal import ShardRecord, read_shard
+from shardvault.shards.format import ShardFormatError
 from shardvault.shards.peers import Peer
 
-from .record import presence, record_pack_states
+from .record import Layout, presence, record_pack_states
 from .repair import COMMIT_EVERY, Placer, RepairReport, repair
+
+DRAIN_ROUNDS = 5  # re-reads of the index for shards concurrent backups put on a draining peer
 
 
 @dataclass
@@ -44,10 +51,19 @@ class MoveReport:
     metadata_copied: int = 0
     unreadable: list[str] = field(default_factory=list)  # rebuilt by the follow-up repair
     repair: dict[str, Any] | None = None
+    # drain and remove: shards a fresh index still names on the peer (a backup wrote them meanwhile)
+    shards_remaining: int = 0
+    rounds: int = 0
     duration_seconds: float = 0.0
 
+    @property
+    def removable(self) -> bool:
+        """Drain and remove: the peer may be taken out of the configuration."""
+        complete = self.repair is None or bool(self.repair["complete"])
+        return self.action in ("drain", "remove") and self.shards_remaining == 0 and complete
+
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"removable": self.removable}
 
 
 def _peer(repo: Repository, name: str) -> Peer:
@@ -81,10 +97,7 @@ class _Mover:
     def move(self, pack: PackRecord, shard: ShardRecord, source: Peer, targets: list[Peer]) -> bool:
         name = pack_name(pack.id, shard.num)
         try:
-            raw = source.store.load(name)
-            verify_shard(
-                raw, pack_id=bytes.fromhex(pack.id), num=shard.num, k=pack.k, n=pack.n, expected_hash=shard.hash
-            )
+            raw = read_shard(self.repo.peers, shard, name, pack_id=bytes.fromhex(pack.id), k=pack.k, n=pack.n).raw
         except (PeerError, ShardFormatError) as exc:
             self.report.unreadable.append(f"{source.name}:{name}: {exc}")
             return False
@@ -123,27 +136,55 @@ def drain(repo: Repository, name: str) -> MoveReport:
     report = MoveReport(name, "drain")
     start = time.perf_counter()
     peer.store.probe()
-    placer = Placer(repo, _load(repo), frozenset({name}))
-    mover = _Mover(repo, report)
-    for pack in list(repo.index.packs.values()):
-        for shard in pack.shards:
-            if shard.peer == name:
-                holders = [s.peer for s in mover.shards(pack) if s.peer != name]
-                mover.move(pack, shard, peer, placer.candidates(holders, None))
-    mover.commit()
-    if report.unreadable or any(s.peer == name for p in repo.index.packs.values() for s in p.shards):
-        report.repair = repair(repo, exclude=frozenset({name})).to_doc()
+    for _ in range(DRAIN_ROUNDS):
+        held = _held_by(repo, name)
+        if not held:
+            break
+        report.rounds += 1
+        _drain_round(repo, peer, held, report)
+    report.shards_remaining = len(_held_by(repo, name))
     _finish(repo, report, start)
     return report
+
+
+def _drain_round(repo: Repository, peer: Peer, held: list[tuple[PackRecord, ShardRecord]], report: MoveReport) -> None:
+    """Move the shards ``held`` off ``peer``; rebuild from the others what cannot be read."""
+    unreadable = len(report.unreadable)
+    placer = Placer(repo, _load(repo), frozenset({peer.name}))
+    mover = _Mover(repo, report)
+    for pack, shard in held:
+        holders = [s.peer for s in mover.shards(pack) if s.peer != peer.name]
+        mover.move(pack, shard, peer, placer.candidates(holders, None))
+    mover.commit()
+    moved_all = not any(s.peer == peer.name for p in repo.index.packs.values() for s in p.shards)
+    if len(report.unreadable) > unreadable or not moved_all:
+        report.repair = repair(repo, exclude=frozenset({peer.name})).to_doc()
+
+
+def _held_by(repo: Repository, name: str) -> list[tuple[PackRecord, ShardRecord]]:
+    """The shards on peer ``name`` that the index, as the peers hold it now, names.
+
+    Read afresh: a backup that committed since this run loaded the index may
+    have placed shards on the peer.
+    """
+    for pack in repo.load_index().packs.values():
+        repo.index.add(pack)  # the higher revision wins, so this only ever brings news
+    return [(pack, s) for pack in list(repo.index.packs.values()) for s in pack.shards if s.peer == name]
 
 
 def remove(repo: Repository, name: str) -> MoveReport:
     report = MoveReport(name, "remove")
     start = time.perf_counter()
-    result: RepairReport = repair(repo, exclude=frozenset({name}))
-    report.repair = result.to_doc()
-    report.shards_moved = result.shards_relocated
-    report.bytes_moved = result.bytes_written
+    for _ in range(DRAIN_ROUNDS):
+        report.rounds += 1
+        result: RepairReport = repair(repo, exclude=frozenset({name}))
+        report.repair = result.to_doc()
+        report.shards_moved += result.shards_relocated
+        report.bytes_moved += result.bytes_written
+        # A backup may have committed packs with shards on the peer meanwhile.
+        report.shards_remaining = len(_held_by(repo, name))
+        if not report.shards_remaining or not result.complete:
+            break
     _finish(repo, report, start)
     return report
 
@@ -166,6 +207,11 @@ def add(repo: Repository, name: str) -> MoveReport:
             except PeerError:
                 continue
     _rebalance_onto(repo, peer, report)
+    # Packs crowded on one peer or zone survive fewer failures than their shard count says;
+    # repair spreads them, and the new, least loaded peer is the first it offers.
+    layout = Layout(repo)
+    if any(not layout.spread_well(pack, pack.shards) for pack in repo.index.packs.values()):
+        report.repair = repair(repo).to_doc()
     _finish(repo, report, start)
     return report
 

@@ -1,18 +1,33 @@
-"""What a presence listing says, recorded in the state (shared by check, scrub and repair)."""
+"""What a presence listing says, recorded in the state (shared by check, scrub and repair).
+
+A pack's redundancy is judged here, once, for every command: by the failures
+it survives, not by its shard count (:class:`Layout`).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
-from shardvault.shards.dispersal import ShardRecord
+from shardvault.shards.dispersal import ShardProblemKind, ShardRecord
+from shardvault.shards.placement import best_failures_survived, failures_survived
 from shardvault.state import ShardKey
 
-STATES = ("healthy", "degraded", "at_risk", "lost")
+
+class PackState(StrEnum):
+    HEALTHY = "healthy"  # all n shards good, and they survive n-k peer failures and the zone failures the layout allows
+    DEGRADED = "degraded"  # restorable and survives at least one more peer failure, but less than it should
+    AT_RISK = "at_risk"  # restorable, but one more peer failure can lose it
+    LOST = "lost"  # fewer than k good shards
+
+
+STATES = tuple(s.value for s in PackState)
 GOOD = ("ok", "present")
 
 
@@ -22,18 +37,78 @@ class ShardIssue:
     shard: int
     peer: str
     object: str
-    problem: str  # missing | corrupt | unreachable
+    problem: ShardProblemKind
     detail: str
 
 
 def pack_state(good: int, k: int, n: int) -> str:
+    """The state by shard count alone (a pack with one shard per peer, as placed at backup time)."""
     if good >= n:
-        return "healthy"
+        return PackState.HEALTHY
     if good > k:
-        return "degraded"
+        return PackState.DEGRADED
     if good == k:
-        return "at_risk"
-    return "lost"
+        return PackState.AT_RISK
+    return PackState.LOST
+
+
+@dataclass(frozen=True)
+class Redundancy:
+    """How much of a pack is left, and how many failures it survives."""
+
+    state: PackState
+    good: int  # distinct good shard numbers
+    peer_failures: int  # any this many peers may fail and the pack is still restorable (-1: lost)
+    zone_failures: int  # the same for zones
+    zone_failures_possible: int  # what the best placement over the configured zones would survive
+
+
+class Layout:
+    """The configured peers and zones, and what the best placement over them survives."""
+
+    def __init__(self, repo: Repository) -> None:
+        # A peer not (or no more) configured is a failure domain of its own.
+        self.zone_of = {p.name: p.zone for p in repo.peers}
+        self.zones = Counter(self.zone_of.values())
+        self.peer_count = len(self.zone_of)
+        self._best: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def best(self, k: int, n: int) -> tuple[int, int]:
+        """(peer failures, zone failures) the best placement of a k-of-n pack survives."""
+        if (k, n) not in self._best:
+            peers = best_failures_survived([1] * self.peer_count, n, k)
+            zones = best_failures_survived(list(self.zones.values()), n, k)
+            self._best[(k, n)] = (peers, zones)
+        return self._best[(k, n)]
+
+    def zone(self, peer: str) -> str:
+        return self.zone_of.get(peer, f"peer:{peer}")
+
+    def assess(self, pack: PackRecord, good: Iterable[ShardRecord]) -> Redundancy:
+        by_peer: dict[str, set[int]] = {}
+        by_zone: dict[str, set[int]] = {}
+        for s in good:
+            by_peer.setdefault(s.peer, set()).add(s.num)
+            by_zone.setdefault(self.zone(s.peer), set()).add(s.num)
+        distinct = len(set().union(*by_peer.values())) if by_peer else 0
+        peer_f = failures_survived(by_peer, pack.k)
+        zone_f = failures_survived(by_zone, pack.k)
+        _, zone_best = self.best(pack.k, pack.n)
+        if distinct < pack.k:
+            state = PackState.LOST
+        elif peer_f <= 0:
+            state = PackState.AT_RISK
+        elif distinct >= pack.n and peer_f >= pack.n - pack.k and zone_f >= zone_best:
+            state = PackState.HEALTHY
+        else:
+            state = PackState.DEGRADED
+        return Redundancy(state, distinct, peer_f, zone_f, zone_best)
+
+    def spread_well(self, pack: PackRecord, shards: Iterable[ShardRecord]) -> bool:
+        """True when the shards survive as many peer and zone failures as their count allows."""
+        r = self.assess(pack, shards)
+        peers_best = min(pack.n - pack.k, r.good - pack.k)
+        return r.peer_failures >= peers_best and r.zone_failures >= min(r.zone_failures_possible, peers_best)
 
 
 Listing = dict[tuple[str, int], dict[str, int]]
@@ -63,12 +138,12 @@ def presence(repo: Repository, issues: list[ShardIssue]) -> tuple[list[tuple[Pac
             holders = listed.get((pack.id, shard.num), {})
             if shard.peer not in holders:
                 if shard.peer in down or repo.peers.get(shard.peer) is None:
-                    problem = "unreachable"
+                    problem = ShardProblemKind.UNREACHABLE
                     detail = down.get(shard.peer, "peer not in the configuration")
                 else:
-                    problem, detail = "missing", "object not on the peer"
+                    problem, detail = ShardProblemKind.MISSING, "object not on the peer"
             elif holders[shard.peer] != shard.size:
-                problem = "corrupt"
+                problem = ShardProblemKind.CORRUPT
                 detail = f"size {holders[shard.peer]}, expected {shard.size} (truncated or replaced)"
             else:
                 present.append((pack, shard))
@@ -117,14 +192,15 @@ def sync_backup_runs(repo: Repository) -> int:
 
 def record_pack_states(repo: Repository, present_rows: dict[ShardKey, tuple[float | None, str, str]]) -> dict[str, int]:
     """Each pack's redundancy state from the shards' latest verdicts; returns counts by state."""
+    layout = Layout(repo)
     counts = dict.fromkeys(STATES, 0)
     states: dict[str, tuple[str, int, int, int]] = {}
     for pack in repo.index.packs.values():
-        good = sum(
-            1 for s in pack.shards if (row := present_rows.get((pack.id, s.num, s.peer))) is not None and row[1] in GOOD
-        )
-        state = pack_state(good, pack.k, pack.n)
-        counts[state] += 1
-        states[pack.id] = (state, good, pack.k, pack.n)
+        good = [
+            s for s in pack.shards if (row := present_rows.get((pack.id, s.num, s.peer))) is not None and row[1] in GOOD
+        ]
+        r = layout.assess(pack, good)
+        counts[r.state] += 1
+        states[pack.id] = (r.state.value, r.good, pack.k, pack.n)
     repo.state.record_packs(states)
     return counts

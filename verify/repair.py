@@ -1,8 +1,10 @@
 """Repair: give every pack back its n good shards.
 
 For each pack with missing, truncated or corrupt shards (from a fresh
-listing and the verdicts earlier scrubs recorded), or with shards on a peer
-being removed:
+listing and the verdicts earlier scrubs recorded), with shards on a peer
+being removed, or with shards crowded together (two on one peer, more in one
+zone than the configured zones require), so that it survives fewer peer or
+zone failures than it should:
 
 1. read k good shards (the reader skips and reports any further bad ones)
    and decode the pack;
@@ -17,6 +19,10 @@ being removed:
    backoff before the peer is given up for this run;
 4. commit new placements in one index file (records at ``rev`` + 1): the
    atomic step.  A repair killed before it leaves only unreferenced shards.
+
+A crowded shard is rebuilt on a free peer in the least used zone, and its
+old copy deleted once the new placement is committed; when no peer can take
+it, it stays where it is (crowded beats missing).
 
 Packs with fewer than k good shards are lost: they are reported with the
 snapshots and files that need them, and nothing is written for them.
@@ -34,13 +40,11 @@ from shardvault.errors import PeerError, ShardvaultError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
-from shardvault.shards import erasure
-from shardvault.shards.dispersal import ShardRecord
-from shardvault.shards.format import ShardHeader, build_shard
+from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, build_shards
 from shardvault.shards.peers import Peer
 from shardvault.state import ShardKey
 
-from .record import GOOD, ShardIssue, presence, record_pack_states
+from .record import GOOD, Layout, ShardIssue, presence, record_pack_states
 
 RETRIES = 3
 BACKOFF = 0.2  # seconds, doubled after each failed attempt
@@ -62,6 +66,7 @@ class RepairReport:
     packs_repaired: int = 0
     shards_rebuilt: int = 0
     shards_relocated: int = 0
+    shards_spread: int = 0  # good shards moved off a crowded peer or zone
     bytes_written: int = 0
     lost: list[LostPack] = field(default_factory=list)
     unplaced: list[str] = field(default_factory=list)  # shards no peer could take
@@ -96,9 +101,11 @@ class Placer:
         doubled = sorted((p for p in peers if p.name in holders), key=lambda p: (self.load[p.name], p.name))
         return free + doubled
 
-    def store(self, name: str, data: bytes, holders: list[str], preferred: str | None) -> Peer | None:
-        """Store on the best peer that accepts it, retrying each with backoff."""
-        for peer in self.candidates(holders, preferred):
+    def store(self, name: str, data: bytes, candidates: list[Peer]) -> Peer | None:
+        """Store on the first of ``candidates`` that accepts it, retrying each with backoff."""
+        for peer in candidates:
+            if self.repo.peers.is_down(peer.name):
+                continue
             delay = BACKOFF
             for attempt in range(RETRIES):
                 try:
@@ -129,18 +136,17 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
     for holders in listed.values():
         load.update(holders.keys())
     placer = Placer(repo, load, exclude)
-    todo = [p for p in repo.index.packs.values() if _missing(p, good_keys)]
+    layout = Layout(repo)
+    todo = [p for p in repo.index.packs.values() if _needs_work(p, good_keys, layout)]
     report.packs = len(repo.index.packs)
-    changed: list[PackRecord] = []
-    verdicts: list[tuple[ShardKey, str, str, bool]] = []
-    forget: list[ShardKey] = []
+    batch = _Batch()
     for done, pack in enumerate(todo, 1):
-        _repair_pack(repo, pack, good_keys, placer, report, changed, verdicts, forget)
-        if len(changed) >= COMMIT_EVERY:
-            _commit(repo, changed, verdicts, forget)
+        _repair_pack(repo, pack, good_keys, placer, layout, report, batch)
+        if len(batch.changed) >= COMMIT_EVERY:
+            _commit(repo, batch)
         if progress:
             progress(done, len(todo))
-    _commit(repo, changed, verdicts, forget)
+    _commit(repo, batch)
     report.peers_unreachable = repo.peers.down()
     if report.lost:
         _name_lost_data(repo, report.lost)
@@ -157,9 +163,93 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
     return report
 
 
-def _missing(pack: PackRecord, good_keys: set[ShardKey]) -> list[int]:
-    have = {s.num for s in pack.shards if (pack.id, s.num, s.peer) in good_keys}
-    return [num for num in range(pack.n) if num not in have]
+@dataclass
+class _Batch:
+    """Placements waiting for the next index file, and what to record and delete after it."""
+
+    changed: list[PackRecord] = field(default_factory=list)
+    verdicts: list[tuple[ShardKey, str, str, bool]] = field(default_factory=list)
+    forget: list[ShardKey] = field(default_factory=list)
+    stale: list[tuple[str, str]] = field(default_factory=list)  # (peer, object): good copies moved away
+
+
+def _good(pack: PackRecord, good_keys: set[ShardKey]) -> list[ShardRecord]:
+    return [s for s in pack.shards if (pack.id, s.num, s.peer) in good_keys]
+
+
+def _needs_work(pack: PackRecord, good_keys: set[ShardKey], layout: Layout) -> bool:
+    good = _good(pack, good_keys)
+    return len({s.num for s in good}) < pack.n or not layout.spread_well(pack, good)
+
+
+@dataclass
+class _Plan:
+    keep: list[ShardRecord]
+    writes: dict[int, list[Peer]]  # shard number -> peers to try, best first
+    moved: dict[int, ShardRecord]  # good shards to be rebuilt elsewhere (kept if no peer takes them)
+
+
+def _plan(pack: PackRecord, good: list[ShardRecord], placer: Placer, layout: Layout) -> _Plan:
+    """Which shards stay, and where the missing and crowded ones go (nothing is written here)."""
+    keep: list[ShardRecord] = []
+    moved: dict[int, ShardRecord] = {}
+    for s in sorted(good, key=lambda s: (s.num, s.peer)):
+        if any(kept.peer == s.peer for kept in keep) and all(kept.num != s.num for kept in keep):
+            moved[s.num] = s  # a second shard on one peer: one failure would cost both
+        elif all(kept.num != s.num or kept.peer != s.peer for kept in keep):
+            keep.append(s)
+    have = {s.num for s in keep}
+    old_peer = {s.num: s.peer for s in pack.shards}
+    writes: dict[int, list[Peer]] = {}
+    planned: dict[int, str] = {}
+    for num in range(pack.n):
+        if num in have:
+            continue
+        holders = [s.peer for s in keep] + list(planned.values())
+        candidates = placer.candidates(holders, None if num in moved else old_peer.get(num))
+        if num in moved:
+            # Crowded beats missing: move it only to a peer that holds nothing of the pack.
+            candidates = [p for p in candidates if p.name not in holders]
+        if not candidates:
+            if num in moved:
+                keep.append(moved.pop(num))
+            continue
+        writes[num] = candidates
+        planned[num] = candidates[0].name
+    _spread_zones(pack, keep, writes, planned, moved, placer, layout)
+    return _Plan(keep, writes, moved)
+
+
+def _spread_zones(
+    pack: PackRecord,
+    keep: list[ShardRecord],
+    writes: dict[int, list[Peer]],
+    planned: dict[int, str],
+    moved: dict[int, ShardRecord],
+    placer: Placer,
+    layout: Layout,
+) -> None:
+    """Move shards out of the most crowded zone until the pack survives the zone failures it should."""
+    for _ in range(pack.n):
+        where = {s.num: s.peer for s in keep} | planned
+        simulated = [ShardRecord(num, peer, b"", 0) for num, peer in where.items()]
+        if layout.spread_well(pack, simulated):
+            return
+        zones = Counter(layout.zone(peer) for peer in where.values())
+        crowded, most = zones.most_common(1)[0]
+        free = [
+            p
+            for p in placer.candidates(list(where.values()), None)
+            if p.name not in where.values() and zones[p.zone] + 2 <= most
+        ]
+        sources = [s for s in keep if layout.zone(s.peer) == crowded]
+        if not free or not sources:
+            return
+        shard = max(sources, key=lambda s: s.num)
+        keep.remove(shard)
+        moved[shard.num] = shard
+        writes[shard.num] = free
+        planned[shard.num] = free[0].name
 
 
 def _repair_pack(
@@ -167,15 +257,16 @@ def _repair_pack(
     pack: PackRecord,
     good_keys: set[ShardKey],
     placer: Placer,
+    layout: Layout,
     report: RepairReport,
-    changed: list[PackRecord],
-    verdicts: list[tuple[ShardKey, str, str, bool]],
-    forget: list[ShardKey],
+    batch: _Batch,
 ) -> None:
-    good = [s for s in pack.shards if (pack.id, s.num, s.peer) in good_keys]
+    good = _good(pack, good_keys)
     if len({s.num for s in good}) < pack.k:
         report.lost.append(LostPack(pack.id, len({s.num for s in good}), pack.k))
         return
+    if not _plan(pack, good, placer, layout).writes:
+        return  # nothing missing, and no peer that would spread it better
     try:
         decoded = repo.fetch_pack(pack.with_shards(good))
     except ShardvaultError:
@@ -183,54 +274,66 @@ def _repair_pack(
     # Shards the reader found bad are not good any more: rebuild them too.
     for problem in repo.take_problems():
         good = [s for s in good if not (s.num == problem.num and s.peer == problem.peer)]
-        verdicts.append(((pack.id, problem.num, problem.peer), problem.kind, problem.detail, problem.kind == "corrupt"))
+        key = (pack.id, problem.num, problem.peer)
+        batch.verdicts.append((key, problem.kind, problem.detail, problem.kind is ShardProblemKind.CORRUPT))
     if decoded is None:
         report.lost.append(LostPack(pack.id, len({s.num for s in good}), pack.k))
         return
-    have = {s.num for s in good}
-    missing = [num for num in range(pack.n) if num not in have]
-    data = decoded.tobytes()
-    blocks = erasure.encode(data, pack.k, pack.n, wanted=missing)
-    pack_id = bytes.fromhex(pack.id)
+    plan = _plan(pack, good, placer, layout)
+    raws = build_shards(bytes.fromhex(pack.id), decoded.tobytes(), pack.k, pack.n, nums=sorted(plan.writes))
     old_peer = {s.num: s.peer for s in pack.shards}
-    new = list(good)
-    for num in missing:
-        raw = build_shard(ShardHeader(pack.k, pack.n, num, pack_id, len(data), len(blocks[num])), blocks[num])
-        holders = [s.peer for s in new]
-        peer = placer.store(pack_name(pack.id, num), raw, holders, old_peer.get(num))
+    new = list(plan.keep)
+    for num, candidates in sorted(plan.writes.items()):
+        name, raw = pack_name(pack.id, num), raws[num]
+        peer = placer.store(name, raw, candidates)
+        source = plan.moved.get(num)
         if peer is None:
-            report.unplaced.append(f"{pack_name(pack.id, num)}: no peer could take it")
+            if source is not None:
+                new.append(source)  # still good where it was
+            else:
+                report.unplaced.append(f"{name}: no peer could take it")
             continue
         new.append(ShardRecord(num, peer.name, raw[-32:], len(raw)))
-        verdicts.append(((pack.id, num, peer.name), "ok", "rebuilt by repair", True))
-        report.shards_rebuilt += 1
+        batch.verdicts.append(((pack.id, num, peer.name), "ok", "rebuilt by repair", True))
         report.bytes_written += len(raw)
-        if peer.name != old_peer.get(num):
-            report.shards_relocated += 1
+        if source is not None:
+            report.shards_spread += 1
+            batch.stale.append((source.peer, name))
+        else:
+            report.shards_rebuilt += 1
+            if peer.name != old_peer.get(num):
+                report.shards_relocated += 1
     report.packs_repaired += 1
     record = pack.with_shards(new)
     if sorted(record.shards, key=lambda s: (s.num, s.peer)) != sorted(pack.shards, key=lambda s: (s.num, s.peer)):
-        changed.append(record)
+        batch.changed.append(record)
         kept = {(s.num, s.peer) for s in new}
-        forget.extend((pack.id, s.num, s.peer) for s in pack.shards if (s.num, s.peer) not in kept)
+        batch.forget.extend((pack.id, s.num, s.peer) for s in pack.shards if (s.num, s.peer) not in kept)
 
 
-def _commit(
-    repo: Repository, changed: list[PackRecord], verdicts: list[tuple[ShardKey, str, str, bool]], forget: list[ShardKey]
-) -> None:
-    """Write the new placements (the atomic step), then record what was done."""
-    if changed:
-        repo.write_index(changed)
-    repo.state.record_shards(verdicts)
-    repo.state.forget_shards(forget)
+def _commit(repo: Repository, batch: _Batch) -> None:
+    """Write the new placements (the atomic step), then record what was done and delete moved copies."""
+    if batch.changed:
+        repo.write_index(batch.changed)
+    repo.state.record_shards(batch.verdicts)
+    repo.state.forget_shards(batch.forget)
     repaired: Counter[tuple[str, str]] = Counter()
-    for (_, _, peer), _, detail, _ in verdicts:
+    for (_, _, writer), _, detail, _ in batch.verdicts:
         if detail == "rebuilt by repair":
-            repaired[(peer, "shards_repaired")] += 1
+            repaired[(writer, "shards_repaired")] += 1
     repo.state.add_counters(dict(repaired))
-    changed.clear()
-    verdicts.clear()
-    forget.clear()
+    for holder, name in batch.stale:
+        peer = repo.peers.get(holder)
+        if peer is None:
+            continue
+        try:
+            peer.store.delete(name)
+        except PeerError:
+            pass  # an unreferenced copy is harmless; check counts it and prune removes it
+    batch.changed.clear()
+    batch.verdicts.clear()
+    batch.forget.clear()
+    batch.stale.clear()
 
 
 def _name_lost_data(repo: Repository, lost: list[LostPack], first_files: int = 5) -> None:

@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardvault.config import ScrubConfig
-from shardvault.errors import ObjectNotFoundError, PeerError
+from shardvault.errors import PeerError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
-from shardvault.shards.dispersal import ShardRecord
+from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
@@ -132,13 +132,12 @@ def scrub(
                 report.bytes_read += future.result()
                 report.shards_read += 1
                 results.append((key, "ok", "", True))
-            except ShardFormatError as exc:
-                report.shards_read += 1
-                results.append((key, "corrupt", str(exc), True))
-                report.issues.append(issue(pack, shard, "corrupt", str(exc)))
-            except PeerError as exc:
-                kind = "missing" if isinstance(exc, ObjectNotFoundError) else "unreachable"
-                results.append((key, kind, str(exc), False))
+            except (PeerError, ShardFormatError) as exc:
+                kind = classify(exc)
+                read = kind is ShardProblemKind.CORRUPT  # the bytes arrived and were judged
+                if read:
+                    report.shards_read += 1
+                results.append((key, kind, str(exc), read))
                 report.issues.append(issue(pack, shard, kind, str(exc)))
         if results and time.perf_counter() - last_flush >= FLUSH_SECONDS:
             state.record_shards(results)
@@ -154,7 +153,8 @@ def scrub(
     report.shards_left = len(expected) - len(recent)
     report.complete = report.shards_left == 0
     report.coverage = len(recent) / len(expected) if expected else 1.0
-    report.corruption_ratio = sum(1 for r in recent if r[1] == "corrupt") / len(recent) if recent else 0.0
+    corrupt = sum(1 for r in recent if r[1] == ShardProblemKind.CORRUPT)
+    report.corruption_ratio = corrupt / len(recent) if recent else 0.0
     report.packs = record_pack_states(repo, present_rows=state.shard_rows())
     report.duration_seconds = round(time.perf_counter() - start, 3)
     state.set_fact("scrub_last_run_timestamp_seconds", finished)
@@ -170,5 +170,5 @@ def scrub(
     return report
 
 
-def issue(pack: PackRecord, shard: ShardRecord, problem: str, detail: str) -> ShardIssue:
+def issue(pack: PackRecord, shard: ShardRecord, problem: ShardProblemKind, detail: str) -> ShardIssue:
     return ShardIssue(pack.id, shard.num, shard.peer, pack_name(pack.id, shard.num), problem, detail)
