@@ -92,6 +92,12 @@ class LatestNeedsSourceError(ShardvaultError):
 # [verify]
 
 
+class PeerNotDrainedError(ShardvaultError):
+    """Peer {0} still holds {1} shard(s) the index needs (backups wrote them meanwhile): keep it configured; run `shardvault peers {2} {0}` again"""  # noqa: E501
+
+    exit_code = 5  # the peer area's code: the peer cannot be given up yet
+
+
 # --- keys and crypto ---------------------------------------------------------
 
 
