@@ -428,7 +428,9 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
         for pack in report.damaged_packs:
             click.echo(
                 f"pack {pack.pack[:16]} ({pack.kind}): {pack.state.upper()}, "
-                f"{pack.good} of {pack.n} good, {pack.k} needed"
+                f"{pack.good} of {pack.n} good, {pack.k} needed; survives "
+                f"{max(pack.peer_failures_survived, 0)} peer failure(s) (of {pack.n - pack.k}), "
+                f"{max(pack.zone_failures_survived, 0)} zone failure(s) (of {pack.zone_failures_possible})"
             )
         for error in report.snapshot_errors:
             click.echo(error)
@@ -436,6 +438,12 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
         click.echo(f"{report.shards_checked} shards checked{read}; {report.snapshots} snapshot(s); {report.summary()}")
         if report.unreferenced_shards:
             click.echo(f"{report.unreferenced_shards} unreferenced shard(s) (left by interrupted backups)")
+        for peer, left in sorted(report.leftovers.items()):
+            click.echo(
+                f"peer {peer}: {left.objects} leftover object(s), {human(left.bytes)} "
+                f"({left.unreferenced_shards} unreferenced shard(s), {left.temporary} temporary); "
+                "`shardvault prune` removes them"
+            )
         click.echo("damage found" if report.damaged else "no errors found")
     if report.damaged:
         raise DamageFoundError(report.summary()) if not as_json else SystemExit(DamageFoundError.exit_code)
@@ -591,11 +599,15 @@ def _peer_action(ctx: Context, action: str, name: str, as_json: bool) -> None:
         click.echo(f"{action}: {doc['shards_moved']} shard(s) moved ({human(doc['bytes_moved'])})")
         if doc["repair"]:
             _render_repair(doc["repair"])
-        if action in ("drain", "remove"):
+        if doc["removable"]:
             click.echo(f"peer {name} holds no shard the index needs: it can be taken out of the configuration")
     repair = doc["repair"]
     if repair and not repair["complete"]:
         raise DataLossError(f"{len(repair['lost'])} pack(s) lost, {len(repair['unplaced'])} shard(s) not placed")
+    if action in ("drain", "remove") and doc["shards_remaining"]:
+        from shardvault.errors import PeerNotDrainedError
+
+        raise PeerNotDrainedError(name, doc["shards_remaining"], action)
 
 
 def _peer_command(action: str, doc: str) -> None:
