@@ -66,7 +66,7 @@ from shardvault.packs import PackEntry, PackFormatError, open_blob
 from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
 from shardvault.shards.erasure import DecodedPack
 from shardvault.shards.peers import Peer, PeerSet
-from shardvault.shards.stores import open_store
+from shardvault.shards.stores import open_peer_store
 from shardvault.snapshot import Snapshot
 from shardvault.state import State
 from shardvault.survey import PeerSurvey, majority_repository, refuse_aliases, survey
@@ -74,23 +74,7 @@ from shardvault.tree import Entry, parse_lines
 
 
 def open_peers(config: Config) -> PeerSet:
-    return PeerSet(
-        [
-            Peer(
-                p.name,
-                p.zone,
-                open_store(
-                    p.name,
-                    p.url,
-                    endpoint=p.endpoint,
-                    region=p.region,
-                    profile=p.profile,
-                    fsync=config.repository.fsync,
-                ),
-            )
-            for p in config.peers
-        ]
-    )
+    return PeerSet([Peer(p.name, p.zone, open_peer_store(p, fsync=config.repository.fsync)) for p in config.peers])
 
 
 def _unreachable(peers: PeerSet) -> str:
@@ -138,6 +122,7 @@ def _open_key(
     wrong = False
     for name in order:
         tried: set[bytes] = set()
+        refused: list[str] = []  # peers whose copy of this key did not open
         for peer in key_names[name]:
             try:
                 data = peer.store.load(name)
@@ -155,10 +140,13 @@ def _open_key(
                 continue
             except OpenFailed:
                 wrong = True
+                refused.append(peer.name)
                 continue  # another peer's copy may differ (a flipped bit); try it
             if majority is not None and repo_id != majority:
                 problems.append(MetaProblem(name, peer.name, f"key of another repository ({repo_id[:8]})"))
                 continue
+            # Another copy of this very key opened: the ones that did not are damaged.
+            problems += [MetaProblem(name, p, "bad copy: does not open, another peer's does") for p in refused]
             if name != hint:
                 try:
                     hint_file.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,323 @@
+"""Metadata verification and healing: every metadata object, on every peer.
+
+Metadata (config, keys, index files, snapshots, WAL records) is replicated to
+every peer (invariant 1), so its redundancy decays exactly as shards' do:
+a disk replaced, a copy bit-flipped, a peer rolled back to an old image.
+This module is the metadata half of ``check``, ``scrub`` and ``repair``:
+
+* :func:`audit` lists each peer's metadata once and compares it with the
+  union.  A copy is *good* (present, the agreed size, and with ``read`` its
+  bytes authenticate), *missing*, *corrupt* or *unreachable*.  An object no
+  peer holds intact is *lost*.  A peer without an identity object is *empty
+  or replaced*: not a healthy member until ``repair`` refills it.  Snapshots
+  that the local state recorded as committed but that no peer has any more
+  are named (a rollback of every peer, or a deletion).
+* :func:`heal` copies a good copy onto every up peer that lacks one (or
+  holds a bad one) and writes an identity onto empty peers.
+
+"Healthy" for metadata means every configured peer holds a good copy, so
+that losing any n - k peers (the most the data survives) still leaves one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from shardvault.errors import ObjectNotFoundError, PeerError, UnsupportedFormatError
+from shardvault.metadata import (
+    CONFIG_NAME,
+    IDENTITY_NAME,
+    META_PREFIXES,
+    MalformedObject,
+    kind_of,
+    make_identity,
+    open_object,
+    parse_identity,
+    parse_key_object,
+)
+from shardvault.repository import Repository
+from shardvault.shards.peers import Peer
+
+
+class CopyProblem(StrEnum):
+    """What is wrong with one peer's copy of one metadata object."""
+
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+    UNREACHABLE = "unreachable"
+    FOREIGN = "foreign"  # junk names, keys with unacceptable parameters, another repository's identity
+
+
+@dataclass
+class MetadataIssue:
+    object: str
+    peer: str
+    problem: str
+    detail: str
+
+
+@dataclass
+class MetadataReport:
+    objects: int = 0
+    copies_expected: int = 0
+    copies_good: int = 0
+    copies_read: int = 0
+    under_replicated: int = 0  # objects with a good copy on fewer than all configured peers
+    lost: list[str] = field(default_factory=list)  # objects no peer holds intact
+    issues: list[MetadataIssue] = field(default_factory=list)
+    peers_behind: dict[str, int] = field(default_factory=dict)  # peer -> objects it lacks that others have
+    peers_empty: list[str] = field(default_factory=list)  # up, but no identity: empty or replaced
+    snapshots_missing: list[str] = field(default_factory=list)  # recorded in the state, on no peer
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.issues or self.lost or self.peers_empty or self.snapshots_missing)
+
+    def summary(self) -> str:
+        return f"metadata: {self.objects} objects, {self.under_replicated} under-replicated, {len(self.lost)} lost" + (
+            f", {len(self.snapshots_missing)} recorded snapshot(s) on no peer" if self.snapshots_missing else ""
+        )
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self) | {"damaged": self.damaged}
+
+
+# (name, peer) -> size, or None when the peer could not be listed
+Listing = dict[str, dict[str, int]]
+
+
+def _list_peer(peer: Peer) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for prefix in META_PREFIXES:
+        for item in peer.store.list(prefix):
+            found[item.name] = item.size
+    for name in (CONFIG_NAME, IDENTITY_NAME):
+        try:
+            found[name] = peer.store.info(name).size
+        except ObjectNotFoundError:
+            pass
+    return found
+
+
+def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], None] | None = None) -> MetadataReport:
+    """Verify every metadata object on every configured peer; record the result in the state."""
+    report = MetadataReport()
+    _REFERENCES.clear()
+    listings: dict[str, dict[str, int]] = {}
+    for peer, future in [(p, repo.io.submit(_list_peer, p)) for p in repo.peers.up()]:
+        try:
+            listings[peer.name] = future.result()
+        except PeerError as exc:
+            repo.peers.mark_down(peer, str(exc))
+    down = repo.peers.down()
+    names: set[str] = set()
+    for peer_name, listing in listings.items():
+        for name in listing:
+            if kind_of(name) is None:
+                report.issues.append(
+                    MetadataIssue(name, peer_name, CopyProblem.FOREIGN.value, "not a shardvault object name")
+                )
+            elif name != IDENTITY_NAME:
+                names.add(name)
+    _check_identities(repo, listings, report)
+
+    configured = [p.name for p in repo.peers]
+    report.objects = len(names)
+    report.copies_expected = len(names) * len(configured)
+    behind: Counter[str] = Counter()
+    todo = sorted(names)
+    for done, name in enumerate(todo, 1):
+        good = _check_object(repo, name, listings, down, read, report, behind)
+        report.copies_good += good
+        if good == 0:
+            report.lost.append(name)
+        elif good < len(configured):
+            report.under_replicated += 1
+        if progress:
+            progress(done, len(todo))
+    report.peers_behind = {peer: count for peer, count in sorted(behind.items()) if count}
+    for problem in repo.meta_problems:  # bad copies met while opening and reading (e.g. a key copy)
+        issue = MetadataIssue(problem.name, problem.peer, CopyProblem.CORRUPT.value, problem.detail)
+        if problem.peer and issue not in report.issues:
+            report.issues.append(issue)
+    _check_recorded_snapshots(repo, names, report)
+    _record(repo, report)
+    return report
+
+
+def _check_identities(repo: Repository, listings: dict[str, dict[str, int]], report: MetadataReport) -> None:
+    for peer in repo.peers.up():
+        if peer.name not in listings:
+            continue
+        if IDENTITY_NAME not in listings[peer.name]:
+            report.peers_empty.append(peer.name)
+            report.issues.append(
+                MetadataIssue(IDENTITY_NAME, peer.name, CopyProblem.MISSING.value, "empty or replaced peer")
+            )
+            continue
+        try:
+            identity = parse_identity(peer.store.load(IDENTITY_NAME))
+        except (PeerError, MalformedObject) as exc:
+            report.issues.append(MetadataIssue(IDENTITY_NAME, peer.name, CopyProblem.CORRUPT.value, str(exc)))
+            continue
+        if identity["repository"] != repo.id:
+            detail = f"holds repository {identity['repository'][:8]}, not {repo.id[:8]}"
+            report.issues.append(MetadataIssue(IDENTITY_NAME, peer.name, CopyProblem.FOREIGN.value, detail))
+
+
+def _check_object(
+    repo: Repository,
+    name: str,
+    listings: dict[str, dict[str, int]],
+    down: dict[str, str],
+    read: bool,
+    report: MetadataReport,
+    behind: Counter[str],
+) -> int:
+    """Classify every configured peer's copy of one object; return the number of good copies."""
+    sizes = Counter(listing[name] for listing in listings.values() if name in listing)
+    expected_size = sizes.most_common(1)[0][0]
+    good = 0
+    for peer in repo.peers:
+        if peer.name in down or peer.name not in listings:
+            why = down.get(peer.name, "not listed")
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.UNREACHABLE.value, why))
+            continue
+        size = listings[peer.name].get(name)
+        if size is None:
+            behind[peer.name] += 1
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, "object not on the peer"))
+            continue
+        if size != expected_size:
+            detail = f"size {size}, the other copies have {expected_size} (truncated or replaced)"
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
+            continue
+        if read:
+            try:
+                data = peer.store.load(name)
+                report.copies_read += 1
+                _verify_copy(repo, name, data)
+                if kind_of(name) == "key" and data != _reference(repo, name):
+                    raise MalformedObject("differs from the copy the other peers agree on (bit rot or tampering)")
+            except PeerError as exc:
+                report.issues.append(MetadataIssue(name, peer.name, CopyProblem.UNREACHABLE.value, str(exc)))
+                continue
+            except (MalformedObject, UnsupportedFormatError) as exc:
+                report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, str(exc)))
+                continue
+        good += 1
+    return good
+
+
+_REFERENCES: dict[tuple[str, str], bytes | None] = {}
+
+
+def _reference(repo: Repository, name: str) -> bytes | None:
+    key = (repo.id, name)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = _good_copy(repo, name)
+    return _REFERENCES[key]
+
+
+def _verify_copy(repo: Repository, name: str, data: bytes) -> None:
+    """MalformedObject unless ``data`` is a valid copy of ``name``."""
+    if kind_of(name) == "key":
+        # Opening needs the passphrase's scrypt; the clear structure and bounds are checked here,
+        # and a copy differing from the others is caught by the size or by heal's majority.
+        parse_key_object(data)
+        return
+    open_object(repo.cipher, name, data)
+
+
+def _check_recorded_snapshots(repo: Repository, names: set[str], report: MetadataReport) -> None:
+    """Snapshots the state saw committed must still be on some peer: a rollback is never silent."""
+    rows = repo.state.query("SELECT DISTINCT snapshot FROM runs WHERE kind = 'backup' AND snapshot IS NOT NULL")
+    for (snapshot,) in rows:
+        if f"snapshots/{snapshot}" not in names:
+            report.snapshots_missing.append(str(snapshot))
+    for snapshot in report.snapshots_missing:
+        report.issues.append(
+            MetadataIssue(
+                f"snapshots/{snapshot}",
+                "",
+                CopyProblem.MISSING.value,
+                "recorded as committed in the local state, but no peer has it (rolled back or deleted)",
+            )
+        )
+
+
+def _record(repo: Repository, report: MetadataReport) -> None:
+    state = repo.state
+    state.set_fact("metadata_objects", report.objects)
+    state.set_fact("metadata_under_replicated", report.under_replicated)
+    state.set_fact("metadata_lost", len(report.lost))
+    state.set_fact("metadata_snapshots_missing", len(report.snapshots_missing))
+    state.set_fact("metadata_peers_empty", len(report.peers_empty))
+    bad: Counter[str] = Counter(i.peer for i in report.issues if i.peer and i.problem != "unreachable")
+    for peer in repo.peers:
+        state.set_fact(f"metadata_bad_copies:{peer.name}", bad[peer.name])
+
+
+@dataclass
+class HealReport:
+    copies_written: int = 0
+    identities_written: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def heal(repo: Repository, report: MetadataReport) -> HealReport:
+    """Give every up peer a good copy of every object, and an identity if it has none."""
+    healed = HealReport()
+    targets: dict[str, list[Peer]] = {}
+    for issue in report.issues:
+        peer = repo.peers.get(issue.peer)
+        if peer is None or repo.peers.is_down(peer.name) or issue.object == IDENTITY_NAME:
+            continue
+        if issue.problem in (CopyProblem.MISSING.value, CopyProblem.CORRUPT.value) and kind_of(issue.object):
+            targets.setdefault(issue.object, []).append(peer)
+    for name, peers in sorted(targets.items()):
+        data = _good_copy(repo, name)
+        if data is None:
+            healed.failed.append(f"{name}: no intact copy to copy from")
+            continue
+        for peer in peers:
+            try:
+                peer.store.store(name, data)
+                healed.copies_written += 1
+            except PeerError as exc:
+                healed.failed.append(f"{peer.name}:{name}: {exc}")
+    for name in report.peers_empty:
+        peer = repo.peers.get(name)
+        if peer is None or repo.peers.is_down(name):
+            continue
+        try:
+            peer.store.store(IDENTITY_NAME, make_identity(repo.id, name))
+            healed.identities_written.append(name)
+        except PeerError as exc:
+            healed.failed.append(f"{name}:{IDENTITY_NAME}: {exc}")
+    return healed
+
+
+def _good_copy(repo: Repository, name: str) -> bytes | None:
+    """Bytes of a copy that verifies (for keys: the copy most peers agree on that parses)."""
+    copies: list[bytes] = []
+    for peer in repo.peers.up():
+        try:
+            copies.append(peer.store.load(name))
+        except PeerError:
+            continue
+    for data, _ in Counter(copies).most_common():
+        try:
+            _verify_copy(repo, name, data)
+            return data
+        except (MalformedObject, UnsupportedFormatError, json.JSONDecodeError):
+            continue
+    return None
