@@ -19,6 +19,11 @@ The pipeline, with every stage bounded (invariant 5)::
 * Finished packs are indexed every ``CHECKPOINT_PACKS`` packs (a killed run
   leaves them usable, so a rerun resumes); the snapshot is written last.
 
+A chunk counts as already stored only when its pack is recoverable with
+margin (:class:`StoredPacks`): a backup never leans on a lost pack, it
+stores the chunk again (invariant 4).  Every source kind runs through one
+skeleton, :class:`BackupRun` (quorum, pipeline, tree, commit).
+
 The C extensions (BLAKE3, zstd, AES, zfec) release the GIL on large buffers,
 so threads keep both cores busy.
 """
@@ -33,10 +38,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import IO, Any
 
+from shardvault.backup_warnings import INCOMPLETE, BackupWarning, WarningKind
 from shardvault.chunker import Chunker, Readable
 from shardvault.config import SourceConfig
 from shardvault.crypto import new_content_hasher
@@ -45,12 +52,14 @@ from shardvault.metadata import new_id
 from shardvault.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
 from shardvault.repository import Repository, random_pack_id
 from shardvault.snapshot import Snapshot, latest
-from shardvault.sources.files import open_file, walk
+from shardvault.sources.files import ReplacedError, SourceItem, open_file, walk
 from shardvault.tree import DIR, FILE, Entry, path_key
 
 WINDOW = 8
 PACKS_IN_FLIGHT = 2
 CHECKPOINT_PACKS = 16
+# The shard status a check or scrub records for a shard whose bytes are bad (shardvault.state).
+_CORRUPT = "corrupt"
 
 
 @dataclass
@@ -68,7 +77,37 @@ class BackupStats:
     bytes_stored: int = 0
     shard_bytes_stored: int = 0
     duration_seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
+    # Packs stored with fewer than n shards (committed: the write quorum was met).
+    packs_degraded: int = 0
+    # Committed with less than full redundancy: a pack short of shards, or a peer that took nothing.
+    degraded: bool = False
+    failed_peers: list[str] = field(default_factory=list)
+    changed_while_read: list[str] = field(default_factory=list)
+    warnings: list[BackupWarning] = field(default_factory=list)
+
+    def warn(self, warning: BackupWarning) -> None:
+        self.warnings.append(warning)
+
+    @property
+    def incomplete(self) -> list[BackupWarning]:
+        """Warnings that left source data out of the snapshot (the CLI's exit 11)."""
+        return [w for w in self.warnings if w.kind in INCOMPLETE]
+
+    def to_doc(self) -> dict[str, Any]:
+        """The JSON form: ``warnings`` stays a list of messages; ``warning_details`` has the kinds."""
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
+        doc["failed_peers"] = list(self.failed_peers)
+        doc["changed_while_read"] = list(self.changed_while_read)
+        return doc | {
+            "warnings": [str(w) for w in self.warnings],
+            "warning_details": [w.to_doc() for w in self.warnings],
+        }
+
+    def snapshot_doc(self) -> dict[str, Any]:
+        """What the snapshot keeps: counts, not lists that grow with the source."""
+        doc = self.to_doc()
+        del doc["warning_details"], doc["changed_while_read"]
+        return doc | {"warnings": len(self.warnings), "files_changed_while_read": len(self.changed_while_read)}
 
 
 @dataclass
@@ -77,21 +116,82 @@ class BackupResult:
     stats: BackupStats
 
     def to_doc(self) -> dict[str, Any]:
-        return {"snapshot": self.snapshot.summary(), "stats": asdict(self.stats)}
+        return {"snapshot": self.snapshot.summary(), "stats": self.stats.to_doc()}
 
 
 ProgressFn = Callable[[BackupStats, str], None]
 
 
+class StoredPacks:
+    """Which packs a run may lean on: dedup and the incremental skip ask here, not the index.
+
+    A chunk in the index is "stored" only if its pack is recoverable with
+    margin: its shards that are present on their recorded peer with their
+    recorded size, and not marked corrupt by the last check or scrub, number
+    at least ``write_quorum`` distinct shard numbers (never fewer than k).
+    Otherwise the chunk is stored again, in a new pack, so a new backup of
+    an intact source is always restorable whatever was lost before.
+
+    The survey (one listing per peer) runs once per run and only when a
+    chunk is first found in the index: a run that deduplicates nothing pays
+    nothing.  Packs written by this run count as stored: they were
+    acknowledged by at least the write quorum moments ago.
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        # Read here, on the caller's thread: the state's SQLite connection belongs to the thread
+        # that opened it, and the survey may run on a chunk worker.  Local and small (corrupt rows only).
+        self._corrupt = {
+            (str(pack), int(num), str(peer))
+            for pack, num, peer in repo.state.query("SELECT pack, num, peer FROM shards WHERE status = ?", (_CORRUPT,))
+        }
+        self._good: set[str] | None = None
+        self._fresh: set[str] = set()
+        self._lock = threading.Lock()
+
+    def has(self, chunk: bytes) -> bool:
+        loc = self.repo.index.blobs.get(chunk)
+        return loc is not None and self.pack_ok(loc.pack_id)
+
+    def pack_ok(self, pack_id: str) -> bool:
+        with self._lock:
+            if pack_id in self._fresh:
+                return True
+            if self._good is None:
+                self._good = self._survey()
+            return pack_id in self._good
+
+    def add_fresh(self, pack_id: str) -> None:
+        with self._lock:
+            self._fresh.add(pack_id)
+
+    def _survey(self) -> set[str]:
+        present = self.repo.list_shards()
+        corrupt = self._corrupt
+        quorum = self.repo.config.repository.write_quorum
+        good: set[str] = set()
+        for record in self.repo.index.packs.values():
+            nums = {
+                s.num
+                for s in record.shards
+                if present.get((record.id, s.num), {}).get(s.peer) == s.size
+                and (record.id, s.num, s.peer) not in corrupt
+            }
+            if len(nums) >= max(quorum, record.k):
+                good.add(record.id)
+        return good
+
+
 class _Pipeline:
     """The chunk and pack stages of one backup run."""
 
-    def __init__(self, repo: Repository, stats: BackupStats) -> None:
+    def __init__(self, repo: Repository, stats: BackupStats, stored: StoredPacks | None = None) -> None:
         self.repo = repo
         self.stats = stats
+        self.stored = stored or StoredPacks(repo)
         self.level = repo.config.repository.compression_level
         self.pack_size = repo.config.repository.pack_size
-        self.known = repo.index.blobs
         self.claimed: set[bytes] = set()
         self.claim_lock = threading.Lock()
         self.chunk_pool = ThreadPoolExecutor(2, thread_name_prefix="sv-chunk")
@@ -120,7 +220,7 @@ class _Pipeline:
     def _prepare(self, data: bytes) -> tuple[bytes, bytearray | None, int]:
         cid = self.repo.chunk_id(data)
         with self.claim_lock:
-            if cid in self.known or cid in self.claimed:
+            if cid in self.claimed or self.stored.has(cid):
                 return cid, None, len(data)
             self.claimed.add(cid)
         return cid, seal_blob(self.repo.cipher, cid, data, self.level), len(data)
@@ -198,9 +298,12 @@ class _Pipeline:
             if wait or future.done():
                 record = future.result()  # a failed pack aborts the run here
                 self.finished_packs.append(record)
+                self.stored.add_fresh(record.id)
                 self.stats.packs_new += 1
                 self.stats.bytes_stored += record.length
                 self.stats.shard_bytes_stored += sum(s.size for s in record.shards)
+                if len({s.num for s in record.shards}) < record.n:
+                    self.stats.packs_degraded += 1
             else:
                 pending.append(future)
         self.pack_futures = pending
@@ -224,89 +327,164 @@ class _Pipeline:
         self.pack_pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_file(pipe: _Pipeline, chunker: Chunker, entry: Entry, path: str, stats: BackupStats) -> None:
-    with open_file(path) as f:
-        if entry.size < chunker.min_size:
+class BackupRun:
+    """The one skeleton of every backup run, whatever the source kind.
+
+    Quorum first (nothing is written without it), then the pipeline, the
+    tree and the commit.  Use as a context manager; a source adds entries
+    (reading content through :attr:`pipe`) and calls :meth:`commit` last.
+    """
+
+    def __init__(self, repo: Repository, progress: ProgressFn | None = None) -> None:
+        self.start_wall = datetime.now(UTC)
+        self.start = time.perf_counter()
+        repo.require_quorum()
+        self.repo = repo
+        self.progress = progress
+        rc = repo.config.repository
+        self.chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
+        self.stats = BackupStats()
+        self.stored = StoredPacks(repo)
+        self.pipe = _Pipeline(repo, self.stats, self.stored)
+        self.spool = self.pipe.tree_spool()
+
+    def __enter__(self) -> BackupRun:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.pipe.close()
+        self.spool.close()
+
+    def parent(self, source: str, source_type: str, kind: str | None = None) -> Snapshot | None:
+        """The newest snapshot of the source (of one kind, if given): this run's parent."""
+        return latest(self.repo.snapshots(), source, source_type, kind=kind)
+
+    def all_stored(self, chunks: list[str]) -> bool:
+        """Whether every chunk of a previous version is stored (recoverably): the incremental skip."""
+        return all(self.stored.has(bytes.fromhex(c)) for c in chunks)
+
+    def commit(
+        self,
+        *,
+        source: str,
+        source_type: str,
+        path: str,
+        kind: str,
+        parent: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> BackupResult:
+        """Store the tree, flush every pack and index, then write the snapshot (the commit)."""
+        self.pipe.drain(0)
+        tree_ids = _store_tree(self.pipe, self.chunker, self.spool)
+        return commit_snapshot(
+            self.repo,
+            source,
+            source_type,
+            path,
+            kind,
+            parent,
+            tree_ids,
+            self.stats,
+            self.start,
+            self.start_wall,
+            self.progress,
+            extra,
+        )
+
+
+def _same_content_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
+
+
+def _read_file(run: BackupRun, item: SourceItem) -> None:
+    """Read one file through its handle; a file that changed while read is stored, marked and named.
+
+    The entry keeps the stat taken when the file was opened (not the one
+    after the read) and carries the ``changed`` mark, so the next
+    incremental run reads it again instead of trusting a torn copy forever.
+    """
+    entry, stats, chunker = item.entry, run.stats, run.chunker
+    with open_file(item) as f:
+        before = os.fstat(f.fileno())
+        read_before = stats.bytes_read
+        if before.st_size < chunker.min_size:
             data = f.read()
             chunks: Iterator[bytes] = iter([data] if data else [])
         else:
             chunks = chunker.chunks(f)
-        content_hash = pipe.submit_stream(chunks, entry.chunks)
-        st = os.fstat(f.fileno())
-    if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
-        stats.warnings.append(f"{path}: changed while it was read")
-        entry.size, entry.mtime_ns, entry.ctime_ns = st.st_size, st.st_mtime_ns, st.st_ctime_ns
+        entry.chunks = []
+        content_hash = run.pipe.submit_stream(chunks, entry.chunks)
+        after = os.fstat(f.fileno())
+    length = stats.bytes_read - read_before
     entry.hash = content_hash
+    entry.mtime_ns, entry.ctime_ns, entry.inode = before.st_mtime_ns, before.st_ctime_ns, before.st_ino
+    entry.size = length  # what the snapshot holds
+    # Timestamps can be coarser than the writes: a length that disagrees with either stat is a change too.
+    if not _same_content_stat(before, after) or length != before.st_size or length != after.st_size:
+        entry.changed = True
+        stats.changed_while_read.append(item.path)
+        stats.warn(
+            BackupWarning(
+                item.path,
+                WarningKind.CHANGED_WHILE_READ,
+                "changed while it was read (stored as read; the next backup reads it again)",
+            )
+        )
 
 
 def run_backup(
     repo: Repository, source: SourceConfig, full: bool = False, progress: ProgressFn | None = None
 ) -> BackupResult:
     """Back up one files source and commit its snapshot."""
-    start_wall = datetime.now(UTC)
-    start = time.perf_counter()
-    repo.require_quorum()
-    rc = repo.config.repository
-    chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
-    stats = BackupStats()
-    warn = stats.warnings.append
-
-    parent = latest(repo.snapshots(), source.name, "files")
-    old_entries: Iterator[Entry] = iter(()) if full or parent is None else repo.iter_tree(parent)
-    old = next(old_entries, None)
-
-    pipe = _Pipeline(repo, stats)
-    spool = pipe.tree_spool()
-    last_report = 0.0
-    try:
-        for entry, path in walk(source.path, source.exclude, warn):
+    with BackupRun(repo, progress) as run:
+        stats = run.stats
+        parent = run.parent(source.name, "files")
+        old_entries: Iterator[Entry] = iter(()) if full or parent is None else repo.iter_tree(parent)
+        old = next(old_entries, None)
+        last_report = 0.0
+        for item in walk(source.path, source.exclude, stats.warn):
+            entry = item.entry
             key = path_key(entry.path)
             while old is not None and path_key(old.path) < key:
                 old = next(old_entries, None)
             previous = old if old is not None and old.path == entry.path else None
             if entry.type == FILE:
                 stats.files += 1
-                stats.bytes_total += entry.size
-                if (
-                    previous is not None
-                    and entry.unchanged_since(previous)
-                    and all(bytes.fromhex(c) in repo.index.blobs for c in previous.chunks)
-                ):
+                if previous is not None and entry.unchanged_since(previous) and run.all_stored(previous.chunks):
                     entry.chunks, entry.hash = list(previous.chunks), previous.hash
                     stats.files_unchanged += 1
                 else:
                     try:
-                        _read_file(pipe, chunker, entry, path, stats)
+                        _read_file(run, item)
                         stats.files_read += 1
-                    except OSError as exc:
-                        warn(f"{path}: cannot read: {exc.strerror or exc}")
+                    except ReplacedError as exc:
+                        stats.warn(BackupWarning(item.path, WarningKind.REPLACED, str(exc)))
                         entry.skip = True
+                    except FileNotFoundError:
+                        stats.warn(BackupWarning(item.path, WarningKind.VANISHED, "vanished while the backup ran"))
+                        entry.skip = True
+                    except OSError as exc:
+                        stats.warn(
+                            BackupWarning(item.path, WarningKind.UNREADABLE_FILE, f"cannot read: {exc.strerror or exc}")
+                        )
+                        entry.skip = True
+                if not entry.skip:
+                    stats.bytes_total += entry.size
             elif entry.type == DIR:
                 stats.dirs += 1
             else:
                 stats.symlinks += 1
-            pipe.submit_entry(entry)
+            run.pipe.submit_entry(entry)
             if progress and (now := time.perf_counter()) - last_report > 0.2:
                 last_report = now
                 progress(stats, entry.path)
-        pipe.drain(0)
-        tree_ids = _store_tree(pipe, chunker, spool)
-    finally:
-        pipe.close()
-        spool.close()
-    return commit_snapshot(
-        repo,
-        source.name,
-        "files",
-        str(source.path),
-        "incremental" if parent is not None and not full else "full",
-        parent.id if parent else None,
-        tree_ids,
-        stats,
-        start,
-        start_wall,
-        progress,
-    )
+        return run.commit(
+            source=source.name,
+            source_type="files",
+            path=str(source.path),
+            kind="incremental" if parent is not None and not full else "full",
+            parent=parent.id if parent else None,
+        )
 
 
 def _store_tree(pipe: _Pipeline, chunker: Chunker, spool: IO[bytes]) -> list[str]:
@@ -317,6 +495,27 @@ def _store_tree(pipe: _Pipeline, chunker: Chunker, spool: IO[bytes]) -> list[str
         pipe.submit_chunk(data, tree_ids, KIND_TREE)
     pipe.finish()
     return tree_ids
+
+
+def note_degradation(repo: Repository, stats: BackupStats) -> None:
+    """Mark the run degraded when a pack is short of shards or a peer took nothing, and say so at once."""
+    down = repo.peers.down()
+    stats.failed_peers = sorted(down)
+    stats.degraded = stats.packs_degraded > 0 or bool(down)
+    stats.warnings = [w for w in stats.warnings if w.kind is not WarningKind.DEGRADED_PACK]
+    if not stats.degraded:
+        return
+    peers = "; ".join(f"{name} ({why})" for name, why in sorted(down.items())) or "none down"
+    n = repo.config.repository.n
+    stats.warn(
+        BackupWarning(
+            "",
+            WarningKind.DEGRADED_PACK,
+            f"DEGRADED: committed with reduced redundancy: {stats.packs_degraded} of {stats.packs_new} new pack(s) "
+            f"have fewer than {n} shards; peers that took no shards or metadata: {peers}. "
+            "Run 'shardvault repair' when the peers are back",
+        )
+    )
 
 
 def commit_snapshot(
@@ -335,6 +534,7 @@ def commit_snapshot(
 ) -> BackupResult:
     """Write the snapshot (the commit: everything it names is stored and indexed) and record the run."""
     stats.duration_seconds = round(time.perf_counter() - start, 3)
+    note_degradation(repo, stats)
     snapshot = Snapshot(
         id=new_id(),
         source=source,
@@ -346,20 +546,20 @@ def commit_snapshot(
         finished=datetime.now(UTC).isoformat(),
         hostname=socket.gethostname(),
         tree=tuple(tree_ids),
-        stats={k: v for k, v in asdict(stats).items() if k != "warnings"}
-        | {"warnings": len(stats.warnings)}
-        | (extra or {}),
+        stats=stats.snapshot_doc() | (extra or {}),
     )
     repo.write_snapshot(snapshot)
+    note_degradation(repo, stats)  # a peer that failed the snapshot's own write counts too
     if progress:
         progress(stats, "")
+    status = "degraded" if stats.degraded else "warning" if stats.warnings else "ok"
     repo.state.record_run(
         "backup",
-        "ok" if not stats.warnings else "warning",
+        status,
         start_wall.timestamp(),
         source=source,
         snapshot=snapshot.id,
-        details=asdict(stats) | {"kind": snapshot.kind},
+        details=stats.to_doc() | {"kind": snapshot.kind},
     )
     return BackupResult(snapshot, stats)
 
@@ -382,26 +582,12 @@ def backup_stream(
     called after the stream ends (a producer's final facts, such as LSNs) and
     its result is kept in the snapshot's stats.
     """
-    start_wall = datetime.now(UTC)
-    start = time.perf_counter()
-    repo.require_quorum()
-    rc = repo.config.repository
-    chunker = Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max)
-    stats = BackupStats()
-    entry = Entry(name, FILE, 0o600, 0, 0, time.time_ns())
-    pipe = _Pipeline(repo, stats)
-    spool = pipe.tree_spool()
-    try:
-        entry.hash = pipe.submit_stream(chunker.chunks(stream), entry.chunks)
+    with BackupRun(repo) as run:
+        stats = run.stats
+        entry = Entry(name, FILE, 0o600, 0, 0, time.time_ns())
+        entry.hash = run.pipe.submit_stream(run.chunker.chunks(stream), entry.chunks)
         entry.size = stats.bytes_total = stats.bytes_read
         stats.files = stats.files_read = 1
-        pipe.submit_entry(entry)
+        run.pipe.submit_entry(entry)
         facts = extra() if extra else {}  # before the commit: a failed producer commits nothing
-        pipe.drain(0)
-        tree_ids = _store_tree(pipe, chunker, spool)
-    finally:
-        pipe.close()
-        spool.close()
-    return commit_snapshot(
-        repo, source, source_type, name, kind, parent, tree_ids, stats, start, start_wall, None, facts
-    )
+        return run.commit(source=source, source_type=source_type, path=name, kind=kind, parent=parent, extra=facts)

@@ -14,6 +14,8 @@ chunk ids.  Entry keys::
     m  permission bits     u, g  uid, gid     mt  mtime in ns   ct  ctime in ns
     s  size                i   inode          c   chunk ids (hex), files only
     h  BLAKE3 of the content (hex), files only      l  link target, symlinks only
+    cw 1 when the file changed while it was read (absent otherwise): its
+       content may be torn, so the next incremental backup reads it again
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Entry:
     target: str | None = None
     skip: bool = field(default=False, compare=False)  # unreadable during backup: left out of the tree
     meta: dict[str, Any] | None = None  # bucket objects: etag, content type, user metadata
+    changed: bool = False  # changed while read: never "unchanged" for the next run
 
     def to_line(self) -> bytes:
         doc: dict[str, Any] = {
@@ -62,6 +65,8 @@ class Entry:
             doc["l"] = self.target
         if self.meta:
             doc["x"] = self.meta
+        if self.changed:
+            doc["cw"] = 1
         # ASCII escapes keep undecodable file names (surrogate escapes) intact.
         return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
@@ -81,6 +86,7 @@ class Entry:
             hash=doc.get("h"),
             target=doc.get("l"),
             meta=doc.get("x"),
+            changed=bool(doc.get("cw", 0)),
         )
 
     def unchanged_since(self, old: Entry) -> bool:
@@ -92,6 +98,7 @@ class Entry:
             and old.ctime_ns == self.ctime_ns
             and old.inode == self.inode
             and old.hash is not None
+            and not old.changed
         )
 
 

@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from shardvault.backup import BackupStats, _Pipeline
+from shardvault.backup import BackupStats, _Pipeline, note_degradation
 from shardvault.chunker import Chunker
 from shardvault.config import SourceConfig
 from shardvault.crypto import content_hash, new_content_hasher
@@ -68,8 +68,13 @@ def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -
     }
     repo.write_meta(record, doc)  # the commit
     stats.bytes_total = stats.bytes_read
+    note_degradation(repo, stats)
     repo.state.record_run(
-        "backup", "ok", started, source=source.name, details={"kind": "wal", "wal": name, **stats.__dict__}
+        "backup",
+        "degraded" if stats.degraded else "ok",
+        started,
+        source=source.name,
+        details={"kind": "wal", "wal": name} | stats.to_doc(),
     )
     return True
 

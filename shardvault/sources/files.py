@@ -1,25 +1,63 @@
-"""Directory-tree sources: a deterministic, error-tolerant walk.
+"""Directory-tree sources: a deterministic, error-tolerant walk by handles.
 
 The walk yields the root (".") and then every entry depth-first with names
 sorted at each level: the order :func:`shardvault.tree.path_key` defines, so
 it can be merged with the previous snapshot's tree in one pass.  Like restic,
 an unreadable entry is a warning, not the end of the backup; special files
 (devices, FIFOs, sockets) are skipped with a warning.
+
+The walk never follows a path twice.  Each directory is opened once, relative
+to its parent's descriptor with ``O_NOFOLLOW``, and checked with ``fstat``
+to be the directory that was listed; its entries are stat'ed and opened
+relative to that descriptor.  A directory swapped for a symlink (or renamed
+away) while the backup runs therefore cannot lead the backup outside its
+source: the swap is reported, and what is read is what the handle names.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import os
 import stat
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.errors import SourceError
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
 _NOATIME = getattr(os, "O_NOATIME", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+# O_NONBLOCK: a FIFO swapped in for a file must not hang the open; reads of regular files ignore it.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+# What open(O_NOFOLLOW | O_DIRECTORY) says when the name is now a symlink or not a directory.
+_NOT_A_DIR = (errno.ELOOP, errno.ENOTDIR)
+
+Warn = Callable[[BackupWarning], None]
+
+
+class ReplacedError(Exception):
+    """The object opened is not the one the walk listed (and not a regular file)."""
+
+
+@dataclass
+class SourceItem:
+    """One entry of the walk, with the handle to open it by.
+
+    ``dir_fd`` is the parent directory's descriptor: it stays open while the
+    walk is suspended at this item, so :func:`open_file` must be called
+    before the walk is resumed.
+    """
+
+    entry: Entry
+    path: str  # absolute, for messages only: nothing is opened by it
+    dir_fd: int | None = None
+    name: str = ""
+    dev: int = 0
 
 
 def entry_from_stat(rel: str, st: os.stat_result, target: str | None = None) -> Entry | None:
@@ -45,34 +83,40 @@ def entry_from_stat(rel: str, st: os.stat_result, target: str | None = None) -> 
     )
 
 
+def refresh_entry(entry: Entry, st: os.stat_result) -> None:
+    """Describe ``entry`` by the stat of what was actually opened."""
+    entry.mode, entry.uid, entry.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+    entry.mtime_ns, entry.ctime_ns, entry.size, entry.inode = st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+
+
 def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(
-    root: Path, exclude: tuple[str, ...] = (), warn: Callable[[str], None] = lambda _: None
-) -> Iterator[tuple[Entry, str]]:
-    """Yield (entry, absolute path) for the tree under ``root``."""
+def walk(root: Path, exclude: tuple[str, ...] = (), warn: Warn = lambda _: None) -> Iterator[SourceItem]:
+    """Yield the items of the tree under ``root`` (which must be a directory, not a symlink to one)."""
     try:
-        st = os.lstat(root)
+        fd = os.open(root, _DIR_FLAGS)
     except OSError as exc:
+        if exc.errno in _NOT_A_DIR:
+            raise SourceError(str(root), "is not a directory") from None
         raise SourceError(str(root), f"cannot read: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise SourceError(str(root), "is not a directory")
-    top = entry_from_stat(".", st)
-    assert top is not None
-    yield top, str(root)
-    yield from _walk_dir(str(root), "", exclude, warn)
-
-
-def _walk_dir(
-    abs_dir: str, rel_dir: str, exclude: tuple[str, ...], warn: Callable[[str], None]
-) -> Iterator[tuple[Entry, str]]:
     try:
-        with os.scandir(abs_dir) as it:
+        st = os.fstat(fd)
+        top = entry_from_stat(".", st)
+        assert top is not None
+        yield SourceItem(top, str(root), dev=st.st_dev)
+        yield from _walk_dir(fd, str(root), "", exclude, warn)
+    finally:
+        os.close(fd)
+
+
+def _walk_dir(fd: int, abs_dir: str, rel_dir: str, exclude: tuple[str, ...], warn: Warn) -> Iterator[SourceItem]:
+    try:
+        with os.scandir(fd) as it:
             names = sorted(e.name for e in it)
     except OSError as exc:
-        warn(f"{abs_dir}: cannot list: {exc.strerror}")
+        warn(BackupWarning(abs_dir, WarningKind.UNREADABLE_DIR, f"cannot list: {exc.strerror}"))
         return
     for name in names:
         rel = f"{rel_dir}{name}"
@@ -80,24 +124,80 @@ def _walk_dir(
             continue
         path = os.path.join(abs_dir, name)
         try:
-            st = os.lstat(path)
-            target = os.readlink(path) if stat.S_ISLNK(st.st_mode) else None
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
+        except FileNotFoundError:
+            warn(BackupWarning(path, WarningKind.VANISHED, "vanished while the backup ran"))
+            continue
         except OSError as exc:
-            warn(f"{path}: {exc.strerror}")
+            warn(BackupWarning(path, WarningKind.UNREADABLE_FILE, f"cannot read: {exc.strerror}"))
             continue
         entry = entry_from_stat(rel, st, target)
         if entry is None:
-            warn(f"{path}: special file skipped")
+            warn(BackupWarning(path, WarningKind.SPECIAL_FILE, "special file skipped"))
             continue
-        yield entry, path
-        if entry.type == DIR:
-            yield from _walk_dir(path, rel + "/", exclude, warn)
+        item = SourceItem(entry, path, fd, name, st.st_dev)
+        if entry.type != DIR:
+            yield item
+            continue
+        try:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in _NOT_A_DIR:
+                why = "was a directory when listed, is not one now: not followed"
+                warn(BackupWarning(path, WarningKind.REPLACED, why))
+            elif exc.errno == errno.ENOENT:
+                warn(BackupWarning(path, WarningKind.VANISHED, "vanished while the backup ran"))
+            else:
+                # The directory itself is kept (its mode and owner are known); its content is not.
+                warn(BackupWarning(path, WarningKind.UNREADABLE_DIR, f"cannot read directory: {exc.strerror}"))
+                yield item
+            continue
+        try:
+            cst = os.fstat(child)
+            if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino):
+                warn(BackupWarning(path, WarningKind.REPLACED, "was replaced by another directory while listed"))
+                continue
+            yield item
+            yield from _walk_dir(child, path, rel + "/", exclude, warn)
+        finally:
+            os.close(child)
 
 
-def open_file(path: str) -> io.FileIO:
-    """Open a source file for reading without touching its atime when allowed."""
+def open_file(item: SourceItem) -> io.FileIO:
+    """Open a listed file by its parent's handle, and check it is a regular file.
+
+    Raises :class:`ReplacedError` when the name now holds something else
+    than a regular file (a symlink, a FIFO, a directory).  A regular file
+    with another inode (saved by rename, say) is inside the source all the
+    same: the entry is refreshed to describe it.
+    """
+    if item.dir_fd is None:
+        raise ReplacedError("not a file")
     try:
-        fd = os.open(path, os.O_RDONLY | _NOATIME | os.O_NOFOLLOW)
+        fd = os.open(item.name, _FILE_FLAGS | _NOATIME, dir_fd=item.dir_fd)
     except PermissionError:  # O_NOATIME needs ownership (or root)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    return io.FileIO(fd, "rb")
+        fd = _open_plain(item)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReplacedError("is a symlink now, not the file listed: not followed") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReplacedError("is no longer a regular file: not read")
+        if (st.st_dev, st.st_ino) != (item.dev, item.entry.inode):
+            refresh_entry(item.entry, st)
+        return io.FileIO(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_plain(item: SourceItem) -> int:
+    try:
+        return os.open(item.name, _FILE_FLAGS, dir_fd=item.dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ReplacedError("is a symlink now, not the file listed: not followed") from None
+        raise
