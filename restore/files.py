@@ -4,7 +4,10 @@
    (:mod:`.safepath`), and note the packs it needs, in the order it needs
    them.  List the shards on the peers; if any needed pack has fewer than k
    shards left, stop before writing anything and name the lost packs and the
-   files they hold.
+   files they hold.  Then open the target; if it is not empty, stream the
+   tree once more and look at what is already there: with ``--overwrite
+   never`` (the default) any file, symlink or non-directory the snapshot
+   would replace stops the restore before anything is written.
 2. **Restore.**  Stream the tree again.  The main thread creates directories
    and symlinks as they come and hands each file to a small pool of workers;
    packs are fetched (from the fastest k good shards) and decoded a little
@@ -15,6 +18,10 @@
    its name.
 3. **Finish.**  Directory permissions and times are applied last (children
    change a directory's mtime).  Bad shards met on the way are reported.
+
+A failure of the target (full, read-only, not a directory) is a
+:class:`RestoreTargetError` (exit 12) wherever it happens, main thread or
+worker; only what cannot be read from the repository is "data lost" (exit 7).
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,10 @@ from shardvault.errors import (
     BlobNotFoundError,
     DataLossError,
     NotEnoughShardsError,
+    RestoreError,
+    RestoreTargetError,
     ShardvaultError,
+    TargetNotEmptyError,
     UnsafePathError,
 )
 from shardvault.repository import Repository
@@ -44,7 +56,7 @@ from shardvault.shards.erasure import DecodedPack
 from shardvault.snapshot import Snapshot
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
-from .safepath import SafeTarget, safe_parts
+from .safepath import Existing, SafeTarget, safe_parts, target_error
 
 WORKERS = 4  # files written at once
 WINDOW = 64  # files handed out ahead of the slowest one
@@ -53,9 +65,25 @@ PACK_CACHE = PREFETCH + 3  # decoded packs kept at most (a safety cap; see _Pack
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+class Overwrite(StrEnum):
+    """What a restore may do to paths already in the target (``--overwrite``)."""
+
+    NEVER = "never"  # refuse before writing anything if the snapshot would replace a path
+    IF_CHANGED = "if-changed"  # rewrite only files whose size or content differ
+    ALWAYS = "always"  # replace every file and symlink
+
+
+class _Outcome(Enum):
+    WRITTEN = "written"
+    OVERWRITTEN = "overwritten"
+    UNCHANGED = "unchanged"
+
+
 @dataclass
 class RestoreStats:
-    files: int = 0
+    files: int = 0  # files in the target as in the snapshot, unchanged ones included
+    files_skipped_unchanged: int = 0
+    files_overwritten: int = 0  # files and symlinks that replaced something already there
     dirs: int = 0
     symlinks: int = 0
     bytes: int = 0
@@ -130,11 +158,34 @@ def _create_unnamed(dir_fd: int) -> tuple[int, str | None]:
     return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), name
 
 
+_KIND_NAMES = {DIR: "directory", FILE: "file", SYMLINK: "symlink"}
+
+
+def entry_parts(entry: Entry, root_seen: bool) -> list[str]:
+    """The checked components of a tree entry's path.
+
+    Only the root may be ``.``, once, and only as a directory: a file or
+    symlink named ``.`` would have to replace the target itself.
+    """
+    if entry.path == "." and (entry.type != DIR or root_seen):
+        what = "a second root" if entry.type == DIR else f"a {_KIND_NAMES.get(entry.type, entry.type)} named '.'"
+        raise UnsafePathError(entry.path, f"{what}; only the root directory may be '.'")
+    return safe_parts(entry.path)
+
+
 class FileRestorer:
-    def __init__(self, repo: Repository, snapshot: Snapshot, target: Path, progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        snapshot: Snapshot,
+        target: Path,
+        progress: ProgressFn | None = None,
+        overwrite: Overwrite = Overwrite.NEVER,
+    ) -> None:
         self.repo = repo
         self.snapshot = snapshot
         self.target = target
+        self.overwrite = overwrite
         self.progress = progress
         self.stats = RestoreStats()
         self.is_root = os.geteuid() == 0
@@ -162,8 +213,10 @@ class FileRestorer:
                 f"the tree of snapshot {self.snapshot.short_id} is in lost {packs}; nothing can be restored"
             )
         order: dict[str, int] = {}  # packs in the order the restore first needs them
+        root_seen = False
         for entry in self.repo.iter_tree(self.snapshot):
-            safe_parts(entry.path)
+            entry_parts(entry, root_seen)
+            root_seen = root_seen or entry.path == "."
             for c in entry.chunks:
                 pack_id = self._pack_of(c)
                 order.setdefault(pack_id, len(order))
@@ -190,6 +243,44 @@ class FileRestorer:
         first = f"; first: {failed[0]}" if failed else ""
         return f"{len(self.lost)} pack(s) lost: {packs}; {len(failed)} file(s) cannot be restored{first}"
 
+    def check_target(self, target: SafeTarget) -> None:
+        """Refuse, before anything is written, what the overwrite mode does not allow.
+
+        A symlink where a directory goes is never followed nor replaced (it
+        may have been planted: invariant 6), and a directory where a file
+        goes is never deleted; with ``never``, anything but a directory
+        already at a path of the snapshot stops the restore.
+        """
+        if target.is_empty():
+            return  # the common case costs no second pass over the tree
+        conflicts: set[tuple[str, ...]] = set()
+        first = ""
+        for entry in self.repo.iter_tree(self.snapshot):
+            parts = safe_parts(entry.path)
+            found = target.existing(parts)
+            if found is None:
+                continue
+            where, kind = found
+            shown = "/".join(where)
+            on_the_way = len(where) < len(parts) or entry.type == DIR
+            if kind is Existing.DIRECTORY and entry.type == DIR:
+                continue
+            if kind is Existing.SYMLINK and on_the_way:
+                raise UnsafePathError(entry.path, f"{self.target / shown} is a symlink; not following it")
+            if kind is Existing.DIRECTORY and self.overwrite is not Overwrite.NEVER:
+                raise RestoreTargetError(
+                    str(self.target / shown),
+                    f"a directory is where the snapshot has a {_KIND_NAMES.get(entry.type, entry.type)}; "
+                    "not deleting it",
+                )
+            if self.overwrite is Overwrite.NEVER and tuple(where) not in conflicts:
+                conflicts.add(tuple(where))
+                first = first or f"{shown} is {kind.value}"
+        if conflicts:
+            raise TargetNotEmptyError(
+                str(self.target), f"{len(conflicts)} path(s) the snapshot would write already exist; first: {first}"
+            )
+
     # -- 2. restore ------------------------------------------------------------------
 
     def _read_chunk(self, cache: _PackCache, chunk: str) -> bytes | bytearray:
@@ -201,13 +292,43 @@ class FileRestorer:
             _, good, k, _ = exc.args_
             self.lost[loc.pack_id] = f"{good} good shards read, {k} needed"
             raise
+        except OSError as exc:  # not the target's: keep it apart from the writes' errors
+            raise RestoreError(f"reading pack {loc.pack_id[:16]}: {exc}") from None
         try:
             return self.repo.open_blob(cid, pack, loc.offset, loc.length, loc.raw_length)
         finally:
             cache.used(loc.pack_id)
 
-    def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> int:
-        """Write one file (in a worker); return its size.  Owns ``dir_fd``.
+    def _unchanged(self, entry: Entry, name: str, dir_fd: int) -> bool:
+        """Whether a regular file already at ``name`` has the entry's size and content hash."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+            return False
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        with os.fdopen(fd, "rb") as existing:
+            hasher = new_content_hasher()
+            while block := existing.read(1 << 20):
+                hasher.update(block)
+        return hasher.hexdigest() == entry.hash
+
+    def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> tuple[int, _Outcome]:
+        """Write one file (in a worker); return the bytes written and what became of it.  Owns ``dir_fd``."""
+        try:
+            if self.overwrite is Overwrite.IF_CHANGED and self._unchanged(entry, name, dir_fd):
+                for chunk in entry.chunks:  # the plan counted these reads: release their packs
+                    cache.used(self.repo.index.blobs[bytes.fromhex(chunk)].pack_id)
+                return 0, _Outcome.UNCHANGED
+            return self._write_file(cache, entry, name, dir_fd)
+        except OSError as exc:  # reads raise ShardvaultErrors only: this is the target failing
+            raise target_error(exc, self.target / entry.path) from None
+        finally:
+            os.close(dir_fd)
+
+    def _write_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> tuple[int, _Outcome]:
+        """Write one file, replacing what is at ``name`` if the overwrite mode allows.
 
         The file is written as an unnamed inode (O_TMPFILE) and linked under
         its name only once complete and verified: a reader, or a restore
@@ -235,13 +356,14 @@ class FileRestorer:
             if tmp is None:
                 try:
                     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
-                    return size
+                    return size, _Outcome.WRITTEN
                 except FileExistsError:  # replacing a file already in the target: via a named temporary
                     tmp = _named_temp()
                     os.link(f"/proc/self/fd/{fd}", tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            outcome = self._replacing(dir_fd, name, entry)
             self._rename_into_place(dir_fd, tmp, name, entry.path)
             tmp = None
-            return size
+            return size, outcome
         finally:
             os.close(fd)
             if tmp is not None:
@@ -249,7 +371,16 @@ class FileRestorer:
                     os.unlink(tmp, dir_fd=dir_fd)
                 except OSError:
                     pass
-            os.close(dir_fd)
+
+    def _replacing(self, dir_fd: int, name: str, entry: Entry) -> _Outcome:
+        """Whether a rename to ``name`` replaces something, refused with ``never`` (it appeared after the check)."""
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return _Outcome.WRITTEN
+        if self.overwrite is Overwrite.NEVER:
+            raise TargetNotEmptyError(str(self.target), f"{entry.path} appeared in it during the restore")
+        return _Outcome.OVERWRITTEN
 
     def run(self) -> RestoreStats:
         start = time.perf_counter()
@@ -258,22 +389,27 @@ class FileRestorer:
         fetchers = ThreadPoolExecutor(3, thread_name_prefix="sv-fetch")
         workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="sv-write")
         cache = _PackCache(self.repo, self.pack_uses, self.pack_order, fetchers)
-        pending: deque[tuple[Entry, Future[int]]] = deque()
+        pending: deque[tuple[Entry, Future[tuple[int, _Outcome]]]] = deque()
         last_report = 0.0
         try:
-            with SafeTarget(self.target) as target:
+            with SafeTarget(self.target, replace_files=self.overwrite is not Overwrite.NEVER) as target:
+                self.check_target(target)
                 for entry in self.repo.iter_tree(self.snapshot):
                     parts = safe_parts(entry.path)
-                    if entry.type == DIR:
-                        target.dir_fd(parts, create=True, shown=entry.path)
-                        dirs.append(entry)
-                        self.stats.dirs += 1
-                    elif entry.type == SYMLINK:
-                        self._symlink(target, entry, parts)
-                    elif entry.type == FILE:
-                        # The worker gets its own descriptor: the target's cache may close its copy.
-                        dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
-                        pending.append((entry, workers.submit(self._restore_file, cache, entry, parts[-1], dir_fd)))
+                    try:
+                        if entry.type == DIR:
+                            target.dir_fd(parts, create=True, shown=entry.path)
+                            dirs.append(entry)
+                            self.stats.dirs += 1
+                        elif entry.type == SYMLINK:
+                            self._symlink(target, entry, parts)
+                        elif entry.type == FILE:
+                            # The worker gets its own descriptor: the target's cache may close its copy.
+                            dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
+                            future = workers.submit(self._restore_file, cache, entry, parts[-1], dir_fd)
+                            pending.append((entry, future))
+                    except OSError as exc:
+                        raise target_error(exc, self.target / entry.path) from None
                     while pending and (len(pending) > WINDOW or pending[0][1].done()):
                         self._account(*pending.popleft())
                     if self.progress and (now := time.perf_counter()) - last_report > 0.2:
@@ -282,7 +418,10 @@ class FileRestorer:
                 while pending:
                     self._account(*pending.popleft())
                 for entry in reversed(dirs):
-                    self._dir_metadata(target, entry)
+                    try:
+                        self._dir_metadata(target, entry)
+                    except OSError as exc:
+                        raise target_error(exc, self.target / entry.path) from None
         finally:
             workers.shutdown(wait=True, cancel_futures=True)
             fetchers.shutdown(wait=True, cancel_futures=True)
@@ -294,23 +433,36 @@ class FileRestorer:
             raise DataLossError(self._lost_message(self.stats.failed_files))
         return self.stats
 
-    def _account(self, entry: Entry, future: Future[int]) -> None:
+    def _account(self, entry: Entry, future: Future[tuple[int, _Outcome]]) -> None:
         try:
-            self.stats.bytes += future.result()
-            self.stats.files += 1
-        except UnsafePathError:
-            raise
-        except (ShardvaultError, OSError):
+            size, outcome = future.result()
+        except (UnsafePathError, RestoreTargetError):
+            raise  # the target is unusable: every file after this one would fail the same way
+        except ShardvaultError:
             self.stats.failed_files.append(entry.path)
+            return
+        self.stats.bytes += size
+        self.stats.files += 1
+        if outcome is _Outcome.UNCHANGED:
+            self.stats.files_skipped_unchanged += 1
+        elif outcome is _Outcome.OVERWRITTEN:
+            self.stats.files_overwritten += 1
 
     def _rename_into_place(self, dir_fd: int, tmp: str, name: str, shown: str) -> None:
         try:
             os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
-            raise UnsafePathError(shown, f"cannot put it in place: {exc.strerror}") from None
+            raise target_error(exc, self.target / shown) from None
 
     def _symlink(self, target: SafeTarget, entry: Entry, parts: list[str]) -> None:
         fd = target.dir_fd(parts[:-1], create=True, shown=entry.path)
+        if self.overwrite is Overwrite.IF_CHANGED:
+            try:
+                if os.readlink(parts[-1], dir_fd=fd) == (entry.target or ""):
+                    self.stats.symlinks += 1
+                    return  # the same link: left untouched
+            except OSError:
+                pass  # nothing there, or not a symlink: written below
         tmp = _named_temp()
         # The link is created, never followed: its target may point anywhere.
         os.symlink(entry.target or "", tmp, dir_fd=fd)
@@ -318,11 +470,13 @@ class FileRestorer:
             if self.is_root:
                 os.chown(tmp, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+            replaced = self._replacing(fd, parts[-1], entry) is _Outcome.OVERWRITTEN
             self._rename_into_place(fd, tmp, parts[-1], entry.path)
         except BaseException:
             os.unlink(tmp, dir_fd=fd)
             raise
         self.stats.symlinks += 1
+        self.stats.files_overwritten += replaced
 
     def _dir_metadata(self, target: SafeTarget, entry: Entry) -> None:
         parts = safe_parts(entry.path)
@@ -336,7 +490,11 @@ class FileRestorer:
 
 
 def restore_files(
-    repo: Repository, snapshot: Snapshot, target: Path, progress: ProgressFn | None = None
+    repo: Repository,
+    snapshot: Snapshot,
+    target: Path,
+    progress: ProgressFn | None = None,
+    overwrite: Overwrite = Overwrite.NEVER,
 ) -> RestoreStats:
-    """Restore a files snapshot under ``target``."""
-    return FileRestorer(repo, snapshot, target, progress).run()
+    """Restore a files snapshot under ``target``; what is already there is kept unless ``overwrite`` allows."""
+    return FileRestorer(repo, snapshot, target, progress, overwrite).run()

@@ -10,6 +10,11 @@ off in the copy, so a restored cluster never writes WAL into the archive of
 the one it was restored from.
 
 Logical: the dump is streamed into ``pg_restore`` for a new database.
+
+Neither ever overwrites: the data directory must be empty (or missing, with
+an existing parent) and the database new, or the restore stops with a
+:class:`RestoreTargetError` (exit 12) before writing; a target that fails
+while written (full, read-only) is one too, never "data lost".
 """
 
 from __future__ import annotations
@@ -30,9 +35,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from shardvault.config import SourceConfig
-from shardvault.errors import RestoreRefusedError, SourceError, UnsafePathError
+from shardvault.errors import RestoreRefusedError, RestoreTargetError, SourceError, UnsafePathError
 from shardvault.repository import Repository
-from shardvault.restore.safepath import SafeTarget, safe_parts
+from shardvault.restore.safepath import SafeTarget, safe_parts, target_error
 from shardvault.restore.streams import ChunkStream
 from shardvault.snapshot import Snapshot
 from shardvault.sources import postgres as pg
@@ -73,14 +78,18 @@ def restore_physical(
             snap.short_id,
             "a physical restore needs --password-file: the restored server runs `shardvault wal-fetch` with it",
         )
-    if target.exists() and any(target.iterdir()):
-        raise RestoreRefusedError(str(target), "the target directory is not empty")
-    target.mkdir(parents=True, exist_ok=True)
-    os.chmod(target, 0o700)
-    stream = ChunkStream(repo, _the_file(repo, base))
-    _untar(stream, target)
-    stream.verify()
-    (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    entry = _the_file(repo, base)
+    with SafeTarget(target) as safe:
+        if not safe.is_empty():
+            raise RestoreTargetError(str(target), "not empty; a data directory is restored into an empty one")
+        try:
+            os.fchmod(safe.root_fd, 0o700)
+        except OSError as exc:
+            raise target_error(exc, target) from None
+        stream = ChunkStream(repo, entry)
+        _untar(stream, safe)
+        stream.verify()
+        safe.dir_fd(["pg_wal", "archive_status"], create=True)
     exe = Path(sys.executable).with_name("shardvault")
     fetch = (
         f"{exe if exe.exists() else 'shardvault'} --config {config_path} --password-file {password_file} "
@@ -91,16 +100,21 @@ def restore_physical(
         settings["recovery_target_time"] = to_time
     elif to_lsn:
         settings["recovery_target_lsn"] = to_lsn
-    with open(target / "postgresql.auto.conf", "a") as conf:
-        conf.write("\n# Added by shardvault restore\n")
-        for key, value in settings.items():
-            conf.write(f"{key} = '{value.replace(chr(39), chr(39) * 2)}'\n")
-    (target / "recovery.signal").write_bytes(b"")
-    _give_to_postgres(target)
+    conf_path = target / "postgresql.auto.conf"
+    try:
+        with open(conf_path, "a") as conf:
+            conf.write("\n# Added by shardvault restore\n")
+            for key, value in settings.items():
+                conf.write(f"{key} = '{value.replace(chr(39), chr(39) * 2)}'\n")
+        conf_path = target / "recovery.signal"
+        conf_path.write_bytes(b"")
+        _give_to_postgres(target)
+    except OSError as exc:
+        raise target_error(exc, conf_path) from None
     return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
 
 
-def _untar(stream: ChunkStream, target: Path) -> None:
+def _untar(stream: ChunkStream, safe: SafeTarget) -> None:
     """Unpack a base backup's tar inside ``target`` only (invariant 6).
 
     Names go through the same checks as file restores (no absolute paths, no
@@ -108,7 +122,7 @@ def _untar(stream: ChunkStream, target: Path) -> None:
     directories and regular files are accepted: a data directory streamed to
     one tar has no links (pg_basebackup refuses tablespaces in that mode).
     """
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:  # type: ignore[call-overload]
         for member in tar:
             name = member.name.rstrip("/")
             while name.startswith("./"):  # pg_basebackup writes ./pg_wal/... for some entries
@@ -116,18 +130,21 @@ def _untar(stream: ChunkStream, target: Path) -> None:
             if name in ("", "."):
                 continue
             parts = safe_parts(name)
-            if member.isdir():
-                fd = safe.dir_fd(parts, create=True, shown=name)
-                os.fchmod(fd, member.mode & 0o700 or 0o700)
-            elif member.isfile():
-                parent = safe.dir_fd(parts[:-1], create=True, shown=name)
-                source = tar.extractfile(member)
-                assert source is not None
-                fd = os.open(parts[-1], _CREATE, member.mode & 0o600 or 0o600, dir_fd=parent)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-            else:
+            if not (member.isdir() or member.isfile()):
                 raise UnsafePathError(name, "not a regular file or directory (links are not accepted in a base backup)")
+            try:
+                if member.isdir():
+                    fd = safe.dir_fd(parts, create=True, shown=name)
+                    os.fchmod(fd, member.mode & 0o700 or 0o700)
+                else:
+                    parent = safe.dir_fd(parts[:-1], create=True, shown=name)
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    fd = os.open(parts[-1], _CREATE, member.mode & 0o600 or 0o600, dir_fd=parent)
+                    with os.fdopen(fd, "wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+            except OSError as exc:  # the stream raises ShardvaultErrors only: this is the target failing
+                raise target_error(exc, safe.root / name) from None
 
 
 def _give_to_postgres(target: Path) -> None:
@@ -189,7 +206,7 @@ def restore_logical(repo: Repository, snap: Snapshot, source: SourceConfig, data
     with pg.connect(source) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if exists:
-            raise RestoreRefusedError(database, "the database already exists; restore into a new name")
+            raise RestoreTargetError(f"database {database!r}", "the database already exists; restore into a new name")
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
     stream = ChunkStream(repo, _the_file(repo, snap))
     with tempfile.TemporaryFile() as errors:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shardvault.crypto import new_content_hasher
-from shardvault.errors import DataLossError
+from shardvault.errors import DataLossError, RestoreError
 from shardvault.repository import Repository
 from shardvault.tree import Entry
 
@@ -29,7 +29,10 @@ class ChunkStream:
                 chunk = next(self.chunks, None)
                 if chunk is None:
                     break
-                data = self.reader.read(bytes.fromhex(chunk))
+                try:
+                    data = self.reader.read(bytes.fromhex(chunk))
+                except OSError as exc:  # a read, not the target: callers treat OSError as the target's
+                    raise RestoreError(f"{self.entry.path}: reading chunk {chunk[:16]}: {exc}") from None
                 self.hasher.update(data)
                 self.buffer = memoryview(bytes(data))
             take = len(self.buffer) if size < 0 else min(size - len(out), len(self.buffer))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardvault.errors import AmbiguousSnapshotError, SnapshotNotFoundError
+from shardvault.errors import AmbiguousSnapshotError, LatestNeedsSourceError, SnapshotNotFoundError
 
 SNAPSHOT_VERSION = 1
 
@@ -84,12 +84,20 @@ def latest(snapshots: list[Snapshot], source: str, source_type: str, kind: str |
 
 
 def resolve(snapshots: list[Snapshot], spec: str, source: str | None = None) -> Snapshot:
-    """An id, a unique id prefix, or ``latest`` (of ``source`` if given)."""
+    """An id, a unique id prefix, or ``latest`` (of ``source``).
+
+    ``latest`` without a source is accepted only while the repository holds
+    one source: with several, "the newest of any" would quietly restore
+    another machine's data over this one's.
+    """
     candidates = [s for s in snapshots if source is None or s.source == source]
     where = f" for source {source!r}" if source else ""
     if spec == "latest":
         if not candidates:
             raise SnapshotNotFoundError(spec, where)
+        sources = sorted({s.source for s in candidates})
+        if len(sources) > 1:
+            raise LatestNeedsSourceError(len(sources), ", ".join(sources))
         return max(candidates, key=lambda s: (s.finished, s.id))
     spec = spec.lower()
     matches = [s for s in candidates if s.id.startswith(spec)]
