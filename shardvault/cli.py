@@ -247,6 +247,13 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
 @click.option("--delete", "delete_extra", is_flag=True, help="With --to-bucket: remove objects the snapshot lacks.")
 @click.option("--start", "start_server", is_flag=True, help="PostgreSQL: start the restored cluster.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5432, show_default=True, help="Port for --start.")
+@click.option(
+    "--overwrite",
+    type=click.Choice(["never", "if-changed", "always"]),
+    default="never",
+    show_default=True,
+    help="--target: what to do with paths already there (never: refuse before writing anything).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
@@ -264,12 +271,13 @@ def restore(
     delete_extra: bool,
     start_server: bool,
     port: int,
+    overwrite: str,
     as_json: bool,
 ) -> None:
     """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target, --database or --to-bucket."""
     from dataclasses import asdict
 
-    from shardvault.restore.files import RestoreStats, restore_files
+    from shardvault.restore.files import Overwrite, RestoreStats, restore_files
     from shardvault.snapshot import resolve
 
     with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
@@ -302,7 +310,7 @@ def restore(
             update(info=f"{stats.files} files, {human(stats.bytes)}  {path[-40:]}")
 
         try:
-            stats = restore_files(repo, snap, target, on_progress)
+            stats = restore_files(repo, snap, target, on_progress, Overwrite(overwrite))
         except ShardvaultError:
             report_bad_shards([p.to_doc() for p in repo.take_problems()])
             raise
@@ -313,6 +321,7 @@ def restore(
     click.echo(
         f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
         f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; "
+        f"{stats.files_skipped_unchanged} unchanged, {stats.files_overwritten} overwritten; "
         "every file matches its hash"
     )
 
