@@ -48,6 +48,7 @@ class StateCollector(Collector):
         yield from self._scrub(q, now)
         yield from self._sources(q, now)
         yield from self._drills(q)
+        yield from self._metadata(q)
         damaged = GaugeMetricFamily(
             "shardvault_verification_damage_found",
             "1 if the last check or scrub of this kind found damage, else 0.",
@@ -160,7 +161,7 @@ class StateCollector(Collector):
         for source in self.config.sources:
             rows = q(
                 "SELECT finished, details, snapshot FROM runs WHERE kind = 'backup' AND source = ?"
-                " AND status IN ('ok', 'warning') ORDER BY finished",
+                " AND status IN ('ok', 'warning', 'degraded') ORDER BY finished",
                 (source.name,),
             )
             newest: float | None = None
@@ -180,6 +181,20 @@ class StateCollector(Collector):
                 read.add_metric([source.name], float(details.get("bytes_read", 0)))
                 stored.add_metric([source.name], float(details.get("bytes_stored", 0)))
         yield from (last, rpo, rpo_obj, interval, duration, read, stored)
+        degraded = GaugeMetricFamily(
+            "shardvault_backup_degraded",
+            "1 if the last backup of the source committed with fewer shards or metadata copies than peers"
+            " (repair restores full redundancy), else 0.",
+            labels=["source"],
+        )
+        for source in self.config.sources:
+            row = q(
+                "SELECT status FROM runs WHERE kind = 'backup' AND source = ? ORDER BY finished DESC LIMIT 1",
+                (source.name,),
+            )
+            if row:
+                degraded.add_metric([source.name], 1.0 if row[0][0] == "degraded" else 0.0)
+        yield degraded
         facts = {str(name): float(value) for name, value in q("SELECT name, value FROM facts")}
         gaps = GaugeMetricFamily(
             "shardvault_wal_gaps", "WAL segments missing from the archive (at the last check).", labels=["source"]
@@ -201,6 +216,40 @@ class StateCollector(Collector):
                 archived.add_metric([source.name], t)
                 lag.add_metric([source.name], now - t)
         yield from (gaps, archived, lag)
+
+    def _metadata(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        """Metadata redundancy as the last check, scrub or repair found it (verify/metadata.py)."""
+        facts = {str(name): float(value) for name, value in q("SELECT name, value FROM facts")}
+        for fact, metric, doc in (
+            ("metadata_objects", "metadata_objects", "Metadata objects (config, keys, index, snapshots, WAL records)."),
+            (
+                "metadata_under_replicated",
+                "metadata_under_replicated_objects",
+                "Metadata objects without a good copy on every configured peer.",
+            ),
+            ("metadata_lost", "metadata_lost_objects", "Metadata objects no peer holds intact."),
+            (
+                "metadata_snapshots_missing",
+                "metadata_snapshots_missing",
+                "Snapshots the local state recorded as committed that no peer has (rolled back or deleted).",
+            ),
+            (
+                "metadata_peers_empty",
+                "metadata_peers_empty",
+                "Reachable peers without an identity: empty or replaced, until repair refills them.",
+            ),
+        ):
+            if fact in facts:
+                yield GaugeMetricFamily(f"shardvault_{metric}", doc, value=facts[fact])
+        bad = GaugeMetricFamily(
+            "shardvault_metadata_bad_copies",
+            "Metadata copies missing, corrupt or foreign on this peer (last check, scrub or repair).",
+            labels=["peer"],
+        )
+        for peer in self.config.peers:
+            if (value := facts.get(f"metadata_bad_copies:{peer.name}")) is not None:
+                bad.add_metric([peer.name], value)
+        yield bad
 
     def _drills(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
         rto = GaugeMetricFamily(
