@@ -368,15 +368,16 @@ def peer_location(url: str, base: Path, endpoint: str | None = None) -> tuple[Pe
     percent-decoded.  The returned URL is percent-quoted, so reading it back
     with :func:`urllib.parse.unquote` gives the path again.
     """
-    if "://" not in url:
-        scheme, rest = "", url
-    else:
-        scheme, rest = url.split("://", 1)[0].lower(), url
-    if scheme == "":
-        if not url:
-            raise ValueError("is empty")
-        real = os.path.realpath(base / os.path.expanduser(rest))
+    if not url:
+        raise ValueError("is empty")
+    if url[:5].lower() == "file:" and url[5:7] != "//":
+        # RFC 8089's form without an authority (file:/abs/path), and file:relative/path
+        real = os.path.realpath(base / unquote(url[5:]))
         return PeerLocation(PeerKind.LOCAL, path=real), "file://" + quote(real)
+    if "://" not in url:
+        real = os.path.realpath(base / os.path.expanduser(url))
+        return PeerLocation(PeerKind.LOCAL, path=real), "file://" + quote(real)
+    scheme = url.split("://", 1)[0].lower()
     split = urlsplit(url)
     if split.query or split.fragment:
         raise ValueError(f"{url!r} has a '?' or '#' part (percent-encode them in names: %3F, %23)")

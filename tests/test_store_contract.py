@@ -158,3 +158,70 @@ def test_local_peer_whose_directory_vanished_is_not_recreated(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError):
         store._mkdirs(root / "data" / "cc")
     assert not root.exists()
+
+
+# --- leftovers: temporaries of killed writes ---------------------------------------------
+
+
+def _plant_leftover(store: PeerStore, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Leave a temporary object behind the way a killed run does; return its name."""
+    if isinstance(store, LocalStore):
+        import os
+
+        def killed(src: object, dst: object) -> None:
+            raise KeyboardInterrupt  # the process dies between the write and the rename
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            store.store("data/ab/abcd.03", b"half a shard")
+        monkeypatch.undo()
+        (tmp,) = (store.root / "data" / "ab").glob(".tmp-*")
+        return f"data/ab/{tmp.name}"
+    # S3 writes are single atomic PUTs; what a killed init leaves is create()'s probe object.
+    s3 = store
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.prefix + ".probe", Body=b"")  # type: ignore[attr-defined]
+    return ".probe"
+
+
+def test_leftovers_are_listed_apart_and_can_be_deleted(store: PeerStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.store("config", b"c")
+    assert list(store.list_leftovers()) == []  # create() cleaned up its own probe
+    name = _plant_leftover(store, monkeypatch)
+    assert [i.name for i in store.list("")] == ["config"]  # list() never shows a torn write
+    leftovers = list(store.list_leftovers())
+    assert [i.name for i in leftovers] == [name]
+    store.delete_leftover(name)
+    assert list(store.list_leftovers()) == []
+    with pytest.raises(ObjectNotFoundError):
+        store.delete_leftover(name)
+    assert store.load("config") == b"c"
+
+
+@pytest.mark.parametrize(
+    "name", ["config", "data/ab/abcd.03", ".hidden", "../.tmp-00", "a//.tmp-00", "/.tmp-00", ".tmp-XY", "x/.probe-zz"]
+)
+def test_delete_leftover_never_deletes_a_real_object(store: PeerStore, name: str) -> None:
+    store.store("config", b"c")
+    store.store("data/ab/abcd.03", b"shard")
+    with pytest.raises(InvalidObjectNameError):
+        store.delete_leftover(name)
+    assert store.load("config") == b"c" and store.load("data/ab/abcd.03") == b"shard"
+
+
+def test_default_store_has_no_leftovers() -> None:
+    """A store type whose writes leave no temporaries inherits the empty default."""
+
+    class Plain(LocalStore):
+        pass
+
+    base_list = PeerStore.list_leftovers
+    assert list(base_list(Plain("p", "/nonexistent"))) == []
+    with pytest.raises(ObjectNotFoundError):
+        PeerStore.delete_leftover(Plain("p", "/nonexistent"), ".tmp-00")
+
+
+def test_local_create_makes_only_the_last_directory(tmp_path: Path) -> None:
+    s = open_store("typo", f"file://{tmp_path / 'mnt' / 'dsik3' / 'peer'}")
+    with pytest.raises(PeerUnavailableError, match=f"parent directory {tmp_path / 'mnt' / 'dsik3'} does not exist"):
+        s.create()
+    assert not (tmp_path / "mnt").exists()

@@ -61,10 +61,10 @@ _LEFTOVER_RE = re.compile(r"^\.(tmp-[0-9a-f]{1,64}|probe(-[0-9a-f]{1,64})?)$")
 
 def is_leftover_name(name: str) -> bool:
     """True if ``name`` is a temporary object's name (``data/ab/.tmp-1f2e``, ``.probe``)."""
-    head, _, tail = name.rpartition("/")
+    head, slash, tail = name.rpartition("/")
     if not _LEFTOVER_RE.match(tail):
         return False
-    if not head:
+    if not slash:
         return True
     try:
         validate_name(head)
