@@ -86,10 +86,13 @@ def restore_physical(
             os.fchmod(safe.root_fd, 0o700)
         except OSError as exc:
             raise target_error(exc, target) from None
-        stream = ChunkStream(repo, entry)
-        _untar(stream, safe)
-        stream.verify()
-        safe.dir_fd(["pg_wal", "archive_status"], create=True)
+    stream = ChunkStream(repo, entry)
+    _untar(stream, target)
+    stream.verify()
+    try:
+        (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise target_error(exc, target / "pg_wal" / "archive_status") from None
     exe = Path(sys.executable).with_name("shardvault")
     fetch = (
         f"{exe if exe.exists() else 'shardvault'} --config {config_path} --password-file {password_file} "
@@ -114,7 +117,7 @@ def restore_physical(
     return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
 
 
-def _untar(stream: ChunkStream, safe: SafeTarget) -> None:
+def _untar(stream: ChunkStream, target: Path) -> None:
     """Unpack a base backup's tar inside ``target`` only (invariant 6).
 
     Names go through the same checks as file restores (no absolute paths, no
@@ -122,7 +125,7 @@ def _untar(stream: ChunkStream, safe: SafeTarget) -> None:
     directories and regular files are accepted: a data directory streamed to
     one tar has no links (pg_basebackup refuses tablespaces in that mode).
     """
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar:  # type: ignore[call-overload]
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
         for member in tar:
             name = member.name.rstrip("/")
             while name.startswith("./"):  # pg_basebackup writes ./pg_wal/... for some entries
