@@ -41,17 +41,6 @@ class ShardIssue:
     detail: str
 
 
-def pack_state(good: int, k: int, n: int) -> str:
-    """The state by shard count alone (a pack with one shard per peer, as placed at backup time)."""
-    if good >= n:
-        return PackState.HEALTHY
-    if good > k:
-        return PackState.DEGRADED
-    if good == k:
-        return PackState.AT_RISK
-    return PackState.LOST
-
-
 @dataclass(frozen=True)
 class Redundancy:
     """How much of a pack is left, and how many failures it survives."""
