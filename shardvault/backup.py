@@ -47,10 +47,12 @@ from shardvault.backup_warnings import INCOMPLETE, BackupWarning, WarningKind
 from shardvault.chunker import Chunker, Readable
 from shardvault.config import SourceConfig
 from shardvault.crypto import new_content_hasher
+from shardvault.errors import PeerError
 from shardvault.index import PackRecord
-from shardvault.metadata import new_id
+from shardvault.metadata import new_id, pack_name
 from shardvault.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
 from shardvault.repository import Repository, random_pack_id
+from shardvault.shards.dispersal import ShardRecord
 from shardvault.snapshot import Snapshot, latest
 from shardvault.sources.files import ReplacedError, SourceItem, open_file, walk
 from shardvault.tree import DIR, FILE, Entry, path_key
@@ -58,6 +60,8 @@ from shardvault.tree import DIR, FILE, Entry, path_key
 WINDOW = 8
 PACKS_IN_FLIGHT = 2
 CHECKPOINT_PACKS = 16
+# Packs a run checks one by one before it lists every peer once instead (see StoredPacks).
+PROBED_PACKS = 4
 # The shard status a check or scrub records for a shard whose bytes are bad (shardvault.state).
 _CORRUPT = "corrupt"
 
@@ -132,10 +136,12 @@ class StoredPacks:
     Otherwise the chunk is stored again, in a new pack, so a new backup of
     an intact source is always restorable whatever was lost before.
 
-    The survey (one listing per peer) runs once per run and only when a
-    chunk is first found in the index: a run that deduplicates nothing pays
-    nothing.  Packs written by this run count as stored: they were
-    acknowledged by at least the write quorum moments ago.
+    The first few packs a run leans on are checked one by one (a HEAD per
+    shard), so a ``wal-push`` that deduplicates a few chunks costs the same
+    in a repository of any size; past ``PROBED_PACKS`` packs, one survey (one
+    listing per peer) answers for all of them.  A run that deduplicates
+    nothing pays nothing.  Packs written by this run count as stored: they
+    were acknowledged by at least the write quorum moments ago.
     """
 
     def __init__(self, repo: Repository) -> None:
@@ -147,6 +153,7 @@ class StoredPacks:
             for pack, num, peer in repo.state.query("SELECT pack, num, peer FROM shards WHERE status = ?", (_CORRUPT,))
         }
         self._good: set[str] | None = None
+        self._probed: dict[str, bool] = {}
         self._fresh: set[str] = set()
         self._lock = threading.Lock()
 
@@ -158,29 +165,52 @@ class StoredPacks:
         with self._lock:
             if pack_id in self._fresh:
                 return True
-            if self._good is None:
-                self._good = self._survey()
-            return pack_id in self._good
+            if self._good is not None:
+                return pack_id in self._good
+            if pack_id not in self._probed:
+                if len(self._probed) >= PROBED_PACKS:
+                    self._good = self._survey()
+                    return pack_id in self._good
+                self._probed[pack_id] = self._probe(pack_id)
+            return self._probed[pack_id]
 
     def add_fresh(self, pack_id: str) -> None:
         with self._lock:
             self._fresh.add(pack_id)
 
+    def _enough(self, record: PackRecord, good_nums: set[int]) -> bool:
+        return len(good_nums) >= max(self.repo.config.repository.write_quorum, record.k)
+
     def _survey(self) -> set[str]:
         present = self.repo.list_shards()
-        corrupt = self._corrupt
-        quorum = self.repo.config.repository.write_quorum
         good: set[str] = set()
         for record in self.repo.index.packs.values():
             nums = {
                 s.num
                 for s in record.shards
                 if present.get((record.id, s.num), {}).get(s.peer) == s.size
-                and (record.id, s.num, s.peer) not in corrupt
+                and (record.id, s.num, s.peer) not in self._corrupt
             }
-            if len(nums) >= max(quorum, record.k):
+            if self._enough(record, nums):
                 good.add(record.id)
         return good
+
+    def _probe(self, pack_id: str) -> bool:
+        """One pack, by a HEAD per shard (in parallel): the same rule as the survey."""
+        record = self.repo.index.packs[pack_id]
+
+        def present(shard: ShardRecord) -> bool:
+            peer = self.repo.peers.get(shard.peer)
+            if peer is None or self.repo.peers.is_down(shard.peer):
+                return False
+            try:
+                return peer.store.info(pack_name(pack_id, shard.num)).size == shard.size
+            except PeerError:  # missing, or a peer that fails now: not a shard to count on
+                return False
+
+        shards = [s for s in record.shards if (pack_id, s.num, s.peer) not in self._corrupt]
+        found = self.repo.io.map(present, shards)
+        return self._enough(record, {s.num for s, ok in zip(shards, found, strict=True) if ok})
 
 
 class _Pipeline:

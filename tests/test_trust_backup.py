@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Vault, assert_same_tree, make_vault
+from conftest import PASSWORD, Vault, assert_same_tree, make_vault
 
 from shardvault.chunker import Chunker
 from shardvault.repository import Repository
@@ -287,3 +287,26 @@ def test_8_healthy_commit_is_not_degraded(backed_up: Vault) -> None:
     assert code == 0 and doc["stats"]["degraded"] is False and doc["warning_details"] == [], stderr
     with backed_up.repo() as repo:
         assert {r["status"] for r in repo.state.runs("backup")} == {"ok"}
+
+
+def test_1_wal_push_after_a_lost_pack_stores_the_segment_again(tmp_path: Path) -> None:
+    from shardvault.config import load_config
+    from shardvault.wal import push, record_name
+
+    vault = make_vault(tmp_path)
+    with open(vault.config, "a") as f:
+        f.write('[[sources]]\nname = "db"\ntype = "postgres"\ndsn = "host=127.0.0.1"\n')
+    cfg = load_config(vault.config)
+    data = os.urandom(3 << 20)
+    first, second = tmp_path / "000000010000000000000001", tmp_path / "000000010000000000000002"
+    first.write_bytes(data)
+    second.write_bytes(data)  # the same bytes (a recycled segment): deduplicated while its packs live
+    with Repository.open(cfg, PASSWORD) as repo:
+        assert push(repo, cfg.source("db"), first)
+    lost = _lose_data_packs(vault)
+    with Repository.open(cfg, PASSWORD) as repo:
+        assert push(repo, cfg.source("db"), second)
+    with Repository.open(cfg, PASSWORD) as repo:
+        chunks = set(repo.read_meta(record_name("db", second.name))["chunks"])
+        held = {e.chunk_id.hex() for r in repo.index.packs.values() if r.id not in lost for e in r.entries}
+    assert chunks and chunks <= held

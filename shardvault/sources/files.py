@@ -172,12 +172,13 @@ def open_file(item: SourceItem) -> io.FileIO:
     with another inode (saved by rename, say) is inside the source all the
     same: the entry is refreshed to describe it.
     """
-    if item.dir_fd is None:
-        raise ReplacedError("not a file")
+    # Only an item built by hand (a caller's own list of entries) has no directory handle: the walk
+    # yields one only for the root, a directory, which is never opened as a file.
+    name = item.name if item.dir_fd is not None else item.path
     try:
-        fd = os.open(item.name, _FILE_FLAGS | _NOATIME, dir_fd=item.dir_fd)
+        fd = os.open(name, _FILE_FLAGS | _NOATIME, dir_fd=item.dir_fd)
     except PermissionError:  # O_NOATIME needs ownership (or root)
-        fd = _open_plain(item)
+        fd = _open_plain(name, item.dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ReplacedError("is a symlink now, not the file listed: not followed") from None
@@ -186,7 +187,7 @@ def open_file(item: SourceItem) -> io.FileIO:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ReplacedError("is no longer a regular file: not read")
-        if (st.st_dev, st.st_ino) != (item.dev, item.entry.inode):
+        if (st.st_dev, st.st_ino) != (item.dev, item.entry.inode) and item.dir_fd is not None:
             refresh_entry(item.entry, st)
         return io.FileIO(fd, "rb")
     except BaseException:
@@ -194,9 +195,9 @@ def open_file(item: SourceItem) -> io.FileIO:
         raise
 
 
-def _open_plain(item: SourceItem) -> int:
+def _open_plain(name: str, dir_fd: int | None) -> int:
     try:
-        return os.open(item.name, _FILE_FLAGS, dir_fd=item.dir_fd)
+        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ReplacedError("is a symlink now, not the file listed: not followed") from None
