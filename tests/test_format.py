@@ -110,3 +110,46 @@ def test_swapped_and_replayed_shards_are_caught() -> None:
     with pytest.raises(ShardFormatError, match="replayed"):  # well-formed but not what the index recorded
         verify_shard(good, pack_id=pack_id, num=1, k=3, n=5, expected_hash=b"\x00" * 32)
     assert verify_shard(good, pack_id=pack_id, num=1, k=3, n=5, expected_hash=good[-32:])
+
+
+# --- metadata objects (tests/vectors/metadata_v1.json) ----------------------------------------
+
+META = json.loads((Path(__file__).parent / "vectors" / "metadata_v1.json").read_text())
+
+
+def test_metadata_vectors_read_and_write_exactly() -> None:
+    from vectors.make_metadata_vectors import ENTRIES, PACK, SNAPSHOT  # type: ignore[import-not-found]
+
+    from shardvault.index import PackRecord, index_doc
+    from shardvault.metadata import open_key_object, parse_identity
+    from shardvault.snapshot import Snapshot
+    from shardvault.tree import parse_lines
+
+    keys, repo_id = open_key_object(META["passphrase"], META["key_object"].encode())
+    assert (keys.encryption.hex(), keys.chunk_id.hex(), repo_id) == (
+        META["keys"]["encryption"],
+        META["keys"]["chunk_id"],
+        META["repository"],
+    )
+    assert parse_identity(META["identity"].encode())["repository"] == META["repository"]
+    cipher = Cipher(keys.encryption)
+    for kind in ("index", "snapshot", "wal"):
+        vec = META[kind]
+        assert open_object(cipher, vec["name"], bytes.fromhex(vec["sealed"])) == vec["doc"]
+    assert index_doc([PACK]) == META["index"]["doc"]
+    assert PackRecord.from_doc(META["index"]["doc"]["packs"][0]) == PACK
+    assert SNAPSHOT.to_doc() == META["snapshot"]["doc"]
+    assert Snapshot.from_doc(META["snapshot"]["doc"]) == SNAPSHOT
+    assert [e.to_line().decode() for e in ENTRIES] == META["tree_lines"]
+    assert list(parse_lines([line.encode() for line in META["tree_lines"]])) == ENTRIES
+
+
+@pytest.mark.parametrize("kind", ["config", "key", "identity", "index", "snapshot", "wal"])
+def test_unknown_body_versions_are_refused_by_name(kind: str) -> None:
+    from shardvault.errors import UnsupportedFormatError
+    from shardvault.metadata import KNOWN_VERSIONS, check_version
+
+    assert 1 in KNOWN_VERSIONS[kind]
+    check_version(kind, {"version": 1}, "obj")
+    with pytest.raises(UnsupportedFormatError, match="obj has format version 2"):
+        check_version(kind, {"version": 2}, "obj")

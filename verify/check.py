@@ -42,6 +42,7 @@ from shardvault.shards.dispersal import read_shard as read_verified
 from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
+from .metadata import MetadataReport, audit
 from .record import STATES, Layout, PackState, ShardIssue, presence
 
 READ_AHEAD = 8
@@ -87,20 +88,27 @@ class CheckReport:
     zone_failures_survived: dict[int, int] = field(default_factory=dict)
     snapshots: int = 0
     snapshot_errors: list[str] = field(default_factory=list)
+    metadata: MetadataReport = field(default_factory=MetadataReport)
 
     @property
     def damaged(self) -> bool:
-        return bool(self.shard_issues or self.snapshot_errors or any(self.packs[s] for s in STATES[1:]))
+        return bool(
+            self.shard_issues
+            or self.snapshot_errors
+            or any(self.packs[s] for s in STATES[1:])
+            or self.metadata.damaged
+        )
 
     def summary(self) -> str:
         parts = [f"{self.packs[s]} {s}" for s in STATES]
         missing = sum(1 for i in self.shard_issues if i.problem != ShardProblemKind.CORRUPT)
         corrupt = sum(1 for i in self.shard_issues if i.problem == ShardProblemKind.CORRUPT)
-        return f"packs: {', '.join(parts)}; shards missing: {missing}, corrupt: {corrupt}"
+        return f"packs: {', '.join(parts)}; shards missing: {missing}, corrupt: {corrupt}; {self.metadata.summary()}"
 
     def to_doc(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["damaged"] = self.damaged
+        doc["metadata"] = self.metadata.to_doc()
         return doc
 
 
@@ -162,6 +170,8 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
     lost = {p.pack for p in report.damaged_packs if p.state == PackState.LOST}
     _check_snapshots(repo, report, lost)
     _check_wal(repo, report)
+    # Metadata is verified on every peer like shards (with --read-data, every copy is read).
+    report.metadata = audit(repo, read=read_data)
     repo.state.record_run(
         "check",
         "damaged" if report.damaged else "ok",

@@ -130,9 +130,14 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
     report.objects = len(names)
     report.copies_expected = len(names) * len(configured)
     behind: Counter[str] = Counter()
+    # What this run already found while reading (opening, listing snapshots, loading the index):
+    # a copy that failed to authenticate is bad, and an object with no intact copy is lost,
+    # whether or not this audit reads bytes.
+    unreadable = {p.name for p in repo.meta_problems if not p.peer}
+    bad_copies = {(p.name, p.peer) for p in repo.meta_problems if p.peer}
     todo = sorted(names)
     for done, name in enumerate(todo, 1):
-        good = _check_object(repo, name, listings, down, read, report, behind)
+        good = 0 if name in unreadable else _check_object(repo, name, listings, down, read, report, behind, bad_copies)
         report.copies_good += good
         if good == 0:
             report.lost.append(name)
@@ -178,6 +183,7 @@ def _check_object(
     read: bool,
     report: MetadataReport,
     behind: Counter[str],
+    bad_copies: set[tuple[str, str]],
 ) -> int:
     """Classify every configured peer's copy of one object; return the number of good copies."""
     sizes = Counter(listing[name] for listing in listings.values() if name in listing)
@@ -197,6 +203,8 @@ def _check_object(
             detail = f"size {size}, the other copies have {expected_size} (truncated or replaced)"
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
             continue
+        if (name, peer.name) in bad_copies and not read:
+            continue  # reported below from the run's own reads
         if read:
             try:
                 data = peer.store.load(name)

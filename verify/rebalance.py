@@ -36,6 +36,7 @@ from shardvault.shards.dispersal import ShardRecord, read_shard
 from shardvault.shards.format import ShardFormatError
 from shardvault.shards.peers import Peer
 
+from .metadata import audit, heal
 from .record import Layout, presence, record_pack_states
 from .repair import COMMIT_EVERY, Placer, RepairReport, repair
 
@@ -194,18 +195,9 @@ def add(repo: Repository, name: str) -> MoveReport:
     report = MoveReport(name, "add")
     start = time.perf_counter()
     peer.store.probe()
-    have = {item.name for item in peer.store.list("")}
-    donors = [p for p in repo.peers.up() if p.name != name]
-    for meta in ["config", *repo.list_meta("keys/"), *repo.list_meta("index/"), *repo.list_meta("snapshots/")]:
-        if meta in have:
-            continue
-        for donor in donors:
-            try:
-                peer.store.store(meta, donor.store.load(meta))
-                report.metadata_copied += 1
-                break
-            except PeerError:
-                continue
+    # The new peer gets its identity and a verified copy of every metadata object (the same
+    # heal repair uses), so it can tell the whole story like the others (invariant 1).
+    report.metadata_copied = heal(repo, audit(repo, read=True)).copies_written
     _rebalance_onto(repo, peer, report)
     # Packs crowded on one peer or zone survive fewer failures than their shard count says;
     # repair spreads them, and the new, least loaded peer is the first it offers.

@@ -44,6 +44,7 @@ from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, build_sha
 from shardvault.shards.peers import Peer
 from shardvault.state import ShardKey
 
+from .metadata import HealReport, MetadataReport, audit, heal
 from .record import GOOD, Layout, ShardIssue, presence, record_pack_states
 
 RETRIES = 3
@@ -73,13 +74,18 @@ class RepairReport:
     issues: list[ShardIssue] = field(default_factory=list)
     peers_unreachable: dict[str, str] = field(default_factory=dict)
     duration_seconds: float = 0.0
+    metadata: HealReport = field(default_factory=HealReport)
+    metadata_after: MetadataReport = field(default_factory=MetadataReport)  # what is left after the heal
 
     @property
     def complete(self) -> bool:
-        return not self.lost and not self.unplaced
+        return not self.lost and not self.unplaced and not self.metadata.failed and not self.metadata_after.lost
 
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self) | {"complete": self.complete}
+        doc = asdict(self) | {"complete": self.complete}
+        doc["metadata"] = self.metadata.to_doc() | {"after": self.metadata_after.to_doc()}
+        del doc["metadata_after"]
+        return doc
 
 
 ProgressFn = Callable[[int, int], None]
@@ -125,6 +131,9 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
     """Rebuild what is missing or corrupt; relocate shards off ``exclude`` peers."""
     report = RepairReport()
     started, start = time.time(), time.perf_counter()
+    # Metadata first: an empty or replaced peer gets its identity and every object back
+    # before shards are rebuilt onto it (the new index files then reach every peer).
+    report.metadata = heal(repo, audit(repo, read=True))
     present, listed = presence(repo, report.issues)
     rows = repo.state.shard_rows()
     good_keys = {
@@ -152,6 +161,7 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
         _name_lost_data(repo, report.lost)
     presence(repo, [])  # the state now describes the repaired repository
     record_pack_states(repo, repo.state.shard_rows())
+    report.metadata_after = audit(repo)
     report.duration_seconds = round(time.perf_counter() - start, 3)
     repo.state.record_run(
         "repair",

@@ -36,6 +36,7 @@ from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
 from .check import READ_AHEAD, read_shard
+from .metadata import MetadataReport, audit
 from .record import ShardIssue, presence, record_pack_states
 
 DAY = 86400.0
@@ -58,13 +59,14 @@ class ScrubReport:
     issues: list[ShardIssue] = field(default_factory=list)
     peers_unreachable: dict[str, str] = field(default_factory=dict)
     packs: dict[str, int] = field(default_factory=dict)
+    metadata: MetadataReport = field(default_factory=MetadataReport)
 
     @property
     def damaged(self) -> bool:
-        return bool(self.issues)
+        return bool(self.issues) or self.metadata.damaged
 
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self) | {"damaged": self.damaged}
+        return asdict(self) | {"damaged": self.damaged, "metadata": self.metadata.to_doc()}
 
 
 ProgressFn = Callable[[int, int, int], None]  # shards read, shards planned, bytes read
@@ -156,6 +158,8 @@ def scrub(
     corrupt = sum(1 for r in recent if r[1] == ShardProblemKind.CORRUPT)
     report.corruption_ratio = corrupt / len(recent) if recent else 0.0
     report.packs = record_pack_states(repo, present_rows=state.shard_rows())
+    # Metadata is small: every scrub reads every copy on every peer (bit rot in an index is found here).
+    report.metadata = audit(repo, read=True)
     report.duration_seconds = round(time.perf_counter() - start, 3)
     state.set_fact("scrub_last_run_timestamp_seconds", finished)
     if report.complete:
@@ -165,7 +169,8 @@ def scrub(
         "scrub",
         "damaged" if report.damaged else "ok",
         started,
-        details={k: v for k, v in report.to_doc().items() if k != "issues"} | {"issues": len(report.issues)},
+        details={k: v for k, v in report.to_doc().items() if k not in ("issues", "metadata")}
+        | {"issues": len(report.issues), "metadata": report.metadata.summary()},
     )
     return report
 
