@@ -193,10 +193,12 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
             result = run_backup(repo, source_config, full=full, progress=on_progress)
     s, snap = result.stats, result.snapshot
     if as_json:
-        emit_json(result.to_doc() | {"warnings": s.warnings})
+        doc = result.to_doc()
+        emit_json(doc | {"warnings": doc["stats"]["warnings"], "warning_details": doc["stats"]["warning_details"]})
     else:
         parent = f" (parent {snap.parent[:8]})" if snap.parent else ""
-        click.echo(f"snapshot {snap.short_id} saved: {snap.kind}{parent}")
+        degraded = f", degraded ({s.packs_degraded} pack(s) short of shards)" if s.degraded else ""
+        click.echo(f"snapshot {snap.short_id} saved: {snap.kind}{parent}{degraded}")
         click.echo(
             f"  files: {s.files} ({s.files_read} read, {s.files_unchanged} unchanged), "
             f"dirs: {s.dirs}, symlinks: {s.symlinks}"
@@ -205,12 +207,14 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
             f"  read {human(s.bytes_read)} of {human(s.bytes_total)}; new data {human(s.bytes_new)}, "
             f"stored {human(s.bytes_stored)} in {s.packs_new} pack(s) ({human(s.shard_bytes_stored)} of shards)"
         )
+        if s.changed_while_read:
+            click.echo(f"  changed while read ({len(s.changed_while_read)}): {', '.join(s.changed_while_read[:5])}")
         click.echo(f"  duration {s.duration_seconds:.2f} s")
     for w in s.warnings:
-        warn(w)
-    unreadable = [w for w in s.warnings if "cannot read" in w]
-    if unreadable:
-        raise BackupIncompleteError(snap.short_id, len(unreadable), unreadable[0])
+        warn(str(w))
+    # The exit status comes from the warnings' kinds (never their text); a degraded commit is still exit 0.
+    if incomplete := s.incomplete:
+        raise BackupIncompleteError(snap.short_id, len(incomplete), str(incomplete[0]))
 
 
 @main.command()
