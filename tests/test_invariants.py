@@ -276,7 +276,7 @@ def _backup_losing_peer_5(vault: Vault) -> tuple[subprocess.Popen[str], str]:
 
 
 def test_4_peer_lost_mid_backup_with_full_quorum_commits_nothing(tmp_path: Path) -> None:
-    vault = make_vault(tmp_path)
+    vault = make_vault(tmp_path, write_quorum=6)
     _big_source(vault, 64)
     before = json.loads(vault.cli("snapshots", "--json").stdout)
     proc, err = _backup_losing_peer_5(vault)
@@ -415,7 +415,7 @@ def test_6_existing_symlink_at_a_file_name_is_replaced_not_written_through(backe
     target = tmp_path / "target"
     target.mkdir()
     (target / "empty").symlink_to(victim)
-    result = backed_up.run("restore", "latest", "--source", "src", "--target", str(target))
+    result = backed_up.run("restore", "latest", "--source", "src", "--target", str(target), "--overwrite", "always")
     assert result.returncode == 0, result.stderr
     assert victim.read_bytes() == b"keep me"
     assert not (target / "empty").is_symlink()
@@ -459,7 +459,13 @@ def test_7_unreachable_peer_at_init_changes_nothing(tmp_path: Path) -> None:
     assert peer_snapshot(vault.peers_dir) == {}
 
 
+def _set_quorum(vault: Vault, quorum: int) -> None:
+    text = vault.config.read_text().replace("[repository]\n", f"[repository]\nwrite_quorum = {quorum}\n", 1)
+    vault.config.write_text(text)
+
+
 def test_7_unreachable_peer_at_backup_changes_nothing(backed_up: Vault) -> None:
+    _set_quorum(backed_up, 6)
     shutil.move(backed_up.peer(2), backed_up.peers_dir / "away")
     before = peer_snapshot(backed_up.peers_dir)
     (backed_up.source / "new-file").write_bytes(os.urandom(100_000))
@@ -475,6 +481,7 @@ def test_7_unreachable_peer_at_backup_changes_nothing(backed_up: Vault) -> None:
 def test_7_read_only_peer_at_backup(backed_up: Vault) -> None:
     import subprocess
 
+    _set_quorum(backed_up, 6)  # every peer must take the commit: one read-only peer means nothing committed
     (backed_up.source / "new-file").write_bytes(os.urandom(100_000))
     if subprocess.run(["chattr", "+i", str(backed_up.peer(1) / "index")], capture_output=True).returncode:
         pytest.skip("chattr +i unsupported")
@@ -530,3 +537,20 @@ def test_7_unreadable_file_is_reported(backed_up: Vault, monkeypatch: pytest.Mon
 
 def test_7_data_loss_error_carries_exit_code() -> None:
     assert DataLossError("x").exit_code == 7
+
+
+def test_4_default_quorum_keeps_backing_up_through_one_dead_peer(backed_up: Vault, tmp_path: Path) -> None:
+    """Finding 8 of issue 7: one dead disk of six must not stop backups (write_quorum defaults to n - 1)."""
+    shutil.move(backed_up.peer(2), backed_up.peers_dir / "away")
+    (backed_up.source / "new-file").write_bytes(os.urandom(300_000))
+    result = backed_up.run("backup", "src", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "degraded" in result.stderr.lower() and "p2" in result.stderr
+    assert json.loads(result.stdout)["stats"]["degraded"] is True
+    shutil.move(backed_up.peers_dir / "away", backed_up.peer(2))  # the disk comes back
+    assert backed_up.run("check").returncode == 6  # the new pack and metadata lack p2's copies
+    assert backed_up.run("repair").returncode == 0
+    assert backed_up.run("check").returncode == 0
+    code, output = _restore(backed_up, tmp_path / "out")
+    assert code == 0, output
+    assert_same_tree(backed_up.source, tmp_path / "out")
