@@ -43,7 +43,11 @@ def human(n: float) -> str:
     return f"{n} B"
 
 
+_emitted = {"json": False}  # whether this command already printed its one JSON document
+
+
 def emit_json(doc: Any) -> None:
+    _emitted["json"] = True
     click.echo(json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
@@ -69,10 +73,15 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _emitted["json"] = False
         try:
             return fn(*args, **kwargs)
         except ShardvaultError as exc:
             click.echo(f"shardvault: error: {exc}", err=True)
+            if kwargs.get("as_json") and not _emitted["json"]:
+                # --json promises one JSON document on stdout, failures included.
+                error = {"code": exc.exit_code, "type": type(exc).__name__, "message": str(exc)}
+                emit_json({"error": error})
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("shardvault: interrupted", err=True)
@@ -104,6 +113,10 @@ class Context:
             yield repo
         finally:
             repo.close()
+            # One bad copy is survived, never hidden: name it (check and repair deal with it).
+            for problem in repo.meta_problems:
+                where = f" on peer {problem.peer}" if problem.peer else ""
+                warn(f"metadata object {problem.name}{where}: {problem.detail}")
 
 
 @contextmanager
@@ -447,6 +460,7 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
             )
         for error in report.snapshot_errors:
             click.echo(error)
+        _render_metadata(report.metadata)
         read = f", {report.shards_read} read ({human(report.bytes_read)})" if read_data else ""
         click.echo(f"{report.shards_checked} shards checked{read}; {report.snapshots} snapshot(s); {report.summary()}")
         if report.unreferenced_shards:
@@ -460,6 +474,24 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
         click.echo("damage found" if report.damaged else "no errors found")
     if report.damaged:
         raise DamageFoundError(report.summary()) if not as_json else SystemExit(DamageFoundError.exit_code)
+
+
+def _render_metadata(meta: Any) -> None:
+    """Metadata problems (verify/metadata.py), one line each; unreachable peers are said once above."""
+    for name in meta.peers_empty:
+        click.echo(f"peer {name}: EMPTY or replaced (no identity), not a member until `shardvault repair` refills it")
+    for peer, count in meta.peers_behind.items():
+        click.echo(f"peer {peer}: behind, lacks {count} metadata object(s) the others have")
+    for issue in meta.issues:
+        if issue.problem != "unreachable" and issue.object != "identity" and issue.peer:
+            click.echo(f"{issue.problem} metadata copy {issue.object} on peer {issue.peer}: {issue.detail}")
+        elif issue.object == "identity" and issue.problem != "missing":
+            click.echo(f"peer {issue.peer}: identity {issue.problem}: {issue.detail}")
+    for name in meta.lost:
+        click.echo(f"LOST metadata object {name}: no peer holds an intact copy")
+    for snap in meta.snapshots_missing:
+        click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but no peer has it: rolled back?")
+    click.echo(meta.summary())
 
 
 class ByteSize(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
@@ -518,6 +550,7 @@ def scrub(
     else:
         for issue in report.issues:
             click.echo(f"{issue.problem} shard {issue.object} on peer {issue.peer}: {issue.detail}")
+        _render_metadata(report.metadata)
         stop = f" (stopped by the {report.stopped_by} limit)" if report.stopped_by else ""
         click.echo(
             f"read {report.shards_read} of {report.shards_total} shards ({human(report.bytes_read)}) "
@@ -526,7 +559,8 @@ def scrub(
         )
         click.echo("damage found: run `shardvault repair`" if report.damaged else "no errors found")
     if report.damaged:
-        raise DamageFoundError(f"{len(report.issues)} bad shard(s)") if not as_json else SystemExit(6)
+        found = f"{len(report.issues)} bad shard(s); {report.metadata.summary()}"
+        raise DamageFoundError(found) if not as_json else SystemExit(6)
 
 
 def _render_repair(doc: dict[str, Any]) -> None:
@@ -537,6 +571,17 @@ def _render_repair(doc: dict[str, Any]) -> None:
             click.echo(f"  {f}")
     for line in doc["unplaced"]:
         click.echo(f"not placed: {line}")
+    meta = doc.get("metadata")
+    if meta:
+        for name in meta["identities_written"]:
+            click.echo(f"peer {name}: empty or replaced, identity written and metadata refilled")
+        for line in meta["failed"]:
+            click.echo(f"metadata not repaired: {line}")
+        for name in meta["after"]["lost"]:
+            click.echo(f"LOST metadata object {name}: no peer holds an intact copy")
+        for snap in meta["after"]["snapshots_missing"]:
+            click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but is on no peer: not repairable")
+        click.echo(f"metadata: {meta['copies_written']} copies written")
     click.echo(
         f"repaired {doc['packs_repaired']} of {doc['packs']} packs: {doc['shards_rebuilt']} shard(s) rebuilt, "
         f"{doc['shards_relocated']} on another peer, {human(doc['bytes_written'])} written"
@@ -560,6 +605,9 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
         _render_repair(doc)
     if report.lost:
         raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair") if not as_json else SystemExit(7)
+    if report.metadata_after.lost:
+        lost_meta = f"{len(report.metadata_after.lost)} metadata object(s) intact on no peer"
+        raise DataLossError(lost_meta) if not as_json else SystemExit(7)
     if report.unplaced:
         raise NotEnoughPeersError(0, 0, f"{len(report.unplaced)} shard(s) could not be placed")
 
