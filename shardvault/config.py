@@ -270,11 +270,15 @@ def default_write_quorum(k: int, n: int) -> int:
 def _check_state_dir(r: _Reader, state_dir: Path) -> None:
     """A state_dir that is (or lies under) a file cannot be created: say so now, not as a traceback later."""
     probe = state_dir
-    while not probe.exists():
-        if probe.parent == probe:
-            return
-        probe = probe.parent
-    if not probe.is_dir():
+    try:
+        while not probe.exists():
+            if probe.parent == probe:
+                return
+            probe = probe.parent
+        is_dir = probe.is_dir()
+    except OSError:  # unreadable parents: the state's own open reports it, with its errno
+        return
+    if not is_dir:
         if probe == state_dir:
             raise r.fail("state_dir", f"{state_dir} exists and is not a directory")
         raise r.fail("state_dir", f"{probe} is not a directory, so {state_dir} cannot be created")

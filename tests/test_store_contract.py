@@ -178,8 +178,10 @@ def _plant_leftover(store: PeerStore, monkeypatch: pytest.MonkeyPatch) -> str:
         (tmp,) = (store.root / "data" / "ab").glob(".tmp-*")
         return f"data/ab/{tmp.name}"
     # S3 writes are single atomic PUTs; what a killed init leaves is create()'s probe object.
-    s3 = store
-    s3.client.put_object(Bucket=s3.bucket, Key=s3.prefix + ".probe", Body=b"")  # type: ignore[attr-defined]
+    from shardvault.shards.stores.s3 import S3Store
+
+    assert isinstance(store, S3Store)
+    store.client.put_object(Bucket=store.bucket, Key=store.prefix + ".probe", Body=b"")
     return ".probe"
 
 

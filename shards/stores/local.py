@@ -65,8 +65,14 @@ class LocalStore(PeerStore):
     # -- interface -------------------------------------------------------------
 
     def create(self) -> None:
+        parent = self.root.parent
+        if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
+            raise PeerUnavailableError(
+                self.peer, f"cannot create {self.root}: its parent directory {parent} {what} (is the path right?)"
+            )
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(exist_ok=True)
             probe = self.root / f".probe-{secrets.token_hex(8)}"
             probe.write_bytes(b"")
             probe.unlink()
