@@ -81,7 +81,8 @@ def test_config_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     (tmp_path / "c.toml").write_text(
-        '[repository]\nk = 1\nn = 1\nallow_no_redundancy = true\nstate_dir = "st"\n[[peers]]\nname = "a"\nurl = "peers/a"\n'
+        '[repository]\nk = 1\nn = 1\nallow_no_redundancy = true\nstate_dir = "st"\n'
+        '[[peers]]\nname = "a"\nurl = "peers/a"\n'
         '[[sources]]\nname = "s"\ntype = "files"\npath = "data"\n'
     )
     config = load_config(tmp_path / "c.toml")
