@@ -97,6 +97,7 @@ def main() -> None:
     password_file.write_text(PASSWORD + "\n")
     config = base / "shardvault.toml"
     peers = "".join(f'[[peers]]\nname = "p{i}"\nurl = "{base}/peers/p{i}"\nzone = "z{i % 3}"\n' for i in range(6))
+    (base / "peers").mkdir(parents=True, exist_ok=True)
     dsn = f"host=127.0.0.1 port={port} user=postgres dbname=postgres"
     config.write_text(
         f'[repository]\nk = 4\nn = 6\nstate_dir = "{base}/state"\n{peers}'

@@ -67,6 +67,7 @@ def corpus() -> tuple[Path, int]:
 
 def sv_config(base: Path, source: Path) -> Path:
     lines = ["[repository]", "k = 4", "n = 6", f'state_dir = "{base / "state"}"']
+    (base / "peers").mkdir(parents=True, exist_ok=True)  # init creates each peer's directory, not its parents
     for i in range(6):
         lines += ["[[peers]]", f'name = "p{i}"', f'url = "{base / "peers" / f"p{i}"}"', f'zone = "z{i % 3}"']
     lines += ["[[sources]]", 'name = "corpus"', 'type = "files"', f'path = "{source}"']

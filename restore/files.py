@@ -198,6 +198,7 @@ class FileRestorer:
     def plan(self) -> None:
         index = self.repo.index
         present = self.repo.list_shards()
+        self.repo.prefer_recoverable(present)  # a chunk stored again after a loss is read from its good copy
 
         def check_packs(pack_ids: set[str]) -> None:
             for pack_id in sorted(pack_ids):

@@ -23,7 +23,7 @@ deleted after it); after it, the new one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -95,6 +95,9 @@ class Index:
     def __init__(self) -> None:
         self.packs: dict[str, PackRecord] = {}
         self.blobs: dict[bytes, BlobLocation] = {}
+        # Further locations of chunks stored more than once: a backup stores a chunk again when
+        # its pack is lost (finding 1 of issue 7), and two writers may store the same chunk.
+        self.alternatives: dict[bytes, list[BlobLocation]] = {}
         self.files: set[str] = set()
 
     def add(self, record: PackRecord) -> None:
@@ -105,7 +108,36 @@ class Index:
             return
         self.packs[record.id] = record
         for e in record.entries:
-            self.blobs.setdefault(e.chunk_id, BlobLocation(record.id, e.offset, e.length, e.raw_length))
+            loc = BlobLocation(record.id, e.offset, e.length, e.raw_length)
+            first = self.blobs.setdefault(e.chunk_id, loc)
+            if first.pack_id != record.id:
+                others = self.alternatives.setdefault(e.chunk_id, [])
+                if all(o.pack_id != record.id for o in others):
+                    others.append(loc)
+
+    def locations(self, chunk_id: bytes) -> list[BlobLocation]:
+        """Every known location of a chunk, the preferred one first."""
+        first = self.blobs.get(chunk_id)
+        return ([first] if first else []) + self.alternatives.get(chunk_id, [])
+
+    def prefer(self, usable: Callable[[str], bool]) -> int:
+        """Point chunks whose pack is not ``usable`` at a copy in a usable pack; return how many moved.
+
+        Which index file is read first is arbitrary, so without this a restore
+        could pick a lost pack's copy of a chunk that a later backup stored again.
+        """
+        moved = 0
+        for chunk, others in self.alternatives.items():
+            first = self.blobs[chunk]
+            if usable(first.pack_id):
+                continue
+            for i, loc in enumerate(others):
+                if usable(loc.pack_id):
+                    others[i] = first
+                    self.blobs[chunk] = loc
+                    moved += 1
+                    break
+        return moved
 
     def add_doc(self, name: str, doc: dict[str, Any]) -> None:
         for pack in doc.get("packs", []):

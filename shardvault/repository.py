@@ -32,6 +32,7 @@ from shardvault.errors import (
     DataLossError,
     ForeignRepositoryError,
     NotEnoughPeersError,
+    NotEnoughShardsError,
     ObjectNotFoundError,
     PeerError,
     PeerUnavailableError,
@@ -604,6 +605,27 @@ class Repository:
     def blob_reader(self, max_packs: int = 4) -> BlobReader:
         return BlobReader(self, max_packs)
 
+    def prefer_recoverable(self, present: dict[tuple[str, int], dict[str, int]] | None = None) -> set[str]:
+        """Steer chunks stored more than once away from packs with fewer than k shards present.
+
+        Returns the packs found unrecoverable (among those holding such chunks).
+        """
+        index = self.index
+        if not index.alternatives:
+            return set()
+        listing = self.list_shards() if present is None else present
+        cache: dict[str, bool] = {}
+
+        def usable(pack_id: str) -> bool:
+            if pack_id not in cache:
+                record = index.packs[pack_id]
+                have = {s.num for s in record.shards if listing.get((pack_id, s.num), {}).get(s.peer) == s.size}
+                cache[pack_id] = len(have) >= record.k
+            return cache[pack_id]
+
+        index.prefer(usable)
+        return {pack_id for pack_id, ok in cache.items() if not ok}
+
     def iter_tree(self, snapshot: Snapshot) -> Iterator[Entry]:
         """The entries of a snapshot's tree, streamed from the repository."""
         reader = self.blob_reader(max_packs=2)
@@ -629,10 +651,16 @@ class BlobReader:
         return data
 
     def read(self, chunk: bytes) -> bytes | bytearray:
-        loc = self.repo.index.blobs.get(chunk)
-        if loc is None:
+        locations = self.repo.index.locations(chunk)
+        if not locations:
             raise BlobNotFoundError(chunk.hex())
-        return self.repo.open_blob(chunk, self.pack(loc.pack_id), loc.offset, loc.length, loc.raw_length)
+        for i, loc in enumerate(locations):
+            try:
+                return self.repo.open_blob(chunk, self.pack(loc.pack_id), loc.offset, loc.length, loc.raw_length)
+            except (NotEnoughShardsError, DataLossError):
+                if i == len(locations) - 1:
+                    raise  # no other copy of the chunk: the loss is real
+        raise BlobNotFoundError(chunk.hex())  # unreachable: the loop returns or raises
 
 
 def random_pack_id() -> bytes:

@@ -103,6 +103,7 @@ def assert_same_tree(a: Path, b: Path) -> None:
 
 
 def local_peers(base: Path, count: int = 6, zones: int = 3) -> list[dict[str, Any]]:
+    base.mkdir(parents=True, exist_ok=True)  # the disks' mount point; init creates each peer's directory
     return [{"name": f"p{i}", "url": f"file://{base / f'p{i}'}", "zone": f"z{i % zones}"} for i in range(count)]
 
 
@@ -160,6 +161,7 @@ class Vault:
 
 def make_vault(tmp_path: Path, init: bool = True, **repository: Any) -> Vault:
     peers_dir = tmp_path / "peers"
+    peers_dir.mkdir(parents=True, exist_ok=True)  # init creates each peer's own directory, never its parents
     source = make_tree(tmp_path / "src")
     settings = {"k": 4, "n": 6, "state_dir": str(tmp_path / "state")} | SMALL | repository
     config = write_config(tmp_path / "shardvault.toml", local_peers(peers_dir), {"src": source}, **settings)

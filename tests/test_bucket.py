@@ -123,7 +123,7 @@ def test_bucket_config_errors_name_the_key(tmp_path: Path) -> None:
 
     from shardvault.cli import main
 
-    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1)
+    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1, allow_no_redundancy=True)
     with open(config, "a") as f:
         f.write('[[sources]]\nname = "media"\ntype = "bucket"\nendpoint = "http://127.0.0.1:1"\n')
     result = CliRunner().invoke(main, ["--config", str(config), "snapshots"], env={"SHARDVAULT_PASSWORD": "x"})

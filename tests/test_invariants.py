@@ -340,7 +340,8 @@ def test_5_memory_does_not_grow_with_the_source(tmp_path: Path) -> None:
 
 def _crafted_snapshot(vault: Vault, monkeypatch: pytest.MonkeyPatch, entries: list[tuple[Entry, str]]) -> str:
     """A snapshot whose tree holds the given entries, as a malicious writer with the key could make."""
-    monkeypatch.setattr("shardvault.backup.walk", lambda *a, **k: iter(entries))
+    items = [files_source.SourceItem(entry, path) for entry, path in entries]  # opened by path, as crafted
+    monkeypatch.setattr("shardvault.backup.walk", lambda *a, **k: iter(items))
     config = load_config(vault.config)
     with vault.repo() as repo:
         result = run_backup(repo, config.source("src"), full=True)
@@ -519,10 +520,10 @@ def test_7_missing_source(backed_up: Vault) -> None:
 def test_7_unreadable_file_is_reported(backed_up: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
     real = files_source.open_file
 
-    def deny(path: str):  # type: ignore[no-untyped-def]
-        if path.endswith("private"):
+    def deny(item: files_source.SourceItem):  # type: ignore[no-untyped-def]
+        if item.path.endswith("private"):
             raise PermissionError(13, "Permission denied")
-        return real(path)
+        return real(item)
 
     monkeypatch.setattr("shardvault.backup.open_file", deny)
     (backed_up.source / "dir1" / "private").write_bytes(b"changed")

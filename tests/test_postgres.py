@@ -275,7 +275,7 @@ def test_wrong_dsn_or_server_down_is_one_clear_line(cluster: Cluster, tmp_path: 
 
 
 def test_postgres_config_errors_name_the_key(tmp_path: Path) -> None:
-    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1)
+    config = write_config(tmp_path / "c.toml", local_peers(tmp_path), {}, k=1, n=1, allow_no_redundancy=True)
     with open(config, "a") as f:
         f.write('[[sources]]\nname = "db"\ntype = "postgres"\nmode = "sideways"\ndsn = "x"\n')
     result = CliRunner().invoke(main, ["--config", str(config), "snapshots"], env={"SHARDVAULT_PASSWORD": "x"})

@@ -93,10 +93,7 @@ class CheckReport:
     @property
     def damaged(self) -> bool:
         return bool(
-            self.shard_issues
-            or self.snapshot_errors
-            or any(self.packs[s] for s in STATES[1:])
-            or self.metadata.damaged
+            self.shard_issues or self.snapshot_errors or any(self.packs[s] for s in STATES[1:]) or self.metadata.damaged
         )
 
     def summary(self) -> str:
@@ -168,6 +165,7 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
     repo.state.record_packs(states)
 
     lost = {p.pack for p in report.damaged_packs if p.state == PackState.LOST}
+    index.prefer(lambda pack_id: pack_id not in lost)  # a snapshot is fine if another copy of its chunk is
     _check_snapshots(repo, report, lost)
     _check_wal(repo, report)
     # Metadata is verified on every peer like shards (with --read-data, every copy is read).

@@ -349,6 +349,7 @@ def _commit(repo: Repository, batch: _Batch) -> None:
 def _name_lost_data(repo: Repository, lost: list[LostPack], first_files: int = 5) -> None:
     """Which snapshots and files need each lost pack (as far as their trees can be read)."""
     by_id = {lp.pack: lp for lp in lost}
+    repo.index.prefer(lambda pack_id: pack_id not in by_id)  # chunks also stored elsewhere are not lost
     blobs = repo.index.blobs
     for snapshot in repo.snapshots():
         label = f"{snapshot.short_id} ({snapshot.source})"
