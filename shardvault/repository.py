@@ -286,7 +286,6 @@ class Repository:
                 if answer.identity is not None and answer.identity["repository"] != repo_id:
                     raise ForeignRepositoryError(name, answer.identity["repository"][:8], repo_id[:8])
             repo.doc = repo.read_meta(CONFIG_NAME, cache=False)
-            check_version("config", repo.doc, CONFIG_NAME)
             if repo.doc.get("id") != repo_id:
                 raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
             repo._check_parameters()
@@ -364,15 +363,23 @@ class Repository:
         """
         failures: list[str] = []
         unsupported: UnsupportedFormatError | None = None
+        kind = kind_of(name)
+
+        def opened(data: bytes) -> dict[str, Any]:
+            doc = open_object(self.cipher, name, data)
+            if kind is not None:  # every body's version is looked up in the table of known ones
+                check_version(kind, doc, name)
+            return doc
+
         if cache and (data := self.state.cached(name)) is not None:
             try:
-                return open_object(self.cipher, name, data)
+                return opened(data)
             except (MalformedObject, UnsupportedFormatError):
                 self.state.forget(name)
         for peer in sorted(self.peers.up(), key=lambda p: self.peers.cost(p.name)):
             try:
                 data = self.peers.timed(peer, len, lambda p=peer: p.store.load(name))  # type: ignore[misc]
-                doc = open_object(self.cipher, name, data)
+                doc = opened(data)
             except ObjectNotFoundError:
                 failures.append(f"peer {peer.name}: missing")
                 continue
@@ -463,7 +470,7 @@ class Repository:
                 )
             )
 
-    def _read_all(self, names: list[str], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    def _read_all(self, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
         """Read many objects in parallel; an object no peer holds intact is reported and skipped.
 
         One junk or unauthenticated object must not stop every command
@@ -473,9 +480,7 @@ class Repository:
 
         def read(name: str) -> dict[str, Any] | None:
             try:
-                doc = self.read_meta(name)
-                check_version(kind, doc, name)
-                return doc
+                return self.read_meta(name)
             except (RepositoryCorruptError, UnsupportedFormatError) as exc:
                 self._meta_problem(MetaProblem(name, "", str(exc)))
                 return None
@@ -492,7 +497,7 @@ class Repository:
 
     def load_index(self) -> Index:
         index = Index()
-        for name, doc in self._read_all(self.list_meta("index/"), "index"):
+        for name, doc in self._read_all(self.list_meta("index/")):
             try:
                 index.add_doc(name, doc)
             except (KeyError, ValueError, TypeError, IndexError) as exc:  # authenticated but malformed
@@ -509,7 +514,7 @@ class Repository:
 
     def snapshots(self) -> list[Snapshot]:
         snaps = []
-        for name, doc in self._read_all(self.list_meta("snapshots/"), "snapshot"):
+        for name, doc in self._read_all(self.list_meta("snapshots/")):
             try:
                 snap = Snapshot.from_doc(doc)
             except (KeyError, ValueError, TypeError) as exc:  # authenticated but malformed
