@@ -141,7 +141,9 @@ class LocalStore(PeerStore):
             raise self._error(exc, name, writing=True) from exc
 
     def delete(self, name: str) -> None:
-        path = self._path(name)
+        self._unlink(self._path(name), name)
+
+    def _unlink(self, path: Path, name: str) -> None:
         try:
             path.unlink()
         except FileNotFoundError:
@@ -200,10 +202,4 @@ class LocalStore(PeerStore):
                 yield ItemInfo(name, size)
 
     def delete_leftover(self, name: str) -> None:
-        path = self.root / validate_leftover_name(name)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            raise ObjectNotFoundError(self.peer, name) from None
-        except OSError as exc:
-            raise self._error(exc, name, writing=True) from exc
+        self._unlink(self.root / validate_leftover_name(name), name)

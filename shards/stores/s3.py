@@ -203,24 +203,27 @@ class S3Store(PeerStore):
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, name, writing=True)
 
-    def list(self, prefix: str = "") -> Iterator[ItemInfo]:
-        validate_prefix(prefix)
+    def _listing(self, prefix: str) -> Iterator[ItemInfo]:
+        """Every key under the store's prefix + ``prefix``, as names relative to the store."""
         paginator = self.client.get_paginator("list_objects_v2")
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
                 if not isinstance(page, dict):
                     raise PeerProtocolError(self.peer, f"unparsable listing from {self._where()}")
                 for item in page.get("Contents", []):
-                    name = str(item["Key"])[len(self.prefix) :]
-                    if not name or name.startswith(".") or "/." in name:
-                        continue
-                    yield ItemInfo(name, int(item["Size"]))
+                    yield ItemInfo(str(item["Key"])[len(self.prefix) :], int(item["Size"]))
         except PeerError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise PeerProtocolError(self.peer, f"malformed listing from {self._where()}: {exc}") from exc
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, prefix)
+
+    def list(self, prefix: str = "") -> Iterator[ItemInfo]:
+        validate_prefix(prefix)
+        for item in self._listing(prefix):
+            if item.name and not item.name.startswith(".") and "/." not in item.name:
+                yield item
 
     def info(self, name: str) -> ItemInfo:
         key = self.prefix + validate_name(name)
@@ -231,21 +234,7 @@ class S3Store(PeerStore):
         return ItemInfo(name, int(response["ContentLength"]))
 
     def list_leftovers(self) -> Iterator[ItemInfo]:
-        paginator = self.client.get_paginator("list_objects_v2")
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-                if not isinstance(page, dict):
-                    raise PeerProtocolError(self.peer, f"unparsable listing from {self._where()}")
-                for item in page.get("Contents", []):
-                    name = str(item["Key"])[len(self.prefix) :]
-                    if is_leftover_name(name):
-                        yield ItemInfo(name, int(item["Size"]))
-        except PeerError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PeerProtocolError(self.peer, f"malformed listing from {self._where()}: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001
-            self._raise(exc, "")
+        return (item for item in self._listing("") if is_leftover_name(item.name))
 
     def delete_leftover(self, name: str) -> None:
         key = self.prefix + validate_leftover_name(name)
