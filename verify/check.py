@@ -27,10 +27,12 @@ at restore time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from shardvault.errors import PeerError, ShardvaultError
@@ -212,26 +214,62 @@ def _count_leftovers(repo: Repository, report: CheckReport, listed: dict[tuple[s
             left.temporary += 1
 
 
-def _read_all(
-    repo: Repository, items: list[tuple[PackRecord, ShardRecord]], report: CheckReport, progress: ProgressFn | None
-) -> list[tuple[PackRecord, ShardRecord, Exception | None]]:
-    """Read and verify shards with a bounded number in flight."""
-    results: list[tuple[PackRecord, ShardRecord, Exception | None]] = []
+class Admit(Enum):
+    """What a reader's admission rule says about the next shard."""
+
+    TAKE = "take"
+    LATER = "later"  # not yet (a rate limit): wait for reads in flight, or a moment
+    STOP = "stop"  # no more (a budget or time limit)
+
+
+def read_ahead(
+    repo: Repository,
+    items: list[tuple[PackRecord, ShardRecord]],
+    admit: Callable[[PackRecord, ShardRecord], Admit] = lambda pack, shard: Admit.TAKE,
+    poll: float | None = None,
+) -> Iterator[tuple[PackRecord, ShardRecord, int | PeerError | ShardFormatError]]:
+    """The one bounded read-ahead loop of check and scrub.
+
+    At most READ_AHEAD shards are read and verified at once; each result
+    (its size, or the error) is yielded as it completes.  ``admit`` decides,
+    shard by shard, whether to start the next read now, later or never.
+    """
+    queue = deque(items)
     pending: dict[Future[int], tuple[PackRecord, ShardRecord]] = {}
-    queue = list(reversed(items))
     while queue or pending:
         while queue and len(pending) < READ_AHEAD:
-            pack, shard = queue.pop()
+            verdict = admit(*queue[0])
+            if verdict is Admit.STOP:
+                queue.clear()
+            if verdict is not Admit.TAKE:
+                break
+            pack, shard = queue.popleft()
             pending[repo.io.submit(read_shard, repo, pack, shard)] = (pack, shard)
-        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+        if not pending:
+            if queue:  # held back with nothing in flight
+                time.sleep(poll or 0.05)
+            continue
+        done, _ = wait(pending, timeout=poll, return_when=FIRST_COMPLETED)
         for future in done:
             pack, shard = pending.pop(future)
             try:
-                report.bytes_read += future.result()
-                report.shards_read += 1
-                results.append((pack, shard, None))
+                yield pack, shard, future.result()
             except (PeerError, ShardFormatError) as exc:
-                results.append((pack, shard, exc))
+                yield pack, shard, exc
+
+
+def _read_all(
+    repo: Repository, items: list[tuple[PackRecord, ShardRecord]], report: CheckReport, progress: ProgressFn | None
+) -> list[tuple[PackRecord, ShardRecord, Exception | None]]:
+    """Read and verify every shard given."""
+    results: list[tuple[PackRecord, ShardRecord, Exception | None]] = []
+    for pack, shard, outcome in read_ahead(repo, items):
+        if isinstance(outcome, int):
+            report.bytes_read += outcome
+            report.shards_read += 1
+            results.append((pack, shard, None))
+        else:
+            results.append((pack, shard, outcome))
         if progress:
             progress(len(results), len(items))
     return results

@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardvault.config import ScrubConfig
-from shardvault.errors import PeerError
 from shardvault.index import PackRecord
 from shardvault.metadata import pack_name
 from shardvault.repository import Repository
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
-from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
-from .check import READ_AHEAD, read_shard
+from .check import Admit, read_ahead
 from .metadata import MetadataReport, audit
 from .record import ShardIssue, presence, record_pack_states
 
@@ -101,47 +98,37 @@ def scrub(
     candidates = sorted(present, key=lambda ps: (last_read((ps[0].id, ps[1].num, ps[1].peer)), ps[0].id))
     report.shards_due = sum(1 for p, s in candidates if last_read((p.id, s.num, s.peer)) < started - window)
 
-    pending: dict[Future[int], tuple[PackRecord, ShardRecord]] = {}
     results: list[tuple[ShardKey, str, str, bool]] = []
     planned = 0
     last_flush = time.perf_counter()
-    queue = list(reversed(candidates))
-    while queue or pending:
-        while queue and len(pending) < READ_AHEAD:
-            pack, shard = queue[-1]
-            if budget_bytes is not None and planned + shard.size > budget_bytes and planned > 0:
-                report.stopped_by = "budget"
-                queue.clear()
-                break
-            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
-                report.stopped_by = "time"
-                queue.clear()
-                break
-            if rate and planned / rate > time.perf_counter() - start:
-                break  # ahead of the rate: wait for a read to finish (or sleep below)
-            queue.pop()
-            planned += shard.size
-            pending[repo.io.submit(read_shard, repo, pack, shard)] = (pack, shard)
-        if not pending:
-            if queue:  # rate-limited with nothing in flight
-                time.sleep(min(0.2, max(0.0, planned / rate - (time.perf_counter() - start))))
-            continue
-        done, _ = wait(pending, timeout=0.2 if rate else None, return_when=FIRST_COMPLETED)
-        for future in done:
-            pack, shard = pending.pop(future)
-            key = (pack.id, shard.num, shard.peer)
-            try:
-                report.bytes_read += future.result()
+
+    def admit(pack: PackRecord, shard: ShardRecord) -> Admit:
+        nonlocal planned
+        if budget_bytes is not None and planned + shard.size > budget_bytes and planned > 0:
+            report.stopped_by = "budget"
+            return Admit.STOP
+        if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+            report.stopped_by = "time"
+            return Admit.STOP
+        if rate and planned / rate > time.perf_counter() - start:
+            return Admit.LATER  # ahead of the rate
+        planned += shard.size
+        return Admit.TAKE
+
+    for pack, shard, outcome in read_ahead(repo, candidates, admit, poll=0.2 if rate else None):
+        key = (pack.id, shard.num, shard.peer)
+        if isinstance(outcome, int):
+            report.bytes_read += outcome
+            report.shards_read += 1
+            results.append((key, "ok", "", True))
+        else:
+            kind = classify(outcome)
+            read = kind is ShardProblemKind.CORRUPT  # the bytes arrived and were judged
+            if read:
                 report.shards_read += 1
-                results.append((key, "ok", "", True))
-            except (PeerError, ShardFormatError) as exc:
-                kind = classify(exc)
-                read = kind is ShardProblemKind.CORRUPT  # the bytes arrived and were judged
-                if read:
-                    report.shards_read += 1
-                results.append((key, kind, str(exc), read))
-                report.issues.append(issue(pack, shard, kind, str(exc)))
-        if results and time.perf_counter() - last_flush >= FLUSH_SECONDS:
+            results.append((key, kind, str(outcome), read))
+            report.issues.append(issue(pack, shard, kind, str(outcome)))
+        if time.perf_counter() - last_flush >= FLUSH_SECONDS:
             state.record_shards(results)
             results, last_flush = [], time.perf_counter()
         if progress:
