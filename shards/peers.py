@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -37,8 +38,9 @@ class Peer:
 class PeerSet:
     """The configured peers, in configuration order, with per-run health."""
 
-    def __init__(self, peers: list[Peer]) -> None:
+    def __init__(self, peers: list[Peer], on_down: Callable[[str, str], None] | None = None) -> None:
         self.peers = list(peers)
+        self.on_down = on_down  # told once per peer, when it is first marked down (the CLI says so at once)
         self._by_name = {p.name: p for p in self.peers}
         self._lock = threading.Lock()
         self._down: dict[str, str] = {}
@@ -71,6 +73,8 @@ class PeerSet:
             self._errors[peer.name] = (
                 reason if isinstance(reason, PeerError) else PeerUnavailableError(peer.name, reason)
             )
+        if self.on_down is not None:
+            self.on_down(peer.name, str(reason))
 
     def is_down(self, name: str) -> bool:
         with self._lock:
@@ -98,20 +102,22 @@ class PeerSet:
         A peer already down is not probed again (it answers with the error that
         put it down), so a dead peer costs one timeout per run.
         """
-        results: dict[str, PeerError | None] = {}
-        for peer in self.peers:
+
+        def probe(peer: Peer) -> PeerError | None:
             with self._lock:
                 known = self._errors.get(peer.name)
             if known is not None:
-                results[peer.name] = known
-                continue
+                return known
             try:
                 peer.store.probe()
-                results[peer.name] = None
+                return None
             except PeerError as exc:
                 self.mark_down(peer, exc)
-                results[peer.name] = exc
-        return results
+                return exc
+
+        # In parallel: a silent peer costs one timeout, not one per peer behind it.
+        with ThreadPoolExecutor(max_workers=max(1, len(self.peers)), thread_name_prefix="sv-probe") as pool:
+            return dict(zip((p.name for p in self.peers), pool.map(probe, self.peers), strict=True))
 
     def close(self) -> None:
         for peer in self.peers:

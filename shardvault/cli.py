@@ -108,7 +108,18 @@ class Context:
     @contextmanager
     def repository(self) -> Iterator[Repository]:
         config = self.config
-        repo = Repository.open(config, self.password())
+        notices: list[str] = []
+
+        def peer_down(name: str, why: str) -> None:
+            # A silent peer must not look like a hang: an operator at a terminal hears at once
+            # which peer was given up; elsewhere the notices follow a command that goes on.
+            line = f"peer {name} is down for this run: {why}"
+            if err.is_terminal:
+                warn(line)
+            else:
+                notices.append(line)
+
+        repo = Repository.open(config, self.password(), peer_down)
         try:
             yield repo
         finally:
@@ -117,6 +128,8 @@ class Context:
             for problem in repo.meta_problems:
                 where = f" on peer {problem.peer}" if problem.peer else ""
                 warn(f"metadata object {problem.name}{where}: {problem.detail}")
+        for line in notices:
+            warn(line)
 
 
 @contextmanager

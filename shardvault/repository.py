@@ -19,7 +19,7 @@ import os
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +74,9 @@ from shardvault.survey import PeerSurvey, majority_repository, refuse_aliases, s
 from shardvault.tree import Entry, parse_lines
 
 
-def open_peers(config: Config) -> PeerSet:
-    return PeerSet([Peer(p.name, p.zone, open_peer_store(p, fsync=config.repository.fsync)) for p in config.peers])
+def open_peers(config: Config, on_down: Callable[[str, str], None] | None = None) -> PeerSet:
+    stores = [Peer(p.name, p.zone, open_peer_store(p, fsync=config.repository.fsync)) for p in config.peers]
+    return PeerSet(stores, on_down)
 
 
 def _unreachable(peers: PeerSet) -> str:
@@ -260,8 +261,11 @@ class Repository:
         return repo
 
     @classmethod
-    def open(cls, config: Config, password: str) -> Repository:
-        peers = open_peers(config)
+    def open(
+        cls, config: Config, password: str, on_peer_down: Callable[[str, str], None] | None = None
+    ) -> Repository:
+        """Open the repository; ``on_peer_down(name, reason)`` hears of each peer given up for this run."""
+        peers = open_peers(config, on_peer_down)
         peers.probe_all()
         if not peers.up():
             raise PeerUnavailableError("(all)", f"no peer is reachable: {_unreachable(peers)}")

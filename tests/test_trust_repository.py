@@ -342,3 +342,11 @@ def test_open_config_in_a_new_place_needs_only_passphrase_and_peers(backed_up: V
         assert repo.survey and all(a.identity is not None for a in repo.survey.values())
     finally:
         repo.close()
+
+
+def test_15_a_peer_given_up_is_named_once(backed_up: Vault) -> None:
+    shutil.move(backed_up.peer(2), backed_up.peers_dir / "away")
+    result = backed_up.cli("snapshots", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)) == 1
+    assert result.stderr.count("peer p2 is down for this run") == 1
