@@ -190,6 +190,36 @@ def init(ctx: Context, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def reconfigure(ctx: Context, as_json: bool) -> None:
+    """Record the configuration's k, n and chunker settings as the repository's (a deliberate change).
+
+    Packs already stored keep their k and n; new packs use the new ones.
+    """
+    config = ctx.config
+    repo = Repository.open(config, ctx.password(), check_parameters=False)
+    try:
+        repo.peers.probe_all()
+        doc = repo.reconfigure()
+    finally:
+        repo.close()
+    if as_json:
+        emit_json(doc)
+    elif not doc["changed"]:
+        click.echo(f"nothing to change: the repository already has k = {repo.doc['k']}, n = {repo.doc['n']}")
+    else:
+        before, after = doc["previous"], doc["parameters"]
+        click.echo(
+            f"repository reconfigured (revision {doc['revision']}): k {before['k']} -> {after['k']}, "
+            f"n {before['n']} -> {after['n']}; written to {len(doc['peers_written'])} peer(s)"
+        )
+        if doc["peers_missed"]:
+            warn(f"not written to {', '.join(doc['peers_missed'])}: run `shardvault repair` when they are back")
+
+
+@main.command()
 @click.argument("source")
 @click.option("--full", is_flag=True, help="Re-read every file instead of skipping unchanged ones.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

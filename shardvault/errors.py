@@ -74,7 +74,7 @@ class AliasedPeersError(ConfigError):
 
 
 class RepositoryMismatchError(ConfigError):
-    """{0}: {1} is {2} in the configuration but {3} in the repository (recorded at init, authoritative)"""
+    """{0}: {1} is {2} in the configuration but {3} in the repository (authoritative; `reconfigure` records a change)"""
 
 
 # --- helper areas: append new classes below your own marker only ---------------

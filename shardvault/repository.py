@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from shardvault.config import Config
@@ -194,6 +196,7 @@ class Repository:
         self.meta_problems: list[MetaProblem] = []  # bad copies and unreadable objects met this run
         self.survey: dict[str, PeerSurvey] = {}
         self.degraded_writes: list[str] = []  # metadata committed on fewer peers than the quorum
+        self.config_copy = b""  # the sealed config this run opened (the highest revision)
 
     # -- opening -------------------------------------------------------------------
 
@@ -243,6 +246,7 @@ class Repository:
                 f"keys/{secrets.token_hex(8)}": make_key_object(password, keys, repo_id),
                 CONFIG_NAME: seal_object(repo.cipher, CONFIG_NAME, doc),
             }
+            repo.config_copy = objects[CONFIG_NAME]
             for name, data in objects.items():
                 for peer in peers:
                     peer.store.store(name, data)
@@ -262,9 +266,17 @@ class Repository:
 
     @classmethod
     def open(
-        cls, config: Config, password: str, on_peer_down: Callable[[str, str], None] | None = None
+        cls,
+        config: Config,
+        password: str,
+        on_peer_down: Callable[[str, str], None] | None = None,
+        check_parameters: bool = True,
     ) -> Repository:
-        """Open the repository; ``on_peer_down(name, reason)`` hears of each peer given up for this run."""
+        """Open the repository; ``on_peer_down(name, reason)`` hears of each peer given up for this run.
+
+        ``check_parameters=False`` is for :meth:`reconfigure` only: every other
+        command refuses a TOML whose k, n or chunker differ from the repository's.
+        """
         peers = open_peers(config, on_peer_down)
         peers.probe_all()
         if not peers.up():
@@ -289,14 +301,94 @@ class Repository:
             for name, answer in answers.items():
                 if answer.identity is not None and answer.identity["repository"] != repo_id:
                     raise ForeignRepositoryError(name, answer.identity["repository"][:8], repo_id[:8])
-            repo.doc = repo.read_meta(CONFIG_NAME, cache=False)
+            repo._read_config()
             if repo.doc.get("id") != repo_id:
                 raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
-            repo._check_parameters()
+            if check_parameters:
+                repo._check_parameters()
         except BaseException:
             repo.close()
             raise
         return repo
+
+    def _read_config(self) -> None:
+        """The config copy with the highest revision any peer holds intact.
+
+        The config is the one metadata object that is rewritten (by
+        :meth:`reconfigure`), so copies may differ while a change spreads or
+        after an old image is put back: the highest revision wins, and
+        check/repair treat every other copy as stale.
+        """
+        best: tuple[int, dict[str, Any], bytes] | None = None
+        failures: list[str] = []
+        for peer, future in [(p, self.io.submit(p.store.load, CONFIG_NAME)) for p in self.peers.up()]:
+            try:
+                data = future.result()
+                doc = open_object(self.cipher, CONFIG_NAME, data)
+                check_version("config", doc, CONFIG_NAME)
+            except ObjectNotFoundError:
+                continue  # an empty or replaced peer: check reports it, repair refills it
+            except PeerError as exc:
+                failures.append(str(exc))
+                continue
+            except (MalformedObject, UnsupportedFormatError) as exc:
+                failures.append(f"peer {peer.name}: {exc}")
+                self._meta_problem(MetaProblem(CONFIG_NAME, peer.name, f"bad copy: {exc}"))
+                continue
+            revision = int(doc.get("revision", 0))
+            if best is None or revision > best[0]:
+                best = (revision, doc, data)
+        if best is None:
+            raise RepositoryCorruptError(CONFIG_NAME, "; ".join(failures) or "no peer holds it")
+        _, self.doc, self.config_copy = best
+
+    def reconfigure(self) -> dict[str, Any]:
+        """Record the TOML's k, n and chunker settings as the repository's: an explicit, recorded change.
+
+        Packs already stored keep the k and n they were written with (each
+        index record carries its own); new packs use the new ones.  The new
+        config (revision + 1, with the history of changes) is written to
+        every reachable peer; the highest revision wins when copies differ,
+        and repair copies it to a peer that missed it.
+        """
+        rc = self.config.repository
+        wanted = {
+            "k": rc.k,
+            "n": rc.n,
+            "chunker": {"algorithm": "fastcdc", "min": rc.chunk_min, "avg": rc.chunk_avg, "max": rc.chunk_max},
+        }
+        before = {key: self.doc.get(key) for key in wanted}
+        revision = int(self.doc.get("revision", 0))
+        if before == wanted:
+            return {"changed": False, "revision": revision, "parameters": wanted, "peers_written": []}
+        change = before | {
+            "revision": revision,
+            "until": datetime.now(UTC).isoformat(),
+            "hostname": socket.gethostname(),
+        }
+        doc = self.doc | wanted | {"revision": revision + 1, "history": [*self.doc.get("history", []), change]}
+        data = seal_object(self.cipher, CONFIG_NAME, doc)
+        written: list[str] = []
+        errors: list[str] = []
+        for peer in self.peers.up():
+            try:
+                peer.store.store(CONFIG_NAME, data)
+                written.append(peer.name)
+            except PeerError as exc:
+                self.peers.mark_down(peer, exc)
+                errors.append(str(exc))
+        if not written:
+            raise NotEnoughPeersError(0, 1, "; ".join(errors) or _unreachable(self.peers))
+        self.doc, self.config_copy = doc, data
+        missed = sorted(set(p.name for p in self.peers) - set(written))
+        return {
+            "changed": True,
+            "revision": revision + 1,
+            "previous": before,
+            "parameters": wanted,
+            "peers_written": written,
+            "peers_missed": missed,  # repair copies the new config to them
+        }
 
     def _check_parameters(self) -> None:
         """The parameters recorded at init are authoritative; a TOML that disagrees is refused."""

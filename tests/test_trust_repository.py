@@ -350,3 +350,52 @@ def test_15_a_peer_given_up_is_named_once(backed_up: Vault) -> None:
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.stdout)) == 1
     assert result.stderr.count("peer p2 is down for this run") == 1
+
+
+# --- k and n change only by an explicit, recorded operation --------------------------------------
+
+
+def _set_repository_key(vault: Vault, key: str, value: int) -> None:
+    lines = [line for line in vault.config.read_text().splitlines() if not line.startswith(f"{key} =")]
+    lines.insert(1, f"{key} = {value}")
+    vault.config.write_text("\n".join(lines) + "\n")
+
+
+def test_16_reconfigure_records_a_change_of_k_and_n(backed_up: Vault, tmp_path: Path) -> None:
+    first = json.loads(backed_up.cli("snapshots", "--json").stdout)[0]["id"]
+    _set_repository_key(backed_up, "k", 3)
+    refused = backed_up.cli("backup", "src")
+    assert refused.exit_code == 3 and "reconfigure" in refused.stderr
+    result = backed_up.cli("reconfigure", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["changed"] and doc["previous"]["k"] == 4 and doc["parameters"]["k"] == 3 and doc["revision"] == 1
+    assert len(doc["peers_written"]) == 6
+    (backed_up.source / "after").write_bytes(b"a" * 300_000)
+    assert backed_up.cli("backup", "src").exit_code == 0
+    with backed_up.repo() as repo:
+        kinds = {(p.k, p.n) for p in repo.index.packs.values()}
+        assert kinds == {(4, 6), (3, 6)}  # old packs keep theirs, new packs use the new k
+        assert [h["k"] for h in repo.doc["history"]] == [4]
+    assert backed_up.cli("check", "--read-data").exit_code == 0
+    for snap, target in ((first, tmp_path / "old"), ("latest", tmp_path / "new")):
+        args = ["restore", snap, "--source", "src", "--target", str(target)]
+        assert backed_up.cli(*args).exit_code == 0
+    assert_same_tree(backed_up.source, tmp_path / "new")
+    assert backed_up.cli("reconfigure", "--json").exit_code == 0  # nothing left to change
+    assert json.loads(backed_up.cli("reconfigure", "--json").stdout)["changed"] is False
+
+
+def test_16_a_stale_config_copy_is_reported_and_healed(backed_up: Vault) -> None:
+    old = (backed_up.peer(2) / "config").read_bytes()
+    _set_repository_key(backed_up, "k", 3)
+    assert backed_up.cli("reconfigure").exit_code == 0
+    (backed_up.peer(2) / "config").write_bytes(old)  # an old image of one peer put back
+    assert backed_up.cli("backup", "src").exit_code == 0  # the highest revision wins
+    check = backed_up.cli("check", "--json")
+    assert check.exit_code == 6
+    issues = json.loads(check.stdout)["metadata"]["issues"]
+    assert any(i["object"] == "config" and i["peer"] == "p2" for i in issues)
+    assert backed_up.cli("repair").exit_code == 0
+    assert (backed_up.peer(2) / "config").read_bytes() == (backed_up.peer(0) / "config").read_bytes()
+    assert backed_up.cli("check", "--read-data").exit_code == 0
