@@ -26,7 +26,7 @@ from shardvault.errors import (
     BackupIncompleteError,
     DamageFoundError,
     DataLossError,
-    NotEnoughPeersError,
+    RepairIncompleteError,
     ShardvaultError,
 )
 from shardvault.repository import Repository
@@ -68,6 +68,15 @@ def report_bad_shards(problems: list[dict[str, Any]]) -> None:
         warn(f"peer {peer} unreachable: {count} shard(s) read from other peers instead")
 
 
+def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
+    # A verdict (check, scrub, repair) already printed its JSON document: then only this line follows.
+    click.echo(f"shardvault: error: {message}", err=True)
+    if as_json and not _emitted["json"]:
+        # --json promises one JSON document on stdout, failures included.
+        emit_json({"error": {"code": code, "type": kind, "message": message}})
+    sys.exit(code)
+
+
 def handle_errors(fn: F) -> F:
     """Turn expected failures into one line and an exit code."""
 
@@ -77,12 +86,11 @@ def handle_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ShardvaultError as exc:
-            click.echo(f"shardvault: error: {exc}", err=True)
-            if kwargs.get("as_json") and not _emitted["json"]:
-                # --json promises one JSON document on stdout, failures included.
-                error = {"code": exc.exit_code, "type": type(exc).__name__, "message": str(exc)}
-                emit_json({"error": error})
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code, type(exc).__name__, bool(kwargs.get("as_json")))
+        except click.UsageError as exc:  # raised by a command body: with --json it is one document too
+            if not kwargs.get("as_json"):
+                raise
+            _fail(exc.format_message(), exc.exit_code, "UsageError", True)
         except KeyboardInterrupt:
             click.echo("shardvault: interrupted", err=True)
             sys.exit(130)
@@ -338,10 +346,9 @@ def restore(
     from dataclasses import asdict
 
     from shardvault.restore.files import Overwrite, RestoreStats, restore_files
-    from shardvault.snapshot import resolve
 
     with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
-        snap = resolve(repo.snapshots(), snapshot, source)
+        snap = repo.resolve_snapshot(snapshot, source)
         if snap.source_type == "postgres":
             doc = _restore_postgres(ctx, repo, snap, target, to_time, to_lsn, database, start_server, port)
             if as_json:
@@ -516,7 +523,7 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
             )
         click.echo("damage found" if report.damaged else "no errors found")
     if report.damaged:
-        raise DamageFoundError(report.summary()) if not as_json else SystemExit(DamageFoundError.exit_code)
+        raise DamageFoundError(report.summary())
 
 
 def _render_metadata(meta: Any) -> None:
@@ -603,7 +610,7 @@ def scrub(
         click.echo("damage found: run `shardvault repair`" if report.damaged else "no errors found")
     if report.damaged:
         found = f"{len(report.issues)} bad shard(s); {report.metadata.summary()}"
-        raise DamageFoundError(found) if not as_json else SystemExit(6)
+        raise DamageFoundError(found)
 
 
 def _render_repair(doc: dict[str, Any]) -> None:
@@ -647,12 +654,17 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
     else:
         _render_repair(doc)
     if report.lost:
-        raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair") if not as_json else SystemExit(7)
+        raise DataLossError(
+            f"{len(report.lost)} pack(s) lost, beyond repair"
+        )
     if report.metadata_after.lost:
         lost_meta = f"{len(report.metadata_after.lost)} metadata object(s) intact on no peer"
-        raise DataLossError(lost_meta) if not as_json else SystemExit(7)
-    if report.unplaced:
-        raise NotEnoughPeersError(0, 0, f"{len(report.unplaced)} shard(s) could not be placed")
+        raise DataLossError(lost_meta)
+    if report.unplaced or report.metadata.failed:
+        # What repair committed stays committed; what it could not write is said, and the exit is not 0.
+        left = [f"{len(report.unplaced)} shard(s) could not be placed"] if report.unplaced else []
+        left += [f"metadata not written: {line}" for line in report.metadata.failed[:3]]
+        raise RepairIncompleteError("; ".join(left))
 
 
 @main.group(invoke_without_command=True)

@@ -140,6 +140,10 @@ class InvalidObjectNameError(PeerError):
     """Invalid object name {0!r}: {1}"""
 
 
+class RepairIncompleteError(PeerError):
+    """Repair incomplete (what it rebuilt is committed): {0}"""
+
+
 class NotEnoughPeersError(PeerError):
     """Only {0} of the required {1} peers answered: {2}"""
 

@@ -44,6 +44,7 @@ from shardvault.errors import (
     RepositoryMismatchError,
     RepositoryNotFoundError,
     RepositoryNotReachableError,
+    SnapshotNotFoundError,
     UnsupportedFormatError,
     WrongPassphraseError,
 )
@@ -70,7 +71,7 @@ from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
 from shardvault.shards.erasure import DecodedPack
 from shardvault.shards.peers import Peer, PeerSet
 from shardvault.shards.stores import open_peer_store
-from shardvault.snapshot import Snapshot
+from shardvault.snapshot import Snapshot, resolve
 from shardvault.state import State
 from shardvault.survey import PeerSurvey, majority_repository, refuse_aliases, survey
 from shardvault.tree import Entry, parse_lines
@@ -104,9 +105,19 @@ def _not_found(config: Config, peers: PeerSet, answers: dict[str, PeerSurvey]) -
     return RepositoryNotFoundError(", ".join(answers) or "none")
 
 
+@dataclass(frozen=True)
+class OpenedKey:
+    """The key object that opened the repository: the copy check and repair hold others against."""
+
+    keys: MasterKeys
+    repo_id: str
+    name: str
+    copy: bytes
+
+
 def _open_key(
     config: Config, password: str, key_names: dict[str, list[Peer]], majority: str | None
-) -> tuple[MasterKeys, str, list[MetaProblem]]:
+) -> tuple[OpenedKey, list[MetaProblem]]:
     """Find the key object our passphrase opens, trying every distinct copy.
 
     The key that opened the repository last is tried first.  Each copy of a
@@ -117,9 +128,8 @@ def _open_key(
     foreign and skipped.
     """
     problems: list[MetaProblem] = []
-    hint_file = config.repository.state_dir / _HINT_FILE
     try:
-        hint = hint_file.read_text().strip()
+        hint = (config.repository.state_dir / _HINT_FILE).read_text().strip()
     except OSError:
         hint = ""
     order = sorted(key_names, key=lambda name: (name != hint, name))
@@ -152,15 +162,21 @@ def _open_key(
             # Another copy of this very key opened: the ones that did not are damaged.
             problems += [MetaProblem(name, p, "bad copy: does not open, another peer's does") for p in refused]
             if name != hint:
-                try:
-                    hint_file.parent.mkdir(parents=True, exist_ok=True)
-                    hint_file.write_text(name)
-                except OSError:
-                    pass
-            return keys, repo_id, problems
+                _write_hint(config, name)
+            return OpenedKey(keys, repo_id, name, data), problems
     if wrong or not problems:
         raise WrongPassphraseError()
     raise RepositoryCorruptError("keys/*", "; ".join(f"{p.peer}:{p.name}: {p.detail}" for p in problems))
+
+
+def _write_hint(config: Config, name: str) -> None:
+    """Remember which key object opened this repository: tried first next time (one scrypt, not several)."""
+    hint = config.repository.state_dir / _HINT_FILE
+    try:
+        hint.parent.mkdir(parents=True, exist_ok=True)
+        hint.write_text(name)
+    except OSError:
+        pass  # a hint that cannot be written only costs time
 
 
 @dataclass(frozen=True)
@@ -197,6 +213,8 @@ class Repository:
         self.survey: dict[str, PeerSurvey] = {}
         self.degraded_writes: list[str] = []  # metadata committed on fewer peers than the quorum
         self.config_copy = b""  # the sealed config this run opened (the highest revision)
+        self.key_name = ""  # the key object our passphrase opened, and its bytes
+        self.key_copy = b""
 
     # -- opening -------------------------------------------------------------------
 
@@ -261,7 +279,9 @@ class Repository:
             if isinstance(exc, MalformedObject):
                 raise RepositoryCorruptError(IDENTITY_NAME, str(exc)) from None
             raise
-        repo._remember_key(next(iter(objects)))
+        key_name = next(iter(objects))
+        repo.key_name, repo.key_copy = key_name, objects[key_name]
+        _write_hint(config, key_name)
         return repo
 
     @classmethod
@@ -293,8 +313,10 @@ class Repository:
         if not key_names:
             raise _not_found(config, peers, answers)
         majority = majority_repository(answers)
-        keys, repo_id, problems = _open_key(config, password, key_names, majority)
-        repo = cls(config, peers, keys, repo_id, {})
+        opened, problems = _open_key(config, password, key_names, majority)
+        repo_id = opened.repo_id
+        repo = cls(config, peers, opened.keys, repo_id, {})
+        repo.key_name, repo.key_copy = opened.name, opened.copy
         repo.survey = answers
         repo.meta_problems.extend(problems)
         try:
@@ -404,15 +426,6 @@ class Repository:
         for key, (configured, actual) in recorded.items():
             if configured != actual:
                 raise RepositoryMismatchError(self.config.path, key, configured, actual)
-
-    def _remember_key(self, name: str) -> None:
-        """Remember which key object opened this repository: tried first next time (one scrypt, not several)."""
-        hint = self.config.repository.state_dir / _HINT_FILE
-        try:
-            hint.parent.mkdir(parents=True, exist_ok=True)
-            hint.write_text(name)
-        except OSError:
-            pass  # a hint that cannot be written only costs time
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
@@ -621,6 +634,18 @@ class Repository:
                 continue
             snaps.append(snap)
         return sorted(snaps, key=lambda s: (s.finished, s.id))
+
+    def resolve_snapshot(self, spec: str, source: str | None = None) -> Snapshot:
+        """An id, a unique id prefix or ``latest``; a snapshot that exists but is intact nowhere is data loss."""
+        snaps = self.snapshots()
+        try:
+            return resolve(snaps, spec, source)
+        except SnapshotNotFoundError:
+            wanted = spec.lower()
+            for problem in self.meta_problems:
+                if not problem.peer and problem.name.startswith(f"snapshots/{wanted}") and spec != "latest":
+                    raise DataLossError(f"{problem.name} is intact on no peer: {problem.detail}") from None
+            raise
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
         self.write_meta(f"snapshots/{snapshot.id}", snapshot.to_doc())

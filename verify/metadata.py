@@ -72,6 +72,7 @@ class MetadataReport:
     issues: list[MetadataIssue] = field(default_factory=list)
     peers_behind: dict[str, int] = field(default_factory=dict)  # peer -> objects it lacks that others have
     peers_empty: list[str] = field(default_factory=list)  # up, but no identity: empty or replaced
+    identities_bad: list[str] = field(default_factory=list)  # identity unreadable (not another repository's)
     snapshots_missing: list[str] = field(default_factory=list)  # recorded in the state, on no peer
 
     @property
@@ -107,7 +108,6 @@ def _list_peer(peer: Peer) -> dict[str, int]:
 def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], None] | None = None) -> MetadataReport:
     """Verify every metadata object on every configured peer; record the result in the state."""
     report = MetadataReport()
-    _REFERENCES.clear()
     listings: dict[str, dict[str, int]] = {}
     for peer, future in [(p, repo.io.submit(_list_peer, p)) for p in repo.peers.up()]:
         try:
@@ -168,6 +168,7 @@ def _check_identities(repo: Repository, listings: dict[str, dict[str, int]], rep
         try:
             identity = parse_identity(peer.store.load(IDENTITY_NAME))
         except (PeerError, MalformedObject) as exc:
+            report.identities_bad.append(peer.name)
             report.issues.append(MetadataIssue(IDENTITY_NAME, peer.name, CopyProblem.CORRUPT.value, str(exc)))
             continue
         if identity["repository"] != repo.id:
@@ -185,11 +186,20 @@ def _check_object(
     behind: Counter[str],
     bad_copies: set[tuple[str, str]],
 ) -> int:
-    """Classify every configured peer's copy of one object; return the number of good copies."""
-    sizes = Counter(listing[name] for listing in listings.values() if name in listing)
-    # Copies are byte-identical, except the config while a reconfigure spreads: the revision
-    # this run opened (the highest) is the reference, and an older copy is stale.
-    expected_size = len(repo.config_copy) if name == CONFIG_NAME else sizes.most_common(1)[0][0]
+    """Classify every configured peer's copy of one object; return the number of good copies.
+
+    Without ``read`` a copy is judged by its size against the reference (the
+    copy that opened this run, else the size most copies have); with
+    ``read`` every copy is judged by its bytes alone, so truncated copies on
+    half the peers never make the intact half look bad.
+    """
+    reference = _reference(repo, name)
+    if reference is not None:
+        expected_size = len(reference)
+    elif (cached := repo.state.cached(name)) is not None:  # authenticated when it was cached
+        expected_size = len(cached)
+    else:
+        expected_size = Counter(ls[name] for ls in listings.values() if name in ls).most_common(1)[0][0]
     good = 0
     for peer in repo.peers:
         if peer.name in down or peer.name not in listings:
@@ -201,49 +211,56 @@ def _check_object(
             behind[peer.name] += 1
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, "object not on the peer"))
             continue
-        if size != expected_size:
-            detail = f"size {size}, the other copies have {expected_size} (truncated or replaced)"
-            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
+        if not read:
+            if size != expected_size:
+                detail = f"size {size}, the good copy has {expected_size} (truncated or replaced)"
+                report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
+            elif (name, peer.name) not in bad_copies:  # those are reported from the run's own reads
+                good += 1
             continue
-        if (name, peer.name) in bad_copies and not read:
-            continue  # reported below from the run's own reads
-        if read:
-            try:
-                data = peer.store.load(name)
-                report.copies_read += 1
-                _verify_copy(repo, name, data)
-                if kind_of(name) == "key" and data != _reference(repo, name):
-                    raise MalformedObject("differs from the copy the other peers agree on (bit rot or tampering)")
-                if name == CONFIG_NAME and data != repo.config_copy:
-                    raise MalformedObject(f"stale: not the current config (revision {repo.doc.get('revision', 0)})")
-            except PeerError as exc:
-                report.issues.append(MetadataIssue(name, peer.name, CopyProblem.UNREACHABLE.value, str(exc)))
-                continue
-            except (MalformedObject, UnsupportedFormatError) as exc:
-                report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, str(exc)))
-                continue
+        try:
+            data = peer.store.load(name)
+            report.copies_read += 1
+            _verify_copy(repo, name, data, reference)
+        except ObjectNotFoundError as exc:  # listed, yet not loadable as an object (gone, or a directory)
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, str(exc)))
+            continue
+        except PeerError as exc:
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.UNREACHABLE.value, str(exc)))
+            continue
+        except (MalformedObject, UnsupportedFormatError) as exc:
+            report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, str(exc)))
+            continue
         good += 1
     return good
 
 
-_REFERENCES: dict[tuple[str, str], bytes | None] = {}
-
-
 def _reference(repo: Repository, name: str) -> bytes | None:
-    key = (repo.id, name)
-    if key not in _REFERENCES:
-        _REFERENCES[key] = _good_copy(repo, name)
-    return _REFERENCES[key]
+    """The bytes every copy must equal, where this run knows them for certain.
+
+    The config and the key our passphrase opened were authenticated when the
+    repository was opened.  Other objects are sealed (each copy is checked
+    on its own) or, for the key objects of other passphrases, cannot be
+    verified here at all.
+    """
+    if name == CONFIG_NAME:
+        return repo.config_copy or None
+    if name == repo.key_name:
+        return repo.key_copy or None
+    return None
 
 
-def _verify_copy(repo: Repository, name: str, data: bytes) -> None:
+def _verify_copy(repo: Repository, name: str, data: bytes, reference: bytes | None) -> None:
     """MalformedObject unless ``data`` is a valid copy of ``name``."""
+    if reference is not None and data != reference:
+        if name == CONFIG_NAME:
+            raise MalformedObject(f"stale or damaged: not the current config (revision {repo.doc.get('revision', 0)})")
+        raise MalformedObject("differs from the copy that opened (bit rot or tampering)")
     if kind_of(name) == "key":
-        # Opening needs the passphrase's scrypt; the clear structure and bounds are checked here,
-        # and a copy differing from the others is caught by the size or by heal's majority.
-        parse_key_object(data)
+        parse_key_object(data)  # another passphrase's key: its structure and bounds are all we can check
         return
-    open_object(repo.cipher, name, data)
+    if reference is None:
+        open_object(repo.cipher, name, data)
 
 
 def _check_recorded_snapshots(repo: Repository, names: set[str], report: MetadataReport) -> None:
@@ -293,6 +310,9 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
         peer = repo.peers.get(issue.peer)
         if peer is None or repo.peers.is_down(peer.name) or issue.object == IDENTITY_NAME:
             continue
+        unverifiable = kind_of(issue.object) == "key" and _reference(repo, issue.object) is None
+        if issue.problem == CopyProblem.CORRUPT.value and unverifiable:
+            continue  # another passphrase's key: never overwrite a copy we cannot judge
         if issue.problem in (CopyProblem.MISSING.value, CopyProblem.CORRUPT.value) and kind_of(issue.object):
             targets.setdefault(issue.object, []).append(peer)
     for name, peers in sorted(targets.items()):
@@ -306,7 +326,7 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
                 healed.copies_written += 1
             except PeerError as exc:
                 healed.failed.append(f"{peer.name}:{name}: {exc}")
-    for name in report.peers_empty:
+    for name in [*report.peers_empty, *report.identities_bad]:
         peer = repo.peers.get(name)
         if peer is None or repo.peers.is_down(name):
             continue
@@ -319,9 +339,15 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
 
 
 def _good_copy(repo: Repository, name: str) -> bytes | None:
-    """Bytes of a copy that verifies (for keys: the copy most peers agree on that parses)."""
-    if name == CONFIG_NAME:
-        return repo.config_copy  # the highest revision, authenticated when the repository was opened
+    """Bytes of a copy that verifies, to copy onto peers that lack one.
+
+    For the key objects of other passphrases nothing here can tell a good
+    copy from a damaged one, so the copy most peers hold is offered only to
+    peers that have none (heal never overwrites such a copy).
+    """
+    reference = _reference(repo, name)
+    if reference is not None:
+        return reference
     copies: list[bytes] = []
     for peer in repo.peers.up():
         try:
@@ -330,7 +356,7 @@ def _good_copy(repo: Repository, name: str) -> bytes | None:
             continue
     for data, _ in Counter(copies).most_common():
         try:
-            _verify_copy(repo, name, data)
+            _verify_copy(repo, name, data, None)
             return data
         except (MalformedObject, UnsupportedFormatError, json.JSONDecodeError):
             continue

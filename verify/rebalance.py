@@ -30,7 +30,7 @@ from typing import Any
 
 from shardvault.errors import PeerError, RepositoryError
 from shardvault.index import PackRecord
-from shardvault.metadata import pack_name
+from shardvault.metadata import pack_name, parse_shard_name
 from shardvault.repository import Repository
 from shardvault.shards.dispersal import ShardRecord, read_shard
 from shardvault.shards.format import ShardFormatError
@@ -54,6 +54,8 @@ class MoveReport:
     repair: dict[str, Any] | None = None
     # drain and remove: shards a fresh index still names on the peer (a backup wrote them meanwhile)
     shards_remaining: int = 0
+    superseded_deleted: int = 0  # drain: copies on the peer that the index places elsewhere
+    leftovers: int = 0  # drain: objects left on the peer that no index knows (an unfinished backup's)
     rounds: int = 0
     duration_seconds: float = 0.0
 
@@ -144,8 +146,31 @@ def drain(repo: Repository, name: str) -> MoveReport:
         report.rounds += 1
         _drain_round(repo, peer, held, report)
     report.shards_remaining = len(_held_by(repo, name))
+    if report.shards_remaining == 0:
+        _clear_superseded(repo, peer, report)
     _finish(repo, report, start)
     return report
+
+
+def _clear_superseded(repo: Repository, peer: Peer, report: MoveReport) -> None:
+    """Delete the drained peer's copies of shards the index now places elsewhere.
+
+    A drain killed between its commit and its deletes leaves such copies; once
+    the peer leaves the configuration nothing would ever see them.  Shards of
+    packs the index does not know are left alone (a backup may be writing
+    them right now) and counted as leftovers.
+    """
+    for item in list(peer.store.list("data/")):
+        parsed = parse_shard_name(item.name)
+        pack = repo.index.packs.get(parsed[0]) if parsed else None
+        if pack is None:
+            report.leftovers += 1
+            continue
+        try:
+            peer.store.delete(item.name)
+            report.superseded_deleted += 1
+        except PeerError:
+            report.leftovers += 1
 
 
 def _drain_round(repo: Repository, peer: Peer, held: list[tuple[PackRecord, ShardRecord]], report: MoveReport) -> None:
