@@ -17,8 +17,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from shardvault.config import SourceConfig
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
+from shardvault.repository.snapshot import Snapshot
 from shardvault.restore.streams import ChunkStream
-from shardvault.snapshot import Snapshot
 from shardvault.sources import bucket as b
 
 

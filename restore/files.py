@@ -52,8 +52,8 @@ from shardvault.errors import (
     UnsafePathError,
 )
 from shardvault.repository import Repository
+from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.erasure import DecodedPack
-from shardvault.snapshot import Snapshot
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
 from .safepath import Existing, SafeTarget, safe_parts, target_error

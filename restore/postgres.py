@@ -37,9 +37,9 @@ from psycopg.conninfo import make_conninfo
 from shardvault.config import SourceConfig
 from shardvault.errors import RestoreRefusedError, RestoreTargetError, SourceError, UnsafePathError
 from shardvault.repository import Repository
+from shardvault.repository.snapshot import Snapshot
 from shardvault.restore.safepath import SafeTarget, safe_parts, target_error
 from shardvault.restore.streams import ChunkStream
-from shardvault.snapshot import Snapshot
 from shardvault.sources import postgres as pg
 from shardvault.tree import FILE, Entry
 

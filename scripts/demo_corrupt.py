@@ -10,8 +10,8 @@ import os
 import sys
 
 from shardvault.config import load_config, read_password
-from shardvault.metadata import pack_name
 from shardvault.repository import Repository
+from shardvault.repository.metadata import pack_name
 
 
 def main(peer_name: str, source: str) -> None:

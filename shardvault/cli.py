@@ -246,11 +246,11 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
             )
 
         if source_config.type == "postgres":
-            from shardvault.pgbackup import backup_postgres
+            from shardvault.backup.postgres import backup_postgres
 
             result = backup_postgres(repo, source_config, full)
         elif source_config.type == "bucket":
-            from shardvault.bucketbackup import backup_bucket
+            from shardvault.backup.bucket import backup_bucket
 
             result = backup_bucket(repo, source_config, full, progress=on_progress)
         else:
@@ -455,7 +455,7 @@ def _postgres_source(ctx: Context, name: str | None) -> Any:
 @handle_errors
 def wal_push(ctx: Context, path: Path, source: str | None) -> None:
     """Archive one WAL file (archive_command = 'shardvault ... wal-push %p')."""
-    from shardvault.wal import push
+    from shardvault.backup.wal import push
 
     src = _postgres_source(ctx, source)
     with ctx.repository() as repo:
@@ -470,7 +470,7 @@ def wal_push(ctx: Context, path: Path, source: str | None) -> None:
 @handle_errors
 def wal_fetch(ctx: Context, name: str, dest: Path, source: str | None) -> None:
     """Restore one WAL file (restore_command = 'shardvault ... wal-fetch %f %p')."""
-    from shardvault.wal import fetch, take_prefetched
+    from shardvault.restore.wal import fetch, take_prefetched
 
     src = _postgres_source(ctx, source)
     if take_prefetched(name, dest):
@@ -654,9 +654,7 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
     else:
         _render_repair(doc)
     if report.lost:
-        raise DataLossError(
-            f"{len(report.lost)} pack(s) lost, beyond repair"
-        )
+        raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair")
     if report.metadata_after.lost:
         lost_meta = f"{len(report.metadata_after.lost)} metadata object(s) intact on no peer"
         raise DataLossError(lost_meta)

@@ -29,7 +29,7 @@ def test_incremental_backup_of_unchanged_10k_files_reads_no_content(
     def no_reads(path: str) -> None:
         raise AssertionError(f"unchanged file was opened: {path}")
 
-    monkeypatch.setattr("shardvault.backup.open_file", no_reads)
+    monkeypatch.setattr("shardvault.backup.files.open_file", no_reads)
     second = vault.cli("backup", "src", "--json")
     assert second.exit_code == 0, second.output
     doc = json.loads(second.stdout)

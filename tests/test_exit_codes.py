@@ -45,7 +45,7 @@ def _unreadable(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise PermissionError(13, "Permission denied")
         return real(item)
 
-    monkeypatch.setattr("shardvault.backup.open_file", deny)
+    monkeypatch.setattr("shardvault.backup.files.open_file", deny)
     (vault.source / "dir1" / "private").write_bytes(b"changed")
     return ["backup", "src"]
 

@@ -16,8 +16,8 @@ from vectors.make_vectors import CHUNKS, build, stream  # type: ignore[import-no
 
 from shardvault.chunker import Chunker
 from shardvault.crypto import Cipher
-from shardvault.metadata import FORMAT_VERSION, MalformedObject, open_object
-from shardvault.packs import open_blob, read_pack_entries
+from shardvault.repository.metadata import FORMAT_VERSION, MalformedObject, open_object
+from shardvault.repository.packs import open_blob, read_pack_entries
 from shardvault.shards import erasure
 from shardvault.shards.format import HEADER_SIZE, SHARD_VERSION, ShardFormatError, parse_shard, verify_shard
 
@@ -120,9 +120,9 @@ META = json.loads((Path(__file__).parent / "vectors" / "metadata_v1.json").read_
 def test_metadata_vectors_read_and_write_exactly() -> None:
     from vectors.make_metadata_vectors import ENTRIES, PACK, SNAPSHOT  # type: ignore[import-not-found]
 
-    from shardvault.index import PackRecord, index_doc
-    from shardvault.metadata import open_key_object, parse_identity
-    from shardvault.snapshot import Snapshot
+    from shardvault.repository.index import PackRecord, index_doc
+    from shardvault.repository.metadata import open_key_object, parse_identity
+    from shardvault.repository.snapshot import Snapshot
     from shardvault.tree import parse_lines
 
     keys, repo_id = open_key_object(META["passphrase"], META["key_object"].encode())
@@ -147,7 +147,7 @@ def test_metadata_vectors_read_and_write_exactly() -> None:
 @pytest.mark.parametrize("kind", ["config", "key", "identity", "index", "snapshot", "wal"])
 def test_unknown_body_versions_are_refused_by_name(kind: str) -> None:
     from shardvault.errors import UnsupportedFormatError
-    from shardvault.metadata import KNOWN_VERSIONS, check_version
+    from shardvault.repository.metadata import KNOWN_VERSIONS, check_version
 
     assert 1 in KNOWN_VERSIONS[kind]
     check_version(kind, {"version": 1}, "obj")

@@ -22,7 +22,7 @@ import pytest
 from conftest import Vault, assert_same_tree, make_vault, peer_snapshot, tree_state
 
 from shardvault.errors import PeerReadOnlyError
-from shardvault.metadata import pack_name
+from shardvault.repository.metadata import pack_name
 from shardvault.shards.stores.local import LocalStore
 
 # --- helpers ------------------------------------------------------------------------------------

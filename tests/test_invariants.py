@@ -25,9 +25,9 @@ from conftest import (
 from shardvault.backup import run_backup
 from shardvault.config import load_config
 from shardvault.errors import ConfigError, DataLossError, UnsafePathError
-from shardvault.metadata import pack_name
+from shardvault.repository.metadata import pack_name
+from shardvault.repository.snapshot import resolve
 from shardvault.shards.format import build_shard, parse_shard
-from shardvault.snapshot import resolve
 from shardvault.sources import files as files_source
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
@@ -341,7 +341,7 @@ def test_5_memory_does_not_grow_with_the_source(tmp_path: Path) -> None:
 def _crafted_snapshot(vault: Vault, monkeypatch: pytest.MonkeyPatch, entries: list[tuple[Entry, str]]) -> str:
     """A snapshot whose tree holds the given entries, as a malicious writer with the key could make."""
     items = [files_source.SourceItem(entry, path) for entry, path in entries]  # opened by path, as crafted
-    monkeypatch.setattr("shardvault.backup.walk", lambda *a, **k: iter(items))
+    monkeypatch.setattr("shardvault.backup.files.walk", lambda *a, **k: iter(items))
     config = load_config(vault.config)
     with vault.repo() as repo:
         result = run_backup(repo, config.source("src"), full=True)
@@ -525,7 +525,7 @@ def test_7_unreadable_file_is_reported(backed_up: Vault, monkeypatch: pytest.Mon
             raise PermissionError(13, "Permission denied")
         return real(item)
 
-    monkeypatch.setattr("shardvault.backup.open_file", deny)
+    monkeypatch.setattr("shardvault.backup.files.open_file", deny)
     (backed_up.source / "dir1" / "private").write_bytes(b"changed")
     result = backed_up.cli("backup", "src")
     assert result.exit_code == 11

@@ -76,7 +76,7 @@ def _stop(data: Path) -> None:
 def cluster() -> Iterator[Cluster]:
     if not (PGBIN / "initdb").exists():
         pytest.fail("PostgreSQL 15 is not installed: `make test` installs it (scripts/apt-install postgresql)")
-    reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.wal", check=False)
+    reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.backup.wal", check=False)
     if reach.returncode != 0:
         # A checkout under a private directory (mode 700): let postgres traverse down to the venv
         # and the editable link tree, which is all archive_command needs.
@@ -84,7 +84,7 @@ def cluster() -> Iterator[Cluster]:
         for directory in {*BIN.parents, *root.parents, root, root / "build"}:
             if directory.is_dir() and not directory.stat().st_mode & 0o001:
                 directory.chmod(directory.stat().st_mode | 0o001)
-        reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.wal", check=False)
+        reach = _as_postgres(str(BIN / "python"), "-P", "-c", "import shardvault.backup.wal", check=False)
     if reach.returncode != 0:  # archive_command would fail and base backups would wait for it forever
         pytest.fail(f"the postgres user cannot run {BIN / 'python'} (the venv must be world-readable): {reach.stderr}")
     old_umask = os.umask(0)  # peers and state shared by root (the tests) and postgres (archive_command)
@@ -353,9 +353,10 @@ def test_wal_fetch_reads_ahead_and_serves_later_segments_without_the_repository(
 
 def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
     """A segment archived after wal-fetch loaded the index is skipped by the read-ahead, not an error."""
+    from shardvault.backup.wal import push
     from shardvault.config import load_config
     from shardvault.repository import Repository
-    from shardvault.wal import fetch, push
+    from shardvault.restore.wal import fetch
 
     config = write_config(
         tmp_path / "c.toml", local_peers(tmp_path / "peers"), {}, k=4, n=6, state_dir=str(tmp_path / "s")

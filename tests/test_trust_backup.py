@@ -14,7 +14,7 @@ from conftest import PASSWORD, Vault, assert_same_tree, make_vault
 
 from shardvault.chunker import Chunker
 from shardvault.repository import Repository
-from shardvault.snapshot import resolve
+from shardvault.repository.snapshot import resolve
 from shardvault.sources import files as files_source
 from shardvault.tree import FILE
 
@@ -290,8 +290,9 @@ def test_8_healthy_commit_is_not_degraded(backed_up: Vault) -> None:
 
 
 def test_1_wal_push_after_a_lost_pack_stores_the_segment_again(tmp_path: Path) -> None:
+    from shardvault.backup.wal import push
     from shardvault.config import load_config
-    from shardvault.wal import push, record_name
+    from shardvault.repository.wal import record_name
 
     vault = make_vault(tmp_path)
     with open(vault.config, "a") as f:

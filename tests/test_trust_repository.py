@@ -16,8 +16,8 @@ from conftest import PASSWORD, Vault, assert_same_tree, make_vault, write_config
 from shardvault import crypto
 from shardvault.config import load_config
 from shardvault.crypto import MasterKeys
-from shardvault.metadata import make_key_object, seal_object
 from shardvault.repository import Repository
+from shardvault.repository.metadata import make_key_object, seal_object
 from shardvault.shards.stores.local import LocalStore
 
 
@@ -259,7 +259,7 @@ def test_15_planted_key_with_huge_scrypt_parameters_is_not_derived(
         calls.append((n, r, p))
         return real(passphrase, salt, n, r, p)
 
-    monkeypatch.setattr("shardvault.metadata.derive_key", spy)
+    monkeypatch.setattr("shardvault.repository.metadata.derive_key", spy)
     (backed_up.root / "state" / "last-key").unlink()
     result = backed_up.cli("snapshots", "--json")
     assert result.exit_code == 0, result.output
@@ -275,7 +275,7 @@ def test_15_the_key_that_opened_last_is_tried_first(backed_up: Vault, monkeypatc
     assert backed_up.cli("snapshots").exit_code == 0
     calls: list[int] = []
     real = crypto.derive_key
-    monkeypatch.setattr("shardvault.metadata.derive_key", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("shardvault.repository.metadata.derive_key", lambda *a: calls.append(1) or real(*a))
     assert backed_up.cli("snapshots").exit_code == 0
     assert len(calls) == 1
 

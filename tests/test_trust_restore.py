@@ -18,7 +18,7 @@ from conftest import PASSWORD, Vault, assert_same_tree, make_vault, tree_state
 from shardvault.backup import run_backup
 from shardvault.config import load_config
 from shardvault.errors import LatestNeedsSourceError, RestoreTargetError, TargetNotEmptyError
-from shardvault.snapshot import Snapshot, resolve
+from shardvault.repository.snapshot import Snapshot, resolve
 from shardvault.sources import files as files_source
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 

@@ -23,7 +23,7 @@ import pytest
 from conftest import SMALL, Vault, local_peers, make_vault, write_config
 
 from shardvault.errors import ObjectNotFoundError, PeerError, PeerUnavailableError
-from shardvault.index import PackRecord
+from shardvault.repository.index import PackRecord
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.shards.format import ShardFormatError
 from shardvault.shards.placement import best_failures_survived, failures_survived

@@ -15,7 +15,7 @@ from vectors.make_vectors import stream  # type: ignore[import-not-found]
 
 from shardvault.chunker import Chunker
 from shardvault.crypto import MasterKeys, OpenFailed
-from shardvault.metadata import make_key_object, open_key_object
+from shardvault.repository.metadata import make_key_object, open_key_object
 from shardvault.shards import erasure
 from shardvault.shards.dispersal import get_pack, put_pack
 from shardvault.shards.peers import Peer, PeerSet

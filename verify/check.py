@@ -36,9 +36,9 @@ from enum import Enum
 from typing import Any
 
 from shardvault.errors import PeerError, ShardvaultError
-from shardvault.index import PackRecord
-from shardvault.metadata import pack_name
 from shardvault.repository import Repository
+from shardvault.repository.index import PackRecord
+from shardvault.repository.metadata import pack_name
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.shards.dispersal import read_shard as read_verified
 from shardvault.shards.format import ShardFormatError
@@ -277,8 +277,8 @@ def _read_all(
 
 def _check_wal(repo: Repository, report: CheckReport) -> None:
     """Each PostgreSQL archive must be gap-free; record its gaps and newest file for the metrics."""
+    from shardvault.repository.wal import archived, record_name
     from shardvault.sources.postgres import gaps
-    from shardvault.wal import archived, record_name
 
     for source in repo.config.sources:
         if source.type != "postgres" or source.mode != "physical":

@@ -29,7 +29,8 @@ from enum import StrEnum
 from typing import Any
 
 from shardvault.errors import ObjectNotFoundError, PeerError, UnsupportedFormatError
-from shardvault.metadata import (
+from shardvault.repository import Repository
+from shardvault.repository.metadata import (
     CONFIG_NAME,
     IDENTITY_NAME,
     META_PREFIXES,
@@ -40,7 +41,6 @@ from shardvault.metadata import (
     parse_identity,
     parse_key_object,
 )
-from shardvault.repository import Repository
 from shardvault.shards.peers import Peer
 
 

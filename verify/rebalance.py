@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardvault.errors import PeerError, RepositoryError
-from shardvault.index import PackRecord
-from shardvault.metadata import pack_name, parse_shard_name
 from shardvault.repository import Repository
+from shardvault.repository.index import PackRecord
+from shardvault.repository.metadata import pack_name, parse_shard_name
 from shardvault.shards.dispersal import ShardRecord, read_shard
 from shardvault.shards.format import ShardFormatError
 from shardvault.shards.peers import Peer

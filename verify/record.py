@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from shardvault.index import PackRecord
-from shardvault.metadata import pack_name
 from shardvault.repository import Repository
+from shardvault.repository.index import PackRecord
+from shardvault.repository.metadata import pack_name
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord
 from shardvault.shards.placement import best_failures_survived, failures_survived
 from shardvault.state import ShardKey

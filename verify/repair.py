@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardvault.errors import PeerError, ShardvaultError
-from shardvault.index import PackRecord
-from shardvault.metadata import pack_name
 from shardvault.repository import Repository
+from shardvault.repository.index import PackRecord
+from shardvault.repository.metadata import pack_name
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, build_shards
 from shardvault.shards.peers import Peer
 from shardvault.state import ShardKey

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardvault.config import ScrubConfig
-from shardvault.index import PackRecord
-from shardvault.metadata import pack_name
 from shardvault.repository import Repository
+from shardvault.repository.index import PackRecord
+from shardvault.repository.metadata import pack_name
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.state import ShardKey
 

@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 from shardvault.crypto import Cipher, MasterKeys
-from shardvault.index import PackRecord, index_doc
-from shardvault.metadata import make_identity, make_key_object, seal_object
-from shardvault.packs import PackEntry
+from shardvault.repository.index import PackRecord, index_doc
+from shardvault.repository.metadata import make_identity, make_key_object, seal_object
+from shardvault.repository.packs import PackEntry
+from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.dispersal import ShardRecord
-from shardvault.snapshot import Snapshot
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
 PASSPHRASE = "golden vectors"

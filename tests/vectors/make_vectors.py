@@ -9,8 +9,8 @@ from pathlib import Path
 
 from shardvault.chunker import Chunker
 from shardvault.crypto import Cipher, chunk_id
-from shardvault.metadata import seal_object
-from shardvault.packs import KIND_DATA, PackWriter, seal_blob
+from shardvault.repository.metadata import seal_object
+from shardvault.repository.packs import KIND_DATA, PackWriter, seal_blob
 from shardvault.shards.dispersal import shard_objects
 
 

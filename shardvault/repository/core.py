@@ -1,7 +1,7 @@
 """The repository: keys, config, index, snapshots and packs, kept on the peers.
 
 Small objects (keys, config, index files, snapshots; see
-:mod:`shardvault.metadata`) are replicated to every peer and read from any
+:mod:`shardvault.repository.metadata`) are replicated to every peer and read from any
 peer whose copy authenticates, so the passphrase and the peer list are enough
 to open the repository anywhere (invariant 1).  Packs are erasure-coded into
 shards over the peers (:mod:`shardvault.shards.dispersal`).
@@ -22,12 +22,11 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from shardvault.config import Config
-from shardvault.crypto import Cipher, MasterKeys, OpenFailed, chunk_id, content_hash
+from shardvault.crypto import Cipher, MasterKeys, chunk_id
 from shardvault.errors import (
     AliasedPeersError,
     BlobNotFoundError,
@@ -39,159 +38,53 @@ from shardvault.errors import (
     PeerError,
     PeerUnavailableError,
     RepositoryCorruptError,
-    RepositoryError,
     RepositoryExistsError,
     RepositoryMismatchError,
-    RepositoryNotFoundError,
-    RepositoryNotReachableError,
     SnapshotNotFoundError,
     UnsupportedFormatError,
-    WrongPassphraseError,
 )
-from shardvault.index import Index, PackRecord, index_doc
-from shardvault.metadata import (
+from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
+from shardvault.shards.erasure import DecodedPack
+from shardvault.shards.peers import Peer, PeerSet
+from shardvault.shards.stores import open_peer_store
+from shardvault.state import State
+from shardvault.tree import Entry, parse_lines
+
+from .index import Index, PackRecord, index_doc
+from .metadata import (
     CONFIG_NAME,
     FORMAT_VERSION,
     IDENTITY_NAME,
     MalformedObject,
+    MetaProblem,
     check_version,
     kind_of,
     make_identity,
     make_key_object,
     new_id,
-    open_key_object,
     open_object,
     pack_name,
     parse_identity,
     parse_shard_name,
     seal_object,
 )
-from shardvault.packs import PackEntry, PackFormatError, open_blob
-from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
-from shardvault.shards.erasure import DecodedPack
-from shardvault.shards.peers import Peer, PeerSet
-from shardvault.shards.stores import open_peer_store
-from shardvault.snapshot import Snapshot, resolve
-from shardvault.state import State
-from shardvault.survey import PeerSurvey, majority_repository, refuse_aliases, survey
-from shardvault.tree import Entry, parse_lines
+from .opening import (
+    PeerSurvey,
+    majority_repository,
+    not_found,
+    open_key,
+    refuse_aliases,
+    survey,
+    unreachable,
+    write_hint,
+)
+from .packs import PackEntry, PackFormatError, open_blob
+from .snapshot import Snapshot, resolve
 
 
 def open_peers(config: Config, on_down: Callable[[str, str], None] | None = None) -> PeerSet:
     stores = [Peer(p.name, p.zone, open_peer_store(p, fsync=config.repository.fsync)) for p in config.peers]
     return PeerSet(stores, on_down)
-
-
-def _unreachable(peers: PeerSet) -> str:
-    return "; ".join(f"{name}: {why}" for name, why in peers.down().items())
-
-
-def _not_found(config: Config, peers: PeerSet, answers: dict[str, PeerSurvey]) -> RepositoryError:
-    """No key object anywhere: say what is known instead of advising init when a repository exists."""
-    traces = [name for name, a in answers.items() if not a.empty]
-    down = peers.down()
-    state_dir = config.repository.state_dir
-    known_here = state_dir.is_dir() and any((d / "state.db").exists() for d in state_dir.iterdir() if d.is_dir())
-    if traces:
-        return RepositoryCorruptError(
-            "keys/*", f"peers {', '.join(traces)} hold a repository but no key object; do NOT run init"
-        )
-    if down:
-        return RepositoryNotReachableError(", ".join(answers) or "none", _unreachable(peers))
-    if known_here:
-        return RepositoryNotReachableError(
-            ", ".join(answers), f"but the state in {state_dir} knows a repository: are these the right peers?"
-        )
-    return RepositoryNotFoundError(", ".join(answers) or "none")
-
-
-@dataclass(frozen=True)
-class OpenedKey:
-    """The key object that opened the repository: the copy check and repair hold others against."""
-
-    keys: MasterKeys
-    repo_id: str
-    name: str
-    copy: bytes
-
-
-def _open_key(
-    config: Config, password: str, key_names: dict[str, list[Peer]], majority: str | None
-) -> tuple[OpenedKey, list[MetaProblem]]:
-    """Find the key object our passphrase opens, trying every distinct copy.
-
-    The key that opened the repository last is tried first.  Each copy of a
-    key object is loaded until one opens: a bit flipped in one peer's copy
-    costs one more scrypt, never "wrong passphrase" while a good copy exists
-    (finding 4 of issue 7); copies with identical bytes are tried once.  A
-    key whose repository is not the one the peers' identities name is
-    foreign and skipped.
-    """
-    problems: list[MetaProblem] = []
-    try:
-        hint = (config.repository.state_dir / _HINT_FILE).read_text().strip()
-    except OSError:
-        hint = ""
-    order = sorted(key_names, key=lambda name: (name != hint, name))
-    wrong = False
-    for name in order:
-        tried: set[bytes] = set()
-        refused: list[str] = []  # peers whose copy of this key did not open
-        for peer in key_names[name]:
-            try:
-                data = peer.store.load(name)
-            except PeerError as exc:
-                problems.append(MetaProblem(name, peer.name, str(exc)))
-                continue
-            digest = content_hash(data)
-            if digest in tried:
-                continue
-            tried.add(digest)
-            try:
-                keys, repo_id = open_key_object(password, data)
-            except MalformedObject as exc:
-                problems.append(MetaProblem(name, peer.name, f"bad key object: {exc}"))
-                continue
-            except OpenFailed:
-                wrong = True
-                refused.append(peer.name)
-                continue  # another peer's copy may differ (a flipped bit); try it
-            if majority is not None and repo_id != majority:
-                problems.append(MetaProblem(name, peer.name, f"key of another repository ({repo_id[:8]})"))
-                continue
-            # Another copy of this very key opened: the ones that did not are damaged.
-            problems += [MetaProblem(name, p, "bad copy: does not open, another peer's does") for p in refused]
-            if name != hint:
-                _write_hint(config, name)
-            return OpenedKey(keys, repo_id, name, data), problems
-    if wrong or not problems:
-        raise WrongPassphraseError()
-    raise RepositoryCorruptError("keys/*", "; ".join(f"{p.peer}:{p.name}: {p.detail}" for p in problems))
-
-
-def _write_hint(config: Config, name: str) -> None:
-    """Remember which key object opened this repository: tried first next time (one scrypt, not several)."""
-    hint = config.repository.state_dir / _HINT_FILE
-    try:
-        hint.parent.mkdir(parents=True, exist_ok=True)
-        hint.write_text(name)
-    except OSError:
-        pass  # a hint that cannot be written only costs time
-
-
-@dataclass(frozen=True)
-class MetaProblem:
-    """A copy of a metadata object that could not be used, or an object no peer holds intact."""
-
-    name: str
-    peer: str  # "" when the object as a whole is unreadable
-    detail: str
-
-    def to_doc(self) -> dict[str, str]:
-        return {"object": self.name, "peer": self.peer, "detail": self.detail}
-
-
-_HINT_FILE = "last-key"
 
 
 class Repository:
@@ -281,7 +174,7 @@ class Repository:
             raise
         key_name = next(iter(objects))
         repo.key_name, repo.key_copy = key_name, objects[key_name]
-        _write_hint(config, key_name)
+        write_hint(config, key_name)
         return repo
 
     @classmethod
@@ -300,7 +193,7 @@ class Repository:
         peers = open_peers(config, on_peer_down)
         peers.probe_all()
         if not peers.up():
-            raise PeerUnavailableError("(all)", f"no peer is reachable: {_unreachable(peers)}")
+            raise PeerUnavailableError("(all)", f"no peer is reachable: {unreachable(peers)}")
         with ThreadPoolExecutor(max_workers=max(4, len(peers)), thread_name_prefix="sv-open") as pool:
             answers = survey(peers, pool)
         refuse_aliases(answers)
@@ -311,9 +204,9 @@ class Repository:
             for key in answer.keys:
                 key_names.setdefault(key, []).append(peer)
         if not key_names:
-            raise _not_found(config, peers, answers)
+            raise not_found(config, peers, answers)
         majority = majority_repository(answers)
-        opened, problems = _open_key(config, password, key_names, majority)
+        opened, problems = open_key(config, password, key_names, majority)
         repo_id = opened.repo_id
         repo = cls(config, peers, opened.keys, repo_id, {})
         repo.key_name, repo.key_copy = opened.name, opened.copy
@@ -400,7 +293,7 @@ class Repository:
                 self.peers.mark_down(peer, exc)
                 errors.append(str(exc))
         if not written:
-            raise NotEnoughPeersError(0, 1, "; ".join(errors) or _unreachable(self.peers))
+            raise NotEnoughPeersError(0, 1, "; ".join(errors) or unreachable(self.peers))
         self.doc, self.config_copy = doc, data
         missed = sorted(set(p.name for p in self.peers) - set(written))
         return {
@@ -449,7 +342,7 @@ class Repository:
             except PeerError as exc:
                 self.peers.mark_down(peer, str(exc))
         if not self.peers.up():
-            raise PeerUnavailableError("(all)", f"no peer is reachable: {_unreachable(self.peers)}")
+            raise PeerUnavailableError("(all)", f"no peer is reachable: {unreachable(self.peers)}")
         good = []
         for name in sorted(names):
             if kind_of(name) is None:
@@ -561,7 +454,7 @@ class Repository:
                 except PeerError:
                     pass
             if undone == len(acked):
-                raise NotEnoughPeersError(len(acked), quorum, "; ".join(errors) or _unreachable(self.peers))
+                raise NotEnoughPeersError(len(acked), quorum, "; ".join(errors) or unreachable(self.peers))
             self.degraded_writes.append(name)
         elif len(acked) < len(self.peers):
             self.degraded_writes.append(name)
@@ -575,7 +468,7 @@ class Repository:
                 errors[0]
                 if errors
                 else NotEnoughPeersError(
-                    len(self.peers.up()), self.config.repository.write_quorum, _unreachable(self.peers)
+                    len(self.peers.up()), self.config.repository.write_quorum, unreachable(self.peers)
                 )
             )
 

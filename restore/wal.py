@@ -1,83 +1,24 @@
-"""The WAL archive: PostgreSQL's WAL files stored in the repository, one record each.
+"""``wal-fetch``: PostgreSQL's restore_command, with read-ahead.
 
-``wal-push`` stores a file's bytes as chunks (dedup, compression, encryption
-and erasure coding as for any file), writes the index, and only then its
-record ``wal/<source>/<file name, lower case>``: the commit.  A record names
-the file's chunks, size and BLAKE3 hash.  Pushing a file that is already
-archived with the same hash succeeds (PostgreSQL retries after a crash);
-with a different hash it is refused, as pgBackRest does, because silently
-replacing WAL would corrupt every restore that replays it.
+Each call writes one WAL file whole, checks it against the hash in its
+record, and renames it into place; it also fetches the next segments of the
+timeline into a spool beside ``pg_wal`` that later calls serve without
+opening the repository (no scrypt, no peer), as pgBackRest's archive-get
+queue does.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from shardvault.backup import BackupStats, _Pipeline, note_degradation
-from shardvault.chunker import Chunker
 from shardvault.config import SourceConfig
-from shardvault.crypto import content_hash, new_content_hasher
-from shardvault.errors import ShardvaultError, SourceError, WalConflictError, WalMissingError
+from shardvault.crypto import new_content_hasher
+from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
-from shardvault.sources.postgres import WAL_NAME, gaps, segment_number
-
-WAL_VERSION = 1
-
-
-def record_name(source: str, wal_file: str) -> str:
-    return f"wal/{source}/{wal_file.lower()}"
-
-
-def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -> bool:
-    """Archive one WAL file; True if stored, False if it was already there (same content)."""
-    name = os.path.basename(path)
-    if not WAL_NAME.match(name):
-        raise SourceError(source.name, f"{name!r} is not a WAL file name")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SourceError(source.name, f"cannot read {path}: {exc.strerror}") from None
-    digest = content_hash(data).hex()
-    record = record_name(source.name, name)
-    if repo.meta_exists(record):
-        if repo.read_meta(record, cache=False).get("hash") == digest:
-            return False
-        raise WalConflictError(source.name, name)
-    started = time.time()
-    rc = repo.config.repository
-    stats = BackupStats()
-    chunks: list[str] = []
-    pipe = _Pipeline(repo, stats)
-    try:
-        pipe.submit_stream(Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)), chunks)
-        pipe.finish()
-    finally:
-        pipe.close()
-    doc = {
-        "version": WAL_VERSION,
-        "name": name,
-        "size": len(data),
-        "hash": digest,
-        "chunks": chunks,
-        "pushed": datetime.now(UTC).isoformat(),
-    }
-    repo.write_meta(record, doc)  # the commit
-    stats.bytes_total = stats.bytes_read
-    note_degradation(repo, stats)
-    repo.state.record_run(
-        "backup",
-        "degraded" if stats.degraded else "ok",
-        started,
-        source=source.name,
-        details={"kind": "wal", "wal": name} | stats.to_doc(),
-    )
-    return True
-
+from shardvault.repository.wal import archived, record_name
+from shardvault.sources.postgres import WAL_NAME, segment_number
 
 PREFETCH = 8  # WAL segments fetched ahead of recovery, as pgBackRest's archive-get queue
 
@@ -160,22 +101,3 @@ def _write_verified(repo: Repository, reader: BlobReader, source: SourceConfig, 
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def archived(repo: Repository, source: SourceConfig) -> list[str]:
-    """Names of the archived WAL files (upper case, as PostgreSQL names them), sorted."""
-    prefix = f"wal/{source.name}/"
-    return sorted(_postgres_name(n[len(prefix) :]) for n in repo.list_meta(prefix))
-
-
-def _postgres_name(lower: str) -> str:
-    """Object names are lower case; PostgreSQL's hex parts are upper case (suffixes stay lower)."""
-    parts = lower.split(".")
-    parts[0] = parts[0].upper()
-    if len(parts) == 3:  # <segment>.<offset>.backup
-        parts[1] = parts[1].upper()
-    return ".".join(parts)
-
-
-def wal_gaps(repo: Repository, source: SourceConfig) -> list[str]:
-    return gaps(archived(repo, source))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from shardvault.backup import BackupResult, BackupStats, backup_stream, commit_snapshot
 from shardvault.config import SourceConfig
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
-from shardvault.snapshot import Snapshot, latest
+from shardvault.repository.snapshot import Snapshot, latest
+from shardvault.repository.wal import record_name
 from shardvault.sources import postgres as pg
-from shardvault.wal import record_name
+
+from .run import BackupResult, BackupStats, backup_stream, commit_snapshot
 
 BASE_NAME = "base.tar"
 DUMP_NAME = "dump.pgdump"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from shardvault.backup import BackupResult, BackupRun, ProgressFn
 from shardvault.config import SourceConfig
 from shardvault.repository import Repository
 from shardvault.sources import bucket as b
 from shardvault.tree import FILE, Entry, path_key
+
+from .run import BackupResult, BackupRun, ProgressFn
 
 
 def backup_bucket(

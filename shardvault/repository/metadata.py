@@ -47,6 +47,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import zstandard
@@ -236,3 +237,15 @@ def parse_identity(data: bytes) -> dict[str, str]:
     if len(out["repository"]) != 64 or len(out["peer"]) != 32:
         raise MalformedObject("identity fields have the wrong length")
     return out
+
+
+@dataclass(frozen=True)
+class MetaProblem:
+    """A copy of a metadata object that could not be used, or an object no peer holds intact."""
+
+    name: str
+    peer: str  # "" when the object as a whole is unreadable
+    detail: str
+
+    def to_doc(self) -> dict[str, str]:
+        return {"object": self.name, "peer": self.peer, "detail": self.detail}

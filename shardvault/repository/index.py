@@ -27,8 +27,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shardvault.packs import PackEntry
 from shardvault.shards.dispersal import ShardRecord
+
+from .packs import PackEntry
 
 INDEX_VERSION = 1
 

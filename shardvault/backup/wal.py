@@ -1,0 +1,74 @@
+"""``wal-push``: PostgreSQL's WAL files stored in the repository, one record each.
+
+``wal-push`` stores a file's bytes as chunks (dedup, compression, encryption
+and erasure coding as for any file), writes the index, and only then its
+record ``wal/<source>/<file name, lower case>``: the commit.  A record names
+the file's chunks, size and BLAKE3 hash.  Pushing a file that is already
+archived with the same hash succeeds (PostgreSQL retries after a crash);
+with a different hash it is refused, as pgBackRest does, because silently
+replacing WAL would corrupt every restore that replays it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from shardvault.chunker import Chunker
+from shardvault.config import SourceConfig
+from shardvault.crypto import content_hash
+from shardvault.errors import SourceError, WalConflictError
+from shardvault.repository import Repository
+from shardvault.repository.wal import WAL_VERSION, record_name
+from shardvault.sources.postgres import WAL_NAME
+
+from .run import BackupStats, Pipeline, note_degradation
+
+
+def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -> bool:
+    """Archive one WAL file; True if stored, False if it was already there (same content)."""
+    name = os.path.basename(path)
+    if not WAL_NAME.match(name):
+        raise SourceError(source.name, f"{name!r} is not a WAL file name")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SourceError(source.name, f"cannot read {path}: {exc.strerror}") from None
+    digest = content_hash(data).hex()
+    record = record_name(source.name, name)
+    if repo.meta_exists(record):
+        if repo.read_meta(record, cache=False).get("hash") == digest:
+            return False
+        raise WalConflictError(source.name, name)
+    started = time.time()
+    rc = repo.config.repository
+    stats = BackupStats()
+    chunks: list[str] = []
+    pipe = Pipeline(repo, stats)
+    try:
+        pipe.submit_stream(Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)), chunks)
+        pipe.finish()
+    finally:
+        pipe.close()
+    doc = {
+        "version": WAL_VERSION,
+        "name": name,
+        "size": len(data),
+        "hash": digest,
+        "chunks": chunks,
+        "pushed": datetime.now(UTC).isoformat(),
+    }
+    repo.write_meta(record, doc)  # the commit
+    stats.bytes_total = stats.bytes_read
+    note_degradation(repo, stats)
+    repo.state.record_run(
+        "backup",
+        "degraded" if stats.degraded else "ok",
+        started,
+        source=source.name,
+        details={"kind": "wal", "wal": name} | stats.to_doc(),
+    )
+    return True
