@@ -14,7 +14,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shardvault.config import SourceConfig
+from shardvault.config import BucketSource
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
@@ -34,7 +34,7 @@ class BucketRestoreStats:
 def restore_to_bucket(
     repo: Repository,
     snap: Snapshot,
-    source: SourceConfig,
+    source: BucketSource,
     bucket: str,
     prefix: str = "",
     endpoint: str | None = None,

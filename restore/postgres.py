@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.errors import RestoreRefusedError, RestoreTargetError, SourceError, UnsafePathError
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
@@ -56,7 +56,7 @@ def _the_file(repo: Repository, snap: Snapshot) -> Entry:
 def restore_physical(
     repo: Repository,
     snap: Snapshot,
-    source: SourceConfig,
+    source: PostgresSource,
     target: Path,
     *,
     config_path: Path,
@@ -163,7 +163,7 @@ def _give_to_postgres(target: Path) -> None:
     os.chown(target, user.pw_uid, user.pw_gid)
 
 
-def start(source: SourceConfig, target: Path, port: int, timeout: float = 600.0) -> None:
+def start(source: PostgresSource, target: Path, port: int, timeout: float = 600.0) -> None:
     """Start the restored cluster on 127.0.0.1:port and wait until recovery is done."""
     argv = [
         pg.tool(source, "pg_ctl"),
@@ -205,7 +205,7 @@ def _last_log(target: Path, lines: int = 3) -> str:
     return " | ".join(text)
 
 
-def restore_logical(repo: Repository, snap: Snapshot, source: SourceConfig, database: str) -> dict[str, Any]:
+def restore_logical(repo: Repository, snap: Snapshot, source: PostgresSource, database: str) -> dict[str, Any]:
     with pg.connect(source) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
         if exists:

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.crypto import new_content_hasher
 from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
@@ -49,7 +49,7 @@ def take_prefetched(name: str, dest: str | os.PathLike[str]) -> bool:
 
 
 def fetch(
-    repo: Repository, source: SourceConfig, name: str, dest: str | os.PathLike[str], prefetch: int = PREFETCH
+    repo: Repository, source: PostgresSource, name: str, dest: str | os.PathLike[str], prefetch: int = PREFETCH
 ) -> None:
     """Restore one WAL file to ``dest`` (written whole, verified, then renamed into place).
 
@@ -86,7 +86,7 @@ def fetch(
             break
 
 
-def _write_verified(repo: Repository, reader: BlobReader, source: SourceConfig, name: str, target: Path) -> None:
+def _write_verified(repo: Repository, reader: BlobReader, source: PostgresSource, name: str, target: Path) -> None:
     doc = repo.read_meta(record_name(source.name, name))
     tmp = target.with_name(f".{target.name}.shardvault-{os.getpid()}")
     try:

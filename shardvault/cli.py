@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shardvault.config import Config, load_config, read_password
+from shardvault.config import BucketSource, Config, PostgresSource, load_config, read_password
 from shardvault.errors import (
     BackupIncompleteError,
     DamageFoundError,
@@ -235,7 +235,7 @@ def reconfigure(ctx: Context, as_json: bool) -> None:
 @handle_errors
 def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
     """Back up SOURCE (incremental unless --full)."""
-    from shardvault.backup import BackupStats, run_backup
+    from shardvault.backup import BackupStats, backup_source
 
     source_config = ctx.config.source(source)
     with ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
@@ -245,16 +245,7 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
                 info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}"
             )
 
-        if source_config.type == "postgres":
-            from shardvault.backup.postgres import backup_postgres
-
-            result = backup_postgres(repo, source_config, full)
-        elif source_config.type == "bucket":
-            from shardvault.backup.bucket import backup_bucket
-
-            result = backup_bucket(repo, source_config, full, progress=on_progress)
-        else:
-            result = run_backup(repo, source_config, full=full, progress=on_progress)
+        result = backup_source(repo, source_config, full, progress=on_progress)
     s, snap = result.stats, result.snapshot
     if as_json:
         doc = result.to_doc()
@@ -360,7 +351,13 @@ def restore(
             if snap.source_type != "bucket":
                 raise click.UsageError("--to-bucket restores bucket snapshots only")
             result = restore_to_bucket(
-                repo, snap, ctx.config.source(snap.source), to_bucket, to_prefix, endpoint, delete_extra
+                repo,
+                snap,
+                ctx.config.typed_source(snap.source, BucketSource),
+                to_bucket,
+                to_prefix,
+                endpoint,
+                delete_extra,
             )
             if as_json:
                 emit_json({"snapshot": snap.id} | asdict(result))
@@ -406,7 +403,7 @@ def _restore_postgres(
 ) -> dict[str, Any]:
     from shardvault.restore import postgres as pgr
 
-    source = ctx.config.source(snap.source)
+    source = ctx.config.typed_source(snap.source, PostgresSource)
     if snap.stats.get("postgres", {}).get("mode") == "logical":
         if not database:
             raise click.UsageError("a logical snapshot restores into a new database: pass --database NAME")
@@ -439,10 +436,10 @@ def _restore_postgres(
     return doc
 
 
-def _postgres_source(ctx: Context, name: str | None) -> Any:
+def _postgres_source(ctx: Context, name: str | None) -> PostgresSource:
     if name:
-        return ctx.config.source(name)
-    physical = [s for s in ctx.config.sources if s.type == "postgres" and s.mode == "physical"]
+        return ctx.config.typed_source(name, PostgresSource)
+    physical = [s for s in ctx.config.sources if isinstance(s, PostgresSource) and s.mode == "physical"]
     if len(physical) != 1:
         raise click.UsageError("pass --source NAME (the configuration has no single physical PostgreSQL source)")
     return physical[0]

@@ -52,7 +52,7 @@ import tomllib
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from shardvault.errors import AliasedPeersError, ConfigFileNotFoundError, ConfigValueError, PasswordMissingError
@@ -138,20 +138,37 @@ SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
 
 @dataclass(frozen=True)
 class SourceConfig:
+    """What every source has; each kind is its own class below (one table maps kinds to readers)."""
+
     name: str
     type: SourceKind
-    path: Path  # files: the tree; postgres: unused (the server's data directory is its own)
-    exclude: tuple[str, ...] = ()
     rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
     backup_interval_seconds: int = 86400  # the schedule; alert when no backup for twice this
-    dsn: str = ""  # postgres: libpq connection string
-    mode: str = "physical"  # postgres: physical (base backup + WAL) or logical (pg_dump of the DSN's database)
-    bin_dir: str = ""  # postgres: where pg_basebackup, pg_dump, pg_restore, pg_ctl are (default: found)
-    endpoint: str | None = None  # bucket: S3 endpoint URL (default AWS)
-    bucket: str = ""  # bucket: its name
-    prefix: str = ""  # bucket: only keys under this prefix
-    region: str | None = None  # bucket
-    profile: str | None = None  # bucket: AWS profile (else the usual AWS variables)
+
+
+@dataclass(frozen=True)
+class FilesSource(SourceConfig):
+    path: Path = Path("/")  # the tree
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PostgresSource(SourceConfig):
+    dsn: str = ""  # libpq connection string
+    mode: str = "physical"  # physical (base backup + WAL) or logical (pg_dump of the DSN's database)
+    bin_dir: str = ""  # where pg_basebackup, pg_dump, pg_restore, pg_ctl are (default: found)
+
+
+@dataclass(frozen=True)
+class BucketSource(SourceConfig):
+    endpoint: str | None = None  # S3 endpoint URL (default AWS)
+    bucket: str = ""  # its name
+    prefix: str = ""  # only keys under this prefix
+    region: str | None = None
+    profile: str | None = None  # AWS profile (else the usual AWS variables)
+
+
+S = TypeVar("S", bound=SourceConfig)
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,13 @@ class Config:
                 return source
         known = ", ".join(s.name for s in self.sources) or "none"
         raise ConfigValueError(self.path, "sources", f"no source named {name!r} (configured: {known})")
+
+    def typed_source(self, name: str, kind: type[S]) -> S:
+        """The source ``name``, which must be of the given kind (a ConfigValueError names both otherwise)."""
+        source = self.source(name)
+        if not isinstance(source, kind):
+            raise ConfigValueError(self.path, "sources", f"source {name!r} is a {source.type} source, not this kind")
+        return source
 
     def peer(self, name: str) -> PeerConfig:
         for peer in self.peers:
@@ -488,7 +512,7 @@ def _files_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) ->
     if not all(isinstance(e, str) for e in exclude):
         raise r.fail("exclude", "must be a list of glob strings")
     tree = _resolve(path.parent, r.get("path", str, required=True))
-    return SourceConfig(name, SourceKind.FILES, tree, tuple(exclude), rpo, interval)
+    return FilesSource(name, SourceKind.FILES, rpo, interval, path=tree, exclude=tuple(exclude))
 
 
 def _postgres_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
@@ -497,15 +521,13 @@ def _postgres_source(r: _Reader, path: Path, name: str, rpo: int, interval: int)
     if mode not in ("physical", "logical"):
         raise r.fail("mode", f"must be 'physical' or 'logical', got {mode!r}")
     bin_dir = r.get("bin_dir", str, default="")
-    return SourceConfig(name, SourceKind.POSTGRES, Path("/"), (), rpo, interval, dsn, mode, bin_dir)
+    return PostgresSource(name, SourceKind.POSTGRES, rpo, interval, dsn=dsn, mode=mode, bin_dir=bin_dir)
 
 
 def _bucket_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
-    return SourceConfig(
+    return BucketSource(
         name,
         SourceKind.BUCKET,
-        Path("/"),
-        (),
         rpo,
         interval,
         endpoint=r.get("endpoint", str, default=None),

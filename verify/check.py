@@ -35,6 +35,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from shardvault.config import PostgresSource
 from shardvault.errors import PeerError, ShardvaultError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
@@ -281,7 +282,7 @@ def _check_wal(repo: Repository, report: CheckReport) -> None:
     from shardvault.sources.postgres import gaps
 
     for source in repo.config.sources:
-        if source.type != "postgres" or source.mode != "physical":
+        if not isinstance(source, PostgresSource) or source.mode != "physical":
             continue
         names = archived(repo, source)
         missing = gaps(names)

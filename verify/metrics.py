@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from shardvault.config import Config
+from shardvault.config import Config, PostgresSource
 from shardvault.state import State
 
 from .record import STATES
@@ -208,7 +208,7 @@ class StateCollector(Collector):
             "shardvault_wal_archive_lag_seconds", "Now minus the newest archived WAL segment.", labels=["source"]
         )
         for source in self.config.sources:
-            if source.type != "postgres" or source.mode != "physical":
+            if not isinstance(source, PostgresSource) or source.mode != "physical":
                 continue
             if (g := facts.get(f"wal_gaps:{source.name}")) is not None:
                 gaps.add_metric([source.name], g)

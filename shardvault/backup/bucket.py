@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shardvault.config import SourceConfig
+from shardvault.config import BucketSource
 from shardvault.repository import Repository
 from shardvault.sources import bucket as b
 from shardvault.tree import FILE, Entry, path_key
@@ -11,7 +11,7 @@ from .run import BackupResult, BackupRun, ProgressFn
 
 
 def backup_bucket(
-    repo: Repository, source: SourceConfig, full: bool, progress: ProgressFn | None = None
+    repo: Repository, source: BucketSource, full: bool, progress: ProgressFn | None = None
 ) -> BackupResult:
     with BackupRun(repo, progress) as run:
         stats = run.stats

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 
-from shardvault.config import SourceConfig
+from shardvault.config import FilesSource
 from shardvault.repository import Repository
 from shardvault.sources.files import ReplacedError, SourceItem, open_file, walk
 from shardvault.tree import DIR, FILE, Entry, path_key
@@ -63,7 +63,7 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
 
 
 def run_backup(
-    repo: Repository, source: SourceConfig, full: bool = False, progress: ProgressFn | None = None
+    repo: Repository, source: FilesSource, full: bool = False, progress: ProgressFn | None = None
 ) -> BackupResult:
     """Back up one files source and commit its snapshot."""
     with BackupRun(repo, progress) as run:

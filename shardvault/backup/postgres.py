@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.errors import SourceError
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot, latest
@@ -18,7 +18,7 @@ BASE_NAME = "base.tar"
 DUMP_NAME = "dump.pgdump"
 
 
-def backup_postgres(repo: Repository, source: SourceConfig, full: bool) -> BackupResult:
+def backup_postgres(repo: Repository, source: PostgresSource, full: bool) -> BackupResult:
     facts = pg.server_facts(source)  # a wrong DSN or a server that is down fails here, clearly
     if source.mode == "logical":
         return _logical(repo, source, facts)
@@ -34,7 +34,7 @@ def backup_postgres(repo: Repository, source: SourceConfig, full: bool) -> Backu
     return _wal_checkpoint(repo, source, facts, parent)
 
 
-def _base(repo: Repository, source: SourceConfig, facts: dict[str, object]) -> BackupResult:
+def _base(repo: Repository, source: PostgresSource, facts: dict[str, object]) -> BackupResult:
     producer = pg.basebackup(source)
     label = pg.LabelSniffer(producer.stdout)
 
@@ -51,7 +51,7 @@ def _base(repo: Repository, source: SourceConfig, facts: dict[str, object]) -> B
         producer.kill()
 
 
-def _logical(repo: Repository, source: SourceConfig, facts: dict[str, object]) -> BackupResult:
+def _logical(repo: Repository, source: PostgresSource, facts: dict[str, object]) -> BackupResult:
     producer = pg.dump(source)
     try:
         return backup_stream(
@@ -72,7 +72,9 @@ def _finished(producer: pg.Producer) -> dict[str, object]:
     return {}
 
 
-def _wal_checkpoint(repo: Repository, source: SourceConfig, facts: dict[str, object], parent: Snapshot) -> BackupResult:
+def _wal_checkpoint(
+    repo: Repository, source: PostgresSource, facts: dict[str, object], parent: Snapshot
+) -> BackupResult:
     """Incremental: the WAL since the parent is archived continuously; make sure it is current, and mark the point."""
     start_wall, start = datetime.now(UTC), time.perf_counter()
     switched = pg.switch_wal(source)

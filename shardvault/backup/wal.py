@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shardvault.chunker import Chunker
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.crypto import content_hash
 from shardvault.errors import SourceError, WalConflictError
 from shardvault.repository import Repository
@@ -28,7 +28,7 @@ from shardvault.sources.postgres import WAL_NAME
 from .run import BackupStats, Pipeline, note_degradation
 
 
-def push(repo: Repository, source: SourceConfig, path: str | os.PathLike[str]) -> bool:
+def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> bool:
     """Archive one WAL file; True if stored, False if it was already there (same content)."""
     name = os.path.basename(path)
     if not WAL_NAME.match(name):

@@ -11,7 +11,7 @@ reads it back.  Body (inside the sealed metadata envelope)::
 
 from __future__ import annotations
 
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.sources.postgres import gaps
 
 from .core import Repository
@@ -23,7 +23,7 @@ def record_name(source: str, wal_file: str) -> str:
     return f"wal/{source}/{wal_file.lower()}"
 
 
-def archived(repo: Repository, source: SourceConfig) -> list[str]:
+def archived(repo: Repository, source: PostgresSource) -> list[str]:
     """Names of the archived WAL files (upper case, as PostgreSQL names them), sorted."""
     prefix = f"wal/{source.name}/"
     return sorted(_postgres_name(n[len(prefix) :]) for n in repo.list_meta(prefix))
@@ -38,5 +38,5 @@ def _postgres_name(lower: str) -> str:
     return ".".join(parts)
 
 
-def wal_gaps(repo: Repository, source: SourceConfig) -> list[str]:
+def wal_gaps(repo: Repository, source: PostgresSource) -> list[str]:
     return gaps(archived(repo, source))

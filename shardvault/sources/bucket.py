@@ -17,7 +17,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from shardvault.config import SourceConfig
+from shardvault.config import BucketSource
 from shardvault.errors import SourceError
 from shardvault.shards.stores.s3 import make_client
 
@@ -30,7 +30,7 @@ class ObjectInfo:
     mtime_ns: int
 
 
-def client_for(source: SourceConfig, endpoint: str | None = None) -> Any:
+def client_for(source: BucketSource, endpoint: str | None = None) -> Any:
     return make_client(endpoint or source.endpoint, source.region, source.profile)
 
 
@@ -42,7 +42,7 @@ def describe(exc: Exception) -> str:
 
 
 def list_objects(
-    source: SourceConfig, client: Any, bucket: str | None = None, prefix: str | None = None
+    source: BucketSource, client: Any, bucket: str | None = None, prefix: str | None = None
 ) -> list[ObjectInfo]:
     bucket = bucket or source.bucket
     prefix = source.prefix if prefix is None else prefix
@@ -73,7 +73,7 @@ class BodyReader:
         return len(data)
 
 
-def open_object(source: SourceConfig, client: Any, key: str) -> tuple[BodyReader, dict[str, Any]]:
+def open_object(source: BucketSource, client: Any, key: str) -> tuple[BodyReader, dict[str, Any]]:
     """The object's content stream and what a restore must give back: content type and user metadata."""
     try:
         response = client.get_object(Bucket=source.bucket, Key=key)

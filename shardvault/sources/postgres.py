@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
-from shardvault.config import SourceConfig
+from shardvault.config import PostgresSource
 from shardvault.errors import SourceError
 
 WAL_NAME = re.compile(r"^[0-9A-F]{24}(\.partial|\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
 SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
 
 
-def tool(source: SourceConfig, name: str) -> str:
+def tool(source: PostgresSource, name: str) -> str:
     """Path of a PostgreSQL client program: bin_dir, else the newest Debian install, else PATH."""
     candidates = [os.path.join(source.bin_dir, name)] if source.bin_dir else []
     candidates += sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=_version_key, reverse=True)
@@ -66,7 +66,7 @@ def safe_dsn(dsn: str) -> str:
 
 
 @contextmanager
-def connect(source: SourceConfig, **params: Any) -> Iterator[psycopg.Connection[Any]]:
+def connect(source: PostgresSource, **params: Any) -> Iterator[psycopg.Connection[Any]]:
     import psycopg  # here, not at the top: wal-push and wal-fetch run once per WAL file and never connect
 
     try:
@@ -81,7 +81,7 @@ def connect(source: SourceConfig, **params: Any) -> Iterator[psycopg.Connection[
         conn.close()
 
 
-def server_facts(source: SourceConfig) -> dict[str, Any]:
+def server_facts(source: PostgresSource) -> dict[str, Any]:
     with connect(source) as conn:
         row = conn.execute(
             "SELECT current_setting('server_version_num')::int, (pg_control_system()).system_identifier::text,"
@@ -100,7 +100,7 @@ def server_facts(source: SourceConfig) -> dict[str, Any]:
 class Producer:
     """A child process whose stdout is the stream to back up; stderr is kept for facts and errors."""
 
-    def __init__(self, source: SourceConfig, argv: list[str]) -> None:
+    def __init__(self, source: PostgresSource, argv: list[str]) -> None:
         self.source = source
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -135,7 +135,7 @@ class Producer:
             self.proc.wait()
 
 
-def basebackup(source: SourceConfig) -> Producer:
+def basebackup(source: PostgresSource) -> Producer:
     return Producer(
         source,
         [
@@ -180,17 +180,17 @@ class LabelSniffer:
         return facts
 
 
-def current_lsn(source: SourceConfig) -> str:
+def current_lsn(source: PostgresSource) -> str:
     with connect(source) as conn:
         row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
     return str(row[0]) if row else ""
 
 
-def dump(source: SourceConfig) -> Producer:
+def dump(source: PostgresSource) -> Producer:
     return Producer(source, [tool(source, "pg_dump"), "--format=custom", "--compress=0", "--dbname", source.dsn])
 
 
-def switch_wal(source: SourceConfig, timeout: float = 120.0) -> dict[str, Any]:
+def switch_wal(source: PostgresSource, timeout: float = 120.0) -> dict[str, Any]:
     """Force a WAL switch and wait until the server reports the segment archived."""
     with connect(source) as conn:
         # The insert position before the switch: every commit so far ends at or before it, and
