@@ -52,6 +52,7 @@ from shardvault.errors import (
     UnsafePathError,
 )
 from shardvault.repository import Repository
+from shardvault.repository.index import intact_shard_nums
 from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.erasure import DecodedPack
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
@@ -203,7 +204,9 @@ class FileRestorer:
         def check_packs(pack_ids: set[str]) -> None:
             for pack_id in sorted(pack_ids):
                 record = index.packs[pack_id]
-                have = sum(1 for s in record.shards if present.get((pack_id, s.num), {}).get(s.peer) == s.size)
+                # Presence only: verdicts in this machine's state may be stale, and the reader
+                # skips a bad shard anyway; a false "lost" would refuse a restore that works.
+                have = len(intact_shard_nums(record, present, set()))
                 if have < record.k:
                     self.lost[pack_id] = f"{have} of {record.n} shards left, {record.k} needed"
 

@@ -18,7 +18,7 @@ from shardvault.crypto import new_content_hasher
 from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.wal import archived, record_name
-from shardvault.sources.postgres import WAL_NAME, segment_number
+from shardvault.walnames import WAL_NAME, segment_number
 
 PREFETCH = 8  # WAL segments fetched ahead of recovery, as pgBackRest's archive-get queue
 

@@ -76,6 +76,12 @@ class PeerSet:
         if self.on_down is not None:
             self.on_down(peer.name, str(reason))
 
+    def revive(self, peer: Peer) -> None:
+        """Count a peer in again (repair fixed what put it down, e.g. a copied identity)."""
+        with self._lock:
+            self._down.pop(peer.name, None)
+            self._errors.pop(peer.name, None)
+
     def is_down(self, name: str) -> bool:
         with self._lock:
             return name in self._down

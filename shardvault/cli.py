@@ -165,7 +165,28 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable[..., None
 pass_ctx = click.make_pass_decorator(Context)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class JsonAwareGroup(click.Group):
+    """A group whose usage errors are one JSON document too when ``--json`` was given.
+
+    Click finds bad options while parsing, before a command's own error
+    handling runs; this catches them at the top so ``--json`` always means
+    exactly one JSON document on stdout.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault("json", "--json" in args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if not ctx.meta.get("json"):
+                raise
+            _fail(exc.format_message(), exc.exit_code, "UsageError", True)
+
+
+@click.group(cls=JsonAwareGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config", "config_path", metavar="PATH", help="Config file (default $SHARDVAULT_CONFIG or ./shardvault.toml)."
 )
@@ -650,15 +671,22 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
         emit_json(doc)
     else:
         _render_repair(doc)
-    if report.lost:
-        raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair")
-    if report.metadata_after.lost:
-        lost_meta = f"{len(report.metadata_after.lost)} metadata object(s) intact on no peer"
-        raise DataLossError(lost_meta)
-    if report.unplaced or report.metadata.failed:
+    _repair_verdict(doc)
+
+
+def _repair_verdict(doc: dict[str, Any]) -> None:
+    """The exit code of a repair (alone, or inside peers drain/remove): one rule for both."""
+    meta = doc.get("metadata") or {}
+    lost_meta = (meta.get("after") or {}).get("lost", [])
+    if doc["lost"]:
+        raise DataLossError(f"{len(doc['lost'])} pack(s) lost, beyond repair")
+    if lost_meta:
+        raise DataLossError(f"{len(lost_meta)} metadata object(s) intact on no peer")
+    failed = meta.get("failed", [])
+    if doc["unplaced"] or failed:
         # What repair committed stays committed; what it could not write is said, and the exit is not 0.
-        left = [f"{len(report.unplaced)} shard(s) could not be placed"] if report.unplaced else []
-        left += [f"metadata not written: {line}" for line in report.metadata.failed[:3]]
+        left = [f"{len(doc['unplaced'])} shard(s) could not be placed"] if doc["unplaced"] else []
+        left += [f"metadata not written: {line}" for line in failed[:3]]
         raise RepairIncompleteError("; ".join(left))
 
 
@@ -712,9 +740,8 @@ def _peer_action(ctx: Context, action: str, name: str, as_json: bool) -> None:
             _render_repair(doc["repair"])
         if doc["removable"]:
             click.echo(f"peer {name} holds no shard the index needs: it can be taken out of the configuration")
-    repair = doc["repair"]
-    if repair and not repair["complete"]:
-        raise DataLossError(f"{len(repair['lost'])} pack(s) lost, {len(repair['unplaced'])} shard(s) not placed")
+    if doc["repair"]:
+        _repair_verdict(doc["repair"])
     if action in ("drain", "remove") and doc["shards_remaining"]:
         from shardvault.errors import PeerNotDrainedError
 

@@ -386,7 +386,7 @@ def test_wrong_passphrase_with_json_is_one_json_error_document(backed_up: Vault,
     [
         (("restore", "deadbeef", "--target", "out"), 8),
         (("backup", "no-such-source"), 3),
-        (("peers", "drain", "no-such-peer"), 8),
+        (("peers", "drain", "no-such-peer"), 3),
     ],
 )
 def test_other_failures_with_json_are_one_json_error_document(

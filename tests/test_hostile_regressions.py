@@ -248,3 +248,79 @@ def test_usage_error_inside_a_json_command_is_one_json_error_document(backed_up:
     assert result.returncode == 2, result.stderr
     doc = json.loads(result.stdout)
     assert doc["error"]["code"] == 2 and "--target" in doc["error"]["message"]
+
+
+# --- found by the review of issue 7 ------------------------------------------------------------------------
+
+
+def test_check_after_scrub_found_a_corrupt_shard_is_not_healthy(backed_up: Vault) -> None:
+    """Was: scrub found bit rot (exit 6), then a plain check said "no errors found" (a listing cannot see it)."""
+    shard = backed_up.shards(1)[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert backed_up.cli("scrub").exit_code == 6
+    code, report = _json(backed_up, "check")
+    assert code == 6 and report["packs"]["healthy"] < sum(report["packs"].values())
+    assert any(i["problem"] == "corrupt" and i["peer"] == "p1" for i in report["shard_issues"])
+    assert backed_up.cli("repair").exit_code == 0
+    assert backed_up.cli("check").exit_code == 0
+
+
+def test_a_half_undone_metadata_write_keeps_every_copy(backed_up: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: below the quorum, the undo deleted some copies and failed on one: one copy left, and "committed"."""
+    real_store, real_delete = LocalStore.store, LocalStore.delete
+
+    def store(self: LocalStore, name: str, data: bytes | memoryview) -> None:
+        if name.startswith("snapshots/") and self.peer in ("p4", "p5"):
+            raise PeerReadOnlyError(self.peer, "no space left on device")
+        real_store(self, name, data)
+
+    def delete(self: LocalStore, name: str) -> None:
+        if name.startswith("snapshots/") and self.peer == "p1":
+            raise PeerReadOnlyError(self.peer, "read-only file system")
+        real_delete(self, name)
+
+    monkeypatch.setattr(LocalStore, "store", store)
+    monkeypatch.setattr(LocalStore, "delete", delete)
+    (backed_up.source / "new").write_bytes(os.urandom(10_000))
+    result = backed_up.cli("backup", "src", "--json")
+    monkeypatch.undo()
+    snaps = json.loads(backed_up.cli("snapshots", "--json").stdout)
+    if result.exit_code != 0:  # nothing committed: nothing visible
+        assert len(snaps) == 1
+        return
+    new = json.loads(result.stdout)["snapshot"]["id"]
+    holders = [i for i in range(6) if (backed_up.peer(i) / "snapshots" / new).exists()]
+    assert holders == [0, 1, 2, 3]  # every acknowledged copy kept, not just the one that resisted the undo
+
+
+def test_backups_after_a_loss_store_the_lost_chunks_once(backed_up: Vault) -> None:
+    """Was: the dedup looked only at a chunk's first location, so each later backup stored it again."""
+    for i in (0, 1, 2):
+        shutil.rmtree(backed_up.peer(i) / "data")
+        (backed_up.peer(i) / "data").mkdir()
+    first = json.loads(backed_up.cli("backup", "src", "--json").stdout)["stats"]
+    assert first["bytes_new"] > 0  # the lost data stored again
+    for _ in range(3):
+        again = json.loads(backed_up.cli("backup", "src", "--json").stdout)["stats"]
+        assert again["bytes_new"] == 0 and again["files_read"] == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["restore", "latest", "--overwrite", "bogus", "--json"],
+        ["scrub", "--budget", "0", "--json"],
+        ["peers", "drain", "--json", "--bogus"],
+    ],
+)
+def test_usage_errors_click_finds_are_one_json_document(backed_up: Vault, args: list[str]) -> None:
+    result = backed_up.run(*args)
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["code"] == 2
+
+
+def test_drain_of_an_unknown_peer_is_a_configuration_error(backed_up: Vault) -> None:
+    result = backed_up.cli("peers", "drain", "nosuch")
+    assert result.exit_code == 3 and "nosuch" in result.stderr

@@ -305,7 +305,7 @@ def test_state_is_rebuilt_from_the_repository(backed_up: Vault) -> None:
 
 def test_bad_input_to_the_new_commands_is_one_clear_line(backed_up: Vault) -> None:
     result = backed_up.cli("peers", "drain", "nope")
-    assert result.exit_code == 8 and "peer 'nope' is not in the configuration" in result.output
+    assert result.exit_code == 3 and "no peer named 'nope'" in result.output
     result = backed_up.cli("scrub", "--budget", "lots")
     assert result.exit_code == 2 and "is not a size" in result.output
     with open(backed_up.config, "a") as f:

@@ -216,11 +216,25 @@ def test_3_same_s3_storage_under_two_endpoint_spellings_is_refused_at_init(s3_se
     assert all(not any((tmp_path / f"p{i}").iterdir()) for i in range(4))
 
 
-def test_3_a_peer_that_shows_anothers_identity_is_refused_by_name(backed_up: Vault) -> None:
-    shutil.copy(backed_up.peer(0) / "identity", backed_up.peer(3) / "identity")
-    result = backed_up.cli("snapshots")
-    assert result.exit_code == 3
-    assert "p0" in result.stderr and "p3" in result.stderr and "same storage" in result.stderr
+def test_3_a_peer_that_shows_anothers_identity_is_left_out_named_and_separated(
+    backed_up: Vault, tmp_path: Path
+) -> None:
+    """A copy of p0's disk put in as p3 (same identity token): never counted as a second copy of p0."""
+    shutil.rmtree(backed_up.peer(3))
+    shutil.copytree(backed_up.peer(0), backed_up.peer(3))
+    result = backed_up.cli("snapshots", "--json")
+    assert result.exit_code == 0, result.output  # one hostile or cloned peer does not block everything
+    assert "p3" in result.stderr and "p0" in result.stderr and "same storage" in result.stderr
+    check = backed_up.cli("check", "--json")
+    assert check.exit_code == 6
+    assert json.loads(check.stdout)["metadata"]["peers_aliased"] == {"p3": "p0"}
+    repair = backed_up.cli("repair", "--json")  # a copy, not the same storage: p3 gets its own identity
+    assert repair.exit_code == 0, repair.output
+    assert json.loads(repair.stdout)["metadata"]["identities_written"] == ["p3"]
+    assert backed_up.cli("check", "--read-data").exit_code == 0
+    out = tmp_path / "out"
+    assert backed_up.cli("restore", "latest", "--source", "src", "--target", str(out)).exit_code == 0
+    assert_same_tree(backed_up.source, out)
 
 
 # --- finding 14: mixed-up repositories ------------------------------------------------------------
@@ -238,9 +252,26 @@ def test_14_peer_of_another_repository_is_named(tmp_path: Path, same_passphrase:
     text = a.config.read_text().replace(str(a.peer(5)), str(b.peer(5)))
     a.config.write_text(text)
     result = a.cli("snapshots")
-    assert result.exit_code == 8, result.output
+    assert result.exit_code == 0, result.output  # five peers of ours: listed, and p5 named
     assert "Peer p5 holds repository" in result.stderr and "not" in result.stderr
     assert "tag mismatch" not in result.stderr
+    check = a.cli("check", "--json")
+    assert check.exit_code == 6 and "p5" in json.loads(check.stdout)["metadata"]["peers_foreign"]
+    repair = a.cli("repair")
+    assert repair.exit_code == 5 and "holds repository" in repair.stderr  # never writes into another repository
+    assert not (b.peer(5) / "data").exists() or len(list((b.peer(5) / "data").rglob("*.*"))) == 0
+
+
+def test_14_a_configuration_mixing_two_repositories_is_refused(tmp_path: Path) -> None:
+    a = make_vault(tmp_path / "a")
+    b = make_vault(tmp_path / "b")
+    text = a.config.read_text()
+    for i in (3, 4, 5):
+        text = text.replace(str(a.peer(i)), str(b.peer(i)))
+    a.config.write_text(text)
+    result = a.cli("snapshots")
+    assert result.exit_code == 8, result.output
+    assert "holds repository" in result.stderr
 
 
 # --- finding 15: one peer can stall or slow everyone ------------------------------------------------

@@ -139,8 +139,17 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
                 results.append((key, problem, str(error), problem is ShardProblemKind.CORRUPT))
         repo.state.record_shards(results)
     else:
+        # A listing cannot see bit rot: a shard an earlier read (scrub) found corrupt stays corrupt
+        # until repair replaces it, and does not count as good however present it looks.
+        corrupt = repo.recorded_corrupt()
         for pack, shard in present:
-            good.setdefault(pack.id, []).append(shard)
+            if (pack.id, shard.num, shard.peer) in corrupt:
+                detail = "found corrupt by an earlier read (scrub or check --read-data); repair rebuilds it"
+                name = pack_name(pack.id, shard.num)
+                corrupt_kind = ShardProblemKind.CORRUPT
+                report.shard_issues.append(ShardIssue(pack.id, shard.num, shard.peer, name, corrupt_kind, detail))
+            else:
+                good.setdefault(pack.id, []).append(shard)
 
     layout = Layout(repo)
     states: dict[str, tuple[str, int, int, int]] = {}
@@ -279,7 +288,7 @@ def _read_all(
 def _check_wal(repo: Repository, report: CheckReport) -> None:
     """Each PostgreSQL archive must be gap-free; record its gaps and newest file for the metrics."""
     from shardvault.repository.wal import archived, record_name
-    from shardvault.sources.postgres import gaps
+    from shardvault.walnames import gaps
 
     for source in repo.config.sources:
         if not isinstance(source, PostgresSource) or source.mode != "physical":

@@ -73,6 +73,8 @@ class MetadataReport:
     peers_behind: dict[str, int] = field(default_factory=dict)  # peer -> objects it lacks that others have
     peers_empty: list[str] = field(default_factory=list)  # up, but no identity: empty or replaced
     identities_bad: list[str] = field(default_factory=list)  # identity unreadable (not another repository's)
+    peers_aliased: dict[str, str] = field(default_factory=dict)  # peer -> the peer whose identity it shows
+    peers_foreign: dict[str, str] = field(default_factory=dict)  # peer -> the repository it holds
     snapshots_missing: list[str] = field(default_factory=list)  # recorded in the state, on no peer
 
     @property
@@ -156,6 +158,15 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
 
 
 def _check_identities(repo: Repository, listings: dict[str, dict[str, int]], report: MetadataReport) -> None:
+    # Peers the opening left out: they are not "unreachable", they are the wrong peer.
+    for later, earlier in repo.aliased.items():
+        detail = f"shows the identity of peer {earlier}: the same storage, or a copy of its disk (left out)"
+        report.peers_aliased[later] = earlier
+        report.issues.append(MetadataIssue(IDENTITY_NAME, later, CopyProblem.FOREIGN.value, detail))
+    for name, other in repo.foreign.items():
+        detail = f"holds repository {other[:8]}, not {repo.id[:8]} (left out)"
+        report.peers_foreign[name] = other
+        report.issues.append(MetadataIssue(IDENTITY_NAME, name, CopyProblem.FOREIGN.value, detail))
     for peer in repo.peers.up():
         if peer.name not in listings:
             continue
@@ -326,6 +337,10 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
                 healed.copies_written += 1
             except PeerError as exc:
                 healed.failed.append(f"{peer.name}:{name}: {exc}")
+    for later, earlier in report.peers_aliased.items():
+        _separate(repo, later, earlier, healed)
+    for name, other in report.peers_foreign.items():
+        healed.failed.append(f"{name}: holds repository {other[:8]}; take it out of the configuration (left as it is)")
     for name in [*report.peers_empty, *report.identities_bad]:
         peer = repo.peers.get(name)
         if peer is None or repo.peers.is_down(name):
@@ -336,6 +351,31 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
         except PeerError as exc:
             healed.failed.append(f"{name}:{IDENTITY_NAME}: {exc}")
     return healed
+
+
+def _separate(repo: Repository, later: str, earlier: str, healed: HealReport) -> None:
+    """Give ``later`` an identity of its own, unless it turns out to be ``earlier``'s very storage.
+
+    A copy of another peer's disk becomes a peer of its own (repair then
+    refills what it lacks); one storage under two names is reported, and the
+    earlier peer's identity is put back.
+    """
+    first, second = repo.peers.get(earlier), repo.peers.get(later)
+    if first is None or second is None or repo.peers.is_down(earlier):
+        return
+    try:
+        before = first.store.load(IDENTITY_NAME)
+        second.store.store(IDENTITY_NAME, make_identity(repo.id, later))
+        if first.store.load(IDENTITY_NAME) != before:
+            first.store.store(IDENTITY_NAME, before)
+            healed.failed.append(f"{later}: the same storage as peer {earlier}; take one out of the configuration")
+            return
+    except PeerError as exc:
+        healed.failed.append(f"{later}:{IDENTITY_NAME}: {exc}")
+        return
+    healed.identities_written.append(later)
+    repo.peers.revive(second)  # a peer of its own now: the rest of this repair counts it in
+    del repo.aliased[later]
 
 
 def _good_copy(repo: Repository, name: str) -> bytes | None:

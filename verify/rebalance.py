@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardvault.errors import PeerError, RepositoryError
+from shardvault.errors import ConfigValueError, PeerError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name, parse_shard_name
@@ -73,7 +73,7 @@ def _peer(repo: Repository, name: str) -> Peer:
     peer = repo.peers.get(name)
     if peer is None:
         known = ", ".join(p.name for p in repo.peers)
-        raise RepositoryError(f"peer {name!r} is not in the configuration (configured: {known})")
+        raise ConfigValueError(repo.config.path, "peers", f"no peer named {name!r} (configured: {known})")
     return peer
 
 

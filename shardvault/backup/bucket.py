@@ -18,7 +18,7 @@ def backup_bucket(
         client = b.client_for(source)
         objects = sorted(b.iter_keys(b.list_objects(source, client), source.prefix), key=lambda ro: path_key(ro[0]))
         parent = run.parent(source.name, "bucket")
-        old = {} if full or parent is None else {e.path: e for e in repo.iter_tree(parent)}
+        old = {} if full else {e.path: e for e in run.previous_entries(parent)}
         for rel, obj in objects:
             entry = Entry(rel, FILE, 0o644, 0, 0, obj.mtime_ns, size=obj.size)
             stats.files += 1

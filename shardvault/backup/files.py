@@ -13,13 +13,13 @@ import os
 import time
 from collections.abc import Iterator
 
+from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.config import FilesSource
 from shardvault.repository import Repository
 from shardvault.sources.files import ReplacedError, SourceItem, open_file, walk
 from shardvault.tree import DIR, FILE, Entry, path_key
 
 from .run import BackupResult, BackupRun, ProgressFn
-from .warnings import BackupWarning, WarningKind
 
 
 def _same_content_stat(a: os.stat_result, b: os.stat_result) -> bool:
@@ -69,7 +69,7 @@ def run_backup(
     with BackupRun(repo, progress) as run:
         stats = run.stats
         parent = run.parent(source.name, "files")
-        old_entries: Iterator[Entry] = iter(()) if full or parent is None else repo.iter_tree(parent)
+        old_entries: Iterator[Entry] = iter(()) if full else run.previous_entries(parent)
         old = next(old_entries, None)
         last_report = 0.0
         for item in walk(source.path, source.exclude, stats.warn):

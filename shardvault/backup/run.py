@@ -35,25 +35,24 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any
 
+from shardvault.backup_warnings import INCOMPLETE, BackupWarning, WarningKind
 from shardvault.chunker import Chunker, Readable
 from shardvault.crypto import new_content_hasher
-from shardvault.errors import PeerError
+from shardvault.errors import PeerError, ShardvaultError
 from shardvault.repository import Repository, random_pack_id
-from shardvault.repository.index import PackRecord
+from shardvault.repository.index import PackRecord, intact_shard_nums
 from shardvault.repository.metadata import new_id, pack_name
 from shardvault.repository.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
 from shardvault.repository.snapshot import Snapshot, latest
 from shardvault.shards.dispersal import ShardRecord
 from shardvault.tree import FILE, Entry
-
-from .warnings import INCOMPLETE, BackupWarning, WarningKind
 
 WINDOW = 8
 PACKS_IN_FLIGHT = 2
@@ -61,7 +60,6 @@ CHECKPOINT_PACKS = 16
 # Packs a run checks one by one before it lists every peer once instead (see StoredPacks).
 PROBED_PACKS = 4
 # The shard status a check or scrub records for a shard whose bytes are bad (shardvault.state).
-_CORRUPT = "corrupt"
 
 
 @dataclass
@@ -146,18 +144,15 @@ class StoredPacks:
         self.repo = repo
         # Read here, on the caller's thread: the state's SQLite connection belongs to the thread
         # that opened it, and the survey may run on a chunk worker.  Local and small (corrupt rows only).
-        self._corrupt = {
-            (str(pack), int(num), str(peer))
-            for pack, num, peer in repo.state.query("SELECT pack, num, peer FROM shards WHERE status = ?", (_CORRUPT,))
-        }
+        self._corrupt = repo.recorded_corrupt()
         self._good: set[str] | None = None
         self._probed: dict[str, bool] = {}
         self._fresh: set[str] = set()
         self._lock = threading.Lock()
 
     def has(self, chunk: bytes) -> bool:
-        loc = self.repo.index.blobs.get(chunk)
-        return loc is not None and self.pack_ok(loc.pack_id)
+        """Whether any copy of the chunk is in a pack this run may lean on (the preferred copy is the usual one)."""
+        return any(self.pack_ok(loc.pack_id) for loc in self.repo.index.locations(chunk))
 
     def pack_ok(self, pack_id: str) -> bool:
         with self._lock:
@@ -181,17 +176,11 @@ class StoredPacks:
 
     def _survey(self) -> set[str]:
         present = self.repo.list_shards()
-        good: set[str] = set()
-        for record in self.repo.index.packs.values():
-            nums = {
-                s.num
-                for s in record.shards
-                if present.get((record.id, s.num), {}).get(s.peer) == s.size
-                and (record.id, s.num, s.peer) not in self._corrupt
-            }
-            if self._enough(record, nums):
-                good.add(record.id)
-        return good
+        return {
+            record.id
+            for record in self.repo.index.packs.values()
+            if self._enough(record, intact_shard_nums(record, present, self._corrupt))
+        }
 
     def _probe(self, pack_id: str) -> bool:
         """One pack, by a HEAD per shard (in parallel): the same rule as the survey."""
@@ -386,6 +375,21 @@ class BackupRun:
     def parent(self, source: str, source_type: str, kind: str | None = None) -> Snapshot | None:
         """The newest snapshot of the source (of one kind, if given): this run's parent."""
         return latest(self.repo.snapshots(), source, source_type, kind=kind)
+
+    def previous_entries(self, parent: Snapshot | None) -> Iterator[Entry]:
+        """The parent's tree as far as it can be read.
+
+        A parent whose tree is partly lost must not stop every later backup:
+        what cannot be read is simply not skipped (those files are read
+        again), and the run says so.
+        """
+        if parent is None:
+            return
+        try:
+            yield from self.repo.iter_tree(parent)
+        except ShardvaultError as exc:
+            detail = f"the tree of parent snapshot {parent.short_id} is unreadable ({exc}); reading the files again"
+            self.stats.warn(BackupWarning("", WarningKind.PARENT_UNREADABLE, detail))
 
     def all_stored(self, chunks: list[str]) -> bool:
         """Whether every chunk of a previous version is stored (recoverably): the incremental skip."""

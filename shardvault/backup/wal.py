@@ -23,7 +23,7 @@ from shardvault.crypto import content_hash
 from shardvault.errors import SourceError, WalConflictError
 from shardvault.repository import Repository
 from shardvault.repository.wal import WAL_VERSION, record_name
-from shardvault.sources.postgres import WAL_NAME
+from shardvault.walnames import WAL_NAME
 
 from .run import BackupStats, Pipeline, note_degradation
 

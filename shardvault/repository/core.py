@@ -50,7 +50,7 @@ from shardvault.shards.stores import open_peer_store
 from shardvault.state import State
 from shardvault.tree import Entry, parse_lines
 
-from .index import Index, PackRecord, index_doc
+from .index import Index, PackRecord, index_doc, intact_shard_nums
 from .metadata import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -70,10 +70,10 @@ from .metadata import (
 )
 from .opening import (
     PeerSurvey,
+    find_aliases,
     majority_repository,
     not_found,
     open_key,
-    refuse_aliases,
     survey,
     unreachable,
     write_hint,
@@ -85,6 +85,12 @@ from .snapshot import Snapshot, resolve
 def open_peers(config: Config, on_down: Callable[[str, str], None] | None = None) -> PeerSet:
     stores = [Peer(p.name, p.zone, open_peer_store(p, fsync=config.repository.fsync)) for p in config.peers]
     return PeerSet(stores, on_down)
+
+
+def _configured(peers: PeerSet, name: str) -> Peer:
+    peer = peers.get(name)
+    assert peer is not None, name  # answers only come from configured peers
+    return peer
 
 
 class Repository:
@@ -106,6 +112,8 @@ class Repository:
         self.survey: dict[str, PeerSurvey] = {}
         self.degraded_writes: list[str] = []  # metadata committed on fewer peers than the quorum
         self.config_copy = b""  # the sealed config this run opened (the highest revision)
+        self.aliased: dict[str, str] = {}  # peer -> the earlier peer whose identity it shows (left out)
+        self.foreign: dict[str, str] = {}  # peer -> the other repository its identity names (left out)
         self.key_name = ""  # the key object our passphrase opened, and its bytes
         self.key_copy = b""
 
@@ -196,11 +204,15 @@ class Repository:
             raise PeerUnavailableError("(all)", f"no peer is reachable: {unreachable(peers)}")
         with ThreadPoolExecutor(max_workers=max(4, len(peers)), thread_name_prefix="sv-open") as pool:
             answers = survey(peers, pool)
-        refuse_aliases(answers)
+        aliases = find_aliases(answers)
+        for later, earlier in aliases.items():
+            why = AliasedPeersError(earlier, later, "it shows the identity of the other (one disk, or a copy)")
+            peers.mark_down(_configured(peers, later), str(why))
         key_names: dict[str, list[Peer]] = {}
         for name, answer in answers.items():
-            peer = peers.get(name)
-            assert peer is not None
+            peer = _configured(peers, name)
+            if name in aliases:
+                continue
             for key in answer.keys:
                 key_names.setdefault(key, []).append(peer)
         if not key_names:
@@ -213,9 +225,18 @@ class Repository:
         repo.survey = answers
         repo.meta_problems.extend(problems)
         try:
-            for name, answer in answers.items():
-                if answer.identity is not None and answer.identity["repository"] != repo_id:
-                    raise ForeignRepositoryError(name, answer.identity["repository"][:8], repo_id[:8])
+            repo.aliased = aliases
+            repo.foreign = {
+                name: a.identity["repository"]
+                for name, a in answers.items()
+                if a.identity is not None and a.identity["repository"] != repo_id and name not in aliases
+            }
+            for name, other in repo.foreign.items():
+                peers.mark_down(_configured(peers, name), str(ForeignRepositoryError(name, other[:8], repo_id[:8])))
+            if repo.foreign and len(peers.up()) < config.repository.k:
+                # Too few of our own peers to read anything: the configuration mixes repositories.
+                name, other = next(iter(repo.foreign.items()))
+                raise ForeignRepositoryError(name, other[:8], repo_id[:8])
             repo._read_config()
             if repo.doc.get("id") != repo_id:
                 raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
@@ -446,15 +467,20 @@ class Repository:
                 errors.append(str(exc))
         quorum = self.config.repository.write_quorum
         if len(acked) < quorum:
-            undone = 0
+            undone: list[Peer] = []
             for peer in acked:
                 try:
                     peer.store.delete(name)
-                    undone += 1
+                    undone.append(peer)
                 except PeerError:
-                    pass
-            if undone == len(acked):
+                    break  # it stays visible: then keep every copy that was written (below)
+            if len(undone) == len(acked):
                 raise NotEnoughPeersError(len(acked), quorum, "; ".join(errors) or unreachable(self.peers))
+            for peer in undone:  # half an undo would leave fewer copies than were acknowledged
+                try:
+                    peer.store.store(name, data)
+                except PeerError as exc:
+                    self.peers.mark_down(peer, str(exc))
             self.degraded_writes.append(name)
         elif len(acked) < len(self.peers):
             self.degraded_writes.append(name)
@@ -624,6 +650,11 @@ class Repository:
     def blob_reader(self, max_packs: int = 4) -> BlobReader:
         return BlobReader(self, max_packs)
 
+    def recorded_corrupt(self) -> set[tuple[str, int, str]]:
+        """(pack, num, peer) of every shard a read found corrupt and no repair has replaced yet."""
+        rows = self.state.query("SELECT pack, num, peer FROM shards WHERE status = 'corrupt'")
+        return {(str(pack), int(num), str(peer)) for pack, num, peer in rows}
+
     def prefer_recoverable(self, present: dict[tuple[str, int], dict[str, int]] | None = None) -> set[str]:
         """Steer chunks stored more than once away from packs with fewer than k shards present.
 
@@ -633,13 +664,13 @@ class Repository:
         if not index.alternatives:
             return set()
         listing = self.list_shards() if present is None else present
+        corrupt = self.recorded_corrupt()
         cache: dict[str, bool] = {}
 
         def usable(pack_id: str) -> bool:
             if pack_id not in cache:
                 record = index.packs[pack_id]
-                have = {s.num for s in record.shards if listing.get((pack_id, s.num), {}).get(s.peer) == s.size}
-                cache[pack_id] = len(have) >= record.k
+                cache[pack_id] = len(intact_shard_nums(record, listing, corrupt)) >= record.k
             return cache[pack_id]
 
         index.prefer(usable)

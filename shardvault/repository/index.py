@@ -147,3 +147,22 @@ class Index:
 
     def __contains__(self, chunk_id: bytes) -> bool:
         return chunk_id in self.blobs
+
+
+# (pack id, shard number) -> {peer: size}: one listing of every peer's shards
+Listing = dict[tuple[str, int], dict[str, int]]
+
+
+def intact_shard_nums(record: PackRecord, listing: Listing, corrupt: set[tuple[str, int, str]]) -> set[int]:
+    """The one rule for "which of a pack's shards can be counted on" without reading them.
+
+    A shard counts if it is on its recorded peer with its recorded size and
+    no read has found it corrupt since (``corrupt``: (pack, num, peer) keys
+    from the state).  Backups (dedup), restore plans, check and the reader's
+    choice between copies of a chunk all use it.
+    """
+    return {
+        s.num
+        for s in record.shards
+        if listing.get((record.id, s.num), {}).get(s.peer) == s.size and (record.id, s.num, s.peer) not in corrupt
+    }

@@ -4,10 +4,12 @@ Opening a repository starts by asking every reachable peer, in parallel, for
 its identity object and the names of its key objects (one GET and one LIST
 per peer).  From those answers alone we can tell, by name:
 
-* two configured peers that are the same storage (they show the same
-  identity token, which :meth:`Repository.init` made unique per peer);
+* two configured peers that are the same storage, or one a copy of the
+  other's disk (they show the same identity token, which ``init`` made
+  unique per peer): the later one is left out of the run and reported;
 * a peer that belongs to another repository (its identity names another
-  repository id than the key that opened ours);
+  repository id than the key that opened ours): left out and reported, and
+  refused only when too few peers of ours remain to read anything;
 * a peer that is empty or was replaced (no identity, no keys): it is not a
   healthy member, and ``repair`` refills it;
 * where a repository exists at all, so "no repository here" is only said
@@ -23,7 +25,6 @@ from dataclasses import dataclass, field
 from shardvault.config import Config
 from shardvault.crypto import MasterKeys, OpenFailed, content_hash
 from shardvault.errors import (
-    AliasedPeersError,
     ObjectNotFoundError,
     PeerError,
     RepositoryCorruptError,
@@ -78,16 +79,23 @@ def survey(peers: PeerSet, pool: Executor) -> dict[str, PeerSurvey]:
     return results
 
 
-def refuse_aliases(answers: dict[str, PeerSurvey]) -> None:
-    """Two configured peers showing one identity token are one storage: refuse by name."""
+def find_aliases(answers: dict[str, PeerSurvey]) -> dict[str, str]:
+    """Peers that show the identity token of a peer configured before them: later -> earlier.
+
+    The same storage under two names (or a copy of another peer's disk): the
+    later one is left out of the run and reported, never counted twice.
+    """
     holders: dict[str, str] = {}
+    aliases: dict[str, str] = {}
     for name, answer in answers.items():
         if answer.identity is None:
             continue
         token = answer.identity["peer"]
         if token in holders:
-            raise AliasedPeersError(holders[token], name, f"both show peer identity {token[:12]}")
-        holders[token] = name
+            aliases[name] = holders[token]
+        else:
+            holders[token] = name
+    return aliases
 
 
 def majority_repository(answers: dict[str, PeerSurvey]) -> str | None:

@@ -12,7 +12,7 @@ reads it back.  Body (inside the sealed metadata envelope)::
 from __future__ import annotations
 
 from shardvault.config import PostgresSource
-from shardvault.sources.postgres import gaps
+from shardvault.walnames import gaps
 
 from .core import Repository
 

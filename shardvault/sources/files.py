@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardvault.backup.warnings import BackupWarning, WarningKind
+from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.errors import SourceError
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 

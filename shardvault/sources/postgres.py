@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 from shardvault.config import PostgresSource
 from shardvault.errors import SourceError
 
-WAL_NAME = re.compile(r"^[0-9A-F]{24}(\.partial|\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
-SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
-
 
 def tool(source: PostgresSource, name: str) -> str:
     """Path of a PostgreSQL client program: bin_dir, else the newest Debian install, else PATH."""
@@ -211,27 +208,3 @@ def switch_wal(source: PostgresSource, timeout: float = 120.0) -> dict[str, Any]
             time.sleep(0.2)
         timeline = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
     return {"segment": segment, "lsn": lsn, "timeline": timeline[0] if timeline else None}
-
-
-def segment_number(name: str) -> tuple[int, int] | None:
-    """(timeline, segment number) of a WAL segment name (16 MiB segments), None for other WAL files."""
-    match = SEGMENT.match(name.upper())
-    if not match:
-        return None
-    tli, log, seg = (int(g, 16) for g in match.groups())
-    return tli, log * 0x100 + seg
-
-
-def gaps(names: list[str]) -> list[str]:
-    """Segments missing between the first and the last archived one of each timeline."""
-    by_timeline: dict[int, set[int]] = {}
-    for name in names:
-        number = segment_number(name)
-        if number:
-            by_timeline.setdefault(number[0], set()).add(number[1])
-    missing = []
-    for tli, numbers in sorted(by_timeline.items()):
-        for n in range(min(numbers), max(numbers)):
-            if n not in numbers:
-                missing.append(f"{tli:08X}{n // 0x100:08X}{n % 0x100:08X}")
-    return missing

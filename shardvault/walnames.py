@@ -1,0 +1,36 @@
+"""PostgreSQL's WAL file names: which names are WAL files, segment numbers, gaps.
+
+Pure functions on names, shared by the WAL archive's records (repository),
+``wal-push`` (backup), ``wal-fetch`` (restore) and ``check`` (verify).
+"""
+
+from __future__ import annotations
+
+import re
+
+WAL_NAME = re.compile(r"^[0-9A-F]{24}(\.partial|\.[0-9A-F]{8}\.backup)?$|^[0-9A-F]{8}\.history$")
+SEGMENT = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})$")
+
+
+def segment_number(name: str) -> tuple[int, int] | None:
+    """(timeline, segment number) of a WAL segment name (16 MiB segments), None for other WAL files."""
+    match = SEGMENT.match(name.upper())
+    if not match:
+        return None
+    tli, log, seg = (int(g, 16) for g in match.groups())
+    return tli, log * 0x100 + seg
+
+
+def gaps(names: list[str]) -> list[str]:
+    """Segments missing between the first and the last archived one of each timeline."""
+    by_timeline: dict[int, set[int]] = {}
+    for name in names:
+        number = segment_number(name)
+        if number:
+            by_timeline.setdefault(number[0], set()).add(number[1])
+    missing = []
+    for tli, numbers in sorted(by_timeline.items()):
+        for n in range(min(numbers), max(numbers)):
+            if n not in numbers:
+                missing.append(f"{tli:08X}{n // 0x100:08X}{n % 0x100:08X}")
+    return missing
