@@ -238,3 +238,18 @@ def s3_server() -> Iterator[str]:
 
 def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
+
+
+def deny_reading(monkeypatch: pytest.MonkeyPatch, vault: Vault, name: str = "private") -> None:
+    """Make the backup's open of ``dir1/<name>`` fail with EACCES (tests run as root: chmod cannot)."""
+    from shardvault.sources import files as files_source
+
+    real = files_source.open_file
+
+    def deny(item: files_source.SourceItem) -> Any:
+        if item.path.endswith(name):
+            raise PermissionError(13, "Permission denied")
+        return real(item)
+
+    monkeypatch.setattr("shardvault.backup.files.open_file", deny)
+    (vault.source / "dir1" / name).write_bytes(b"changed")

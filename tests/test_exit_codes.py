@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PASSWORD, Vault, make_vault
+from conftest import PASSWORD, Vault, deny_reading, make_vault
 
 from shardvault import errors
 from shardvault.cli import main
@@ -36,17 +36,7 @@ def test_readme_documents_every_code_an_error_class_carries() -> None:
 
 
 def _unreadable(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from shardvault.sources import files as files_source
-
-    real = files_source.open_file
-
-    def deny(item: files_source.SourceItem):  # type: ignore[no-untyped-def]
-        if item.path.endswith("private"):
-            raise PermissionError(13, "Permission denied")
-        return real(item)
-
-    monkeypatch.setattr("shardvault.backup.files.open_file", deny)
-    (vault.source / "dir1" / "private").write_bytes(b"changed")
+    deny_reading(monkeypatch, vault)
     return ["backup", "src"]
 
 

@@ -16,6 +16,7 @@ from conftest import (
     PASSWORD,
     Vault,
     assert_same_tree,
+    deny_reading,
     flip_bit,
     make_vault,
     peer_snapshot,
@@ -518,15 +519,7 @@ def test_7_missing_source(backed_up: Vault) -> None:
 
 
 def test_7_unreadable_file_is_reported(backed_up: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = files_source.open_file
-
-    def deny(item: files_source.SourceItem):  # type: ignore[no-untyped-def]
-        if item.path.endswith("private"):
-            raise PermissionError(13, "Permission denied")
-        return real(item)
-
-    monkeypatch.setattr("shardvault.backup.files.open_file", deny)
-    (backed_up.source / "dir1" / "private").write_bytes(b"changed")
+    deny_reading(monkeypatch, backed_up)
     result = backed_up.cli("backup", "src")
     assert result.exit_code == 11
     assert "private: cannot read: Permission denied" in result.stderr
