@@ -22,6 +22,9 @@ Exit codes (stable, documented in the README):
 10  source error (missing or unreadable source)
 11  backup finished but some files could not be read
 12  restore target unusable (not a directory, not writable, full, not empty)
+13  DR drill: a check failed
+14  DR drill: every check passed, but an objective (RTO or RPO) was missed
+15  the Prefect API is unreachable
 ==  ==========================================================
 """
 
@@ -90,6 +93,10 @@ class LatestNeedsSourceError(ShardvaultError):
 
 # [config]
 # [verify]
+# [flows]
+# [drill]
+# [alerts]
+# [stack]
 
 
 class PeerNotDrainedError(ShardvaultError):
@@ -281,3 +288,32 @@ class BackupIncompleteError(ShardvaultError):
     """Snapshot {0} saved, but {1} file(s) could not be read (first: {2})"""
 
     exit_code = 11
+
+
+# --- orchestration and DR drills (issue 8) -------------------------------------
+
+
+class PlaybookError(ConfigError):
+    """Playbook {0}: {1}"""
+
+
+class ScheduleConfigError(ConfigError):
+    """Schedule error: {0}: {1}"""
+
+
+class PrefectUnavailableError(ShardvaultError):
+    """The Prefect API at {0} is unreachable: {1}"""
+
+    exit_code = 15
+
+
+class DrillCheckFailedError(ShardvaultError):
+    """Drill {0} failed: check {1!r}: {2}"""
+
+    exit_code = 13
+
+
+class DrillObjectiveMissedError(ShardvaultError):
+    """Drill {0}: every check passed, but {1}"""
+
+    exit_code = 14

@@ -30,7 +30,7 @@ def documented_codes() -> dict[int, str]:
 
 def test_readme_documents_every_code_an_error_class_carries() -> None:
     codes = documented_codes()
-    assert sorted(codes) == list(range(13))
+    assert sorted(codes) == list(range(16))
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ShardvaultError)]
     assert {c.exit_code for c in classes} <= set(codes)
 
