@@ -35,8 +35,8 @@ lint: $(STAMP)
 	cd build/__editable__.shardvault-* && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p shardvault
 
 test: $(STAMP) lint
-	# Prometheus (promtool, a real server) and PostgreSQL 15 for the tests that need them.
-	scripts/apt-install prometheus postgresql:/usr/lib/postgresql/15/bin/initdb
+	# Prometheus (promtool, a real server), Alertmanager (amtool), PostgreSQL 15 and docker-compose (config -q) for the tests.
+	scripts/apt-install prometheus postgresql:/usr/lib/postgresql/15/bin/initdb prometheus-alertmanager:/usr/bin/amtool docker-compose
 	$(BIN)/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
