@@ -11,7 +11,7 @@ PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find shardvault shards verify restore flows -name '*.py' 2>/dev/null)
 
-.PHONY: setup demo test lint bench bench-pg clean
+.PHONY: setup run demo test lint bench bench-pg clean
 
 # Every source file is a prerequisite: strict editable mode links files, so a
 # new module needs the (two-second) reinstall.
@@ -24,6 +24,11 @@ $(STAMP): pyproject.toml $(SOURCES)
 	touch $@
 
 setup: $(STAMP)
+
+# The main job: Prefect server, serve, exporter, Prometheus (and Alertmanager) on loopback; Ctrl-C stops all.
+run: $(STAMP)
+	scripts/apt-install prometheus prometheus-alertmanager:/usr/bin/amtool
+	scripts/run.sh
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" scripts/demo.sh
@@ -47,4 +52,4 @@ bench-pg: $(STAMP)
 	$(BIN)/python bench/pg.py
 
 clean:
-	rm -rf $(VENV) build demo *.egg-info
+	rm -rf $(VENV) build demo run *.egg-info
