@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -126,7 +126,7 @@ class SourceKind(StrEnum):
     BUCKET = "bucket"
 
 
-_SOURCE_COMMON_KEYS = frozenset({"name", "type", "rpo_objective_seconds", "backup_interval_seconds"})
+_SOURCE_COMMON_KEYS = frozenset({"name", "type", "rpo_objective_seconds", "backup_interval_seconds", "schedule"})
 # The keys each kind of source accepts (besides the common ones): a key of another
 # kind (a dsn on a files source) is a mistake about what is backed up, so it is refused.
 SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
@@ -137,6 +137,17 @@ SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
 
 
 @dataclass(frozen=True)
+class SourceSchedule:
+    """``[sources.schedule]``: cron strings, checked by :mod:`shardvault.schedule` when deployments are built.
+
+    Kept as text here so a typo in a cron never stops a restore by hand.
+    """
+
+    incremental: str | None = None
+    full: str | None = None
+
+
+@dataclass(frozen=True)
 class SourceConfig:
     """What every source has; each kind is its own class below (one table maps kinds to readers)."""
 
@@ -144,6 +155,7 @@ class SourceConfig:
     type: SourceKind
     rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
     backup_interval_seconds: int = 86400  # the schedule; alert when no backup for twice this
+    schedule: SourceSchedule = field(default_factory=SourceSchedule)  # crons of `shardvault serve`
 
 
 @dataclass(frozen=True)
@@ -180,6 +192,17 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """The top-level ``[schedule]`` table: the timezone of every cron, and the repository-wide jobs' crons."""
+
+    timezone: str = "UTC"
+    check: str | None = None
+    scrub: str | None = None
+    repair: str | None = None
+    drill: str | None = None  # every playbook in dr_playbooks/
+
+
+@dataclass(frozen=True)
 class RepositoryConfig:
     k: int
     n: int
@@ -201,6 +224,7 @@ class Config:
     peers: tuple[PeerConfig, ...]
     sources: tuple[SourceConfig, ...] = field(default_factory=tuple)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -503,8 +527,26 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
             raise r.fail(key, f"is not a key of a {kind.value} source (its keys: {valid})")
         rpo = r.int_range("rpo_objective_seconds", 60, 10**9, default=86400)
         interval = r.int_range("backup_interval_seconds", 60, 10**9, default=86400)
-        sources.append(_SOURCE_READERS[kind](r, path, name, rpo, interval))
+        source = _SOURCE_READERS[kind](r, path, name, rpo, interval)
+        sources.append(replace(source, schedule=_source_schedule(path, f"sources[{i}].schedule", table)))
     return tuple(sources)
+
+
+def _source_schedule(path: Path, where: str, source_table: dict[str, Any]) -> SourceSchedule:
+    if "schedule" not in source_table:
+        return SourceSchedule()
+    r = _Reader(path, where, source_table["schedule"])
+    r.no_unknown({"incremental", "full"})
+    return SourceSchedule(incremental=r.get("incremental", str, default=None), full=r.get("full", str, default=None))
+
+
+def _schedule(path: Path, table: Any) -> ScheduleConfig:
+    if table is None:
+        return ScheduleConfig()
+    r = _Reader(path, "schedule", table)
+    r.no_unknown({"timezone", "check", "scrub", "repair", "drill"})
+    crons = {key: r.get(key, str, default=None) for key in ("check", "scrub", "repair", "drill")}
+    return ScheduleConfig(timezone=r.get("timezone", str, default="UTC"), **crons)
 
 
 def _files_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:
@@ -564,7 +606,7 @@ def parse_config(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigValueError(path, "(syntax)", str(exc)) from None
     top = _Reader(path, "", data)
-    top.no_unknown({"repository", "peers", "sources", "scrub"})
+    top.no_unknown({"repository", "peers", "sources", "scrub", "schedule"})
     peers = _peers(path, data.get("peers"))
     if "repository" not in data:
         raise ConfigValueError(path, "repository", "the [repository] table is required")
@@ -574,6 +616,7 @@ def parse_config(text: str, path: Path) -> Config:
         peers=peers,
         sources=_sources(path, data.get("sources")),
         scrub=_scrub(path, data.get("scrub")),
+        schedule=_schedule(path, data.get("schedule")),
     )
 
 
