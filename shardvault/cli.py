@@ -788,5 +788,79 @@ def exporter(ctx: Context, listen: str, once: bool) -> None:
     server.serve_forever()
 
 
+_playbooks_option = click.option(
+    "--playbooks",
+    "playbooks_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory of DR playbooks (default: dr_playbooks/ beside the config, else in the working directory).",
+)
+
+
+@main.command()
+@_playbooks_option
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many runs at once in this process.")
+@pass_ctx
+@handle_errors
+def serve(ctx: Context, playbooks_dir: Path | None, limit: int | None) -> None:
+    """Register every deployment of the config with the Prefect API ($PREFECT_API_URL) and run them here."""
+    from shardvault.flows.deployments import plan_for, require_api, serve_plan
+
+    # The plan is checked (crons, timezone) and the API asked before anything is registered.
+    plan = plan_for(ctx.config, ctx.password_file, playbooks_dir)
+    if not ctx.password_file:
+        ctx.password()  # runs inherit $SHARDVAULT_PASSWORD: say now that it is missing, not in every run
+    require_api()
+    names = ", ".join(d.full_name for d in plan.deployments)
+    err.print(f"serving {len(plan.deployments)} deployment(s) (timezone {plan.timezone}): {names}", markup=False)
+    serve_plan(plan, limit)
+
+
+@main.command()
+@_playbooks_option
+@click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True, help="Next runs per schedule.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def schedule(ctx: Context, playbooks_dir: Path | None, count: int, as_json: bool) -> None:
+    """Show what will run when: every deployment, its crons and its next runs (computed locally)."""
+    from shardvault.flows.deployments import plan_for
+    from shardvault.schedule import next_runs, plan_doc
+
+    plan = plan_for(ctx.config, ctx.password_file, playbooks_dir)
+    runs = next_runs(plan, count)
+    if as_json:
+        emit_json(plan_doc(plan, runs))
+        return
+    click.echo(f"timezone {plan.timezone}")
+    for d in plan.deployments:
+        crons = ", ".join(f"{s.label} {s.cron!r}" for s in d.schedules) or "on demand only"
+        click.echo(f"{d.full_name:<28} {crons}")
+    if runs:
+        click.echo("next runs:")
+    for r in runs:
+        click.echo(f"  {r.at:%Y-%m-%d %H:%M %Z}  {r.deployment:<28} {r.label}")
+
+
+@main.command()
+@_playbooks_option
+@click.option("--pool", "work_pool", default="shardvault", show_default=True, help="Process work pool of the workers.")
+@click.option(
+    "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write prefect.yaml here (default: print)."
+)
+@pass_ctx
+@handle_errors
+def deploy(ctx: Context, playbooks_dir: Path | None, work_pool: str, output: Path | None) -> None:
+    """Describe the same deployments as `serve` as a prefect.yaml, for `prefect deploy --all` and workers."""
+    from shardvault.flows.deployments import plan_for, prefect_yaml
+
+    plan = plan_for(ctx.config, ctx.password_file, playbooks_dir)
+    text = prefect_yaml(plan, work_pool, str(Path.cwd()))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {len(plan.deployments)} deployment(s) to {output}; then: prefect deploy --all")
+
+
 if __name__ == "__main__":
     main()
