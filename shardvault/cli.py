@@ -788,6 +788,38 @@ def exporter(ctx: Context, listen: str, once: bool) -> None:
     server.serve_forever()
 
 
+@main.command()
+@click.argument("playbook", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the drill report as one JSON document.")
+@pass_ctx
+@handle_errors
+def drill(ctx: Context, playbook: Path, as_json: bool) -> None:
+    """Run the DR playbook PLAYBOOK: restore, check, measure RTO and RPO, report (exit 13: a check failed, 14: an objective missed)."""  # noqa: E501
+    from shardvault.restore.drill import run_drill
+    from shardvault.restore.playbook import load_playbook
+
+    book = load_playbook(playbook, ctx.config)  # validated before anything runs (or asks for the passphrase)
+    with progress_bar(not as_json, f"drill {book.name}") as update:
+        report = run_drill(ctx.config, ctx.password(), book, lambda step: update(info=step))
+    if as_json:
+        emit_json(report.to_doc())
+    else:
+        for check in report.checks:
+            click.echo(f"{'ok    ' if check.passed else 'FAILED'} {check.name}: {check.detail}")
+
+        def secs(value: float | None) -> str:
+            return "-" if value is None else f"{value:.1f} s"
+
+        click.echo(
+            f"drill {book.name}: {report.result.value}; RTO {secs(report.rto_seconds)} "
+            f"(objective {report.rto_objective_seconds:g} s), RPO {secs(report.rpo_seconds)} "
+            f"(objective {report.rpo_objective_seconds:g} s); report {report.reports.get('markdown', '-')}"
+        )
+    error = report.error()
+    if error is not None:
+        raise error
+
+
 _playbooks_option = click.option(
     "--playbooks",
     "playbooks_dir",

@@ -264,14 +264,28 @@ class StateCollector(Collector):
         last = GaugeMetricFamily(
             "shardvault_drill_last_timestamp_seconds", "When the playbook last ran.", labels=["playbook"]
         )
+        rpo = GaugeMetricFamily(
+            "shardvault_drill_rpo_seconds",
+            "Data lost had the last drill been real: its start minus the time of the restored point.",
+            labels=["playbook"],
+        )
+        rpo_obj = GaugeMetricFamily(
+            "shardvault_drill_rpo_objective_seconds", "The playbook's recovery point objective.", labels=["playbook"]
+        )
         latest: dict[str, tuple[Any, ...]] = {}
         for row in q("SELECT source, status, finished, details FROM runs WHERE kind = 'drill' ORDER BY id"):
             latest[str(row[0])] = row
         for playbook, (_, status, finished, raw) in sorted(latest.items()):
             doc = json.loads(str(raw))
-            rto.add_metric([playbook], float(doc.get("rto_seconds", 0)))
+            if doc.get("rto_seconds") is not None:  # null: the drill never got every check to pass
+                rto.add_metric([playbook], float(doc["rto_seconds"]))
             if "rto_objective_seconds" in doc:
                 rto_obj.add_metric([playbook], float(doc["rto_objective_seconds"]))
+            # A drill that never restored has no RPO (null): no sample beats a made-up one.
+            if doc.get("rpo_seconds") is not None:
+                rpo.add_metric([playbook], float(doc["rpo_seconds"]))
+            if doc.get("rpo_objective_seconds") is not None:
+                rpo_obj.add_metric([playbook], float(doc["rpo_objective_seconds"]))
             ok.add_metric([playbook], 1.0 if status == "ok" else 0.0)
             last.add_metric([playbook], float(finished))
-        yield from (rto, rto_obj, ok, last)
+        yield from (rto, rto_obj, rpo, rpo_obj, ok, last)
