@@ -12,16 +12,19 @@ from typing import Any
 
 import boto3
 import pytest
+import test_postgres
 import yaml
 from botocore.config import Config as BotoConfig
 from click.testing import Result
 from conftest import SMALL, Vault, local_peers, make_tree, write_config
+from test_postgres import Cluster
 
 from shardvault.config import load_config
 from shardvault.restore.playbook import load_playbook
 from shardvault.verify.exporter import find_state
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "dr_playbooks"
+postgres_cluster = test_postgres.cluster  # its module-scoped PostgreSQL 15 fixture `cluster`, reused here
 
 
 @pytest.fixture
@@ -228,3 +231,42 @@ def test_bucket_restore_playbook_runs_green(tmp_path: Path, s3_server: str) -> N
     result, doc = _drill(vault, PLAYBOOKS / "bucket-restore.yaml")
     assert result.exit_code == 0, result.output
     assert doc["result"] == "passed" and doc["checks"][0]["detail"].startswith("13 files")
+
+
+# --- PostgreSQL: a real PostgreSQL 15 (the cluster fixture of test_postgres) --------------
+
+
+def test_postgres_pitr_playbook_runs_green_with_no_passphrase_in_the_restored_server(
+    postgres_cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster = postgres_cluster
+    cluster.sql("CREATE TABLE orders (id serial PRIMARY KEY, amount int NOT NULL)")
+    cluster.sql("INSERT INTO orders (amount) SELECT g FROM generate_series(1, 600) g")
+    assert cluster.cli("backup", "db", "--full").exit_code == 0
+    cluster.sql("INSERT INTO orders (amount) SELECT g FROM generate_series(1, 600) g")
+    assert cluster.cli("backup", "db").exit_code == 0  # incremental: the WAL up to now
+
+    result = cluster.cli("drill", str(PLAYBOOKS / "postgres-pitr.yaml"), "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["result"] == "passed", doc
+    assert [c["detail"] for c in doc["checks"]] == ["got 1, expected == 1", "got 1200, expected >= 1000"]
+    # The second batch only exists in the WAL: it was replayed, and the RPO is measured from its commit.
+    assert doc["restored_point_kind"] == "last replayed commit"
+    assert 0 <= doc["rpo_seconds"] < 600
+    assert {"restore base backup", "fetch WAL", "start scratch cluster", "stop scratch cluster"} <= {
+        s["name"] for s in doc["steps"]
+    }
+    assert not Path(doc["target"]).exists()
+
+    # Kept for inspection: the restored server's configuration holds no passphrase nor a path to one,
+    # and the drill stopped the cluster it started.
+    kept = cluster.base / f"kept-{secrets.token_hex(3)}"  # a path the postgres user can reach
+    playbook = _variant(tmp_path, "postgres-pitr.yaml", cleanup="never", restore_target=str(kept))
+    result = cluster.cli("drill", str(playbook), "--json")
+    assert result.exit_code == 0, result.output
+    conf = (kept / "data" / "postgresql.auto.conf").read_text()
+    assert "wal-fetch" not in conf and "password" not in conf and str(cluster.password_file) not in conf
+    assert f'cp "{kept / "wal"}/%f"' in conf
+    assert not (kept / "data" / "postmaster.pid").exists()
+    shutil.rmtree(kept)
