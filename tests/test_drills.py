@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,8 @@ def test_postgres_pitr_playbook_runs_green_with_no_passphrase_in_the_restored_se
     cluster.sql("CREATE TABLE orders (id serial PRIMARY KEY, amount int NOT NULL)")
     cluster.sql("INSERT INTO orders (amount) SELECT g FROM generate_series(1, 600) g")
     assert cluster.cli("backup", "db", "--full").exit_code == 0
+    (between,) = cluster.sql("SELECT now()::text")[0]
+    time.sleep(1.1)  # the second batch commits strictly after `between` (ordering, not a timing assertion)
     cluster.sql("INSERT INTO orders (amount) SELECT g FROM generate_series(1, 600) g")
     assert cluster.cli("backup", "db").exit_code == 0  # incremental: the WAL up to now
 
@@ -259,12 +262,15 @@ def test_postgres_pitr_playbook_runs_green_with_no_passphrase_in_the_restored_se
     }
     assert not Path(doc["target"]).exists()
 
-    # Kept for inspection: the restored server's configuration holds no passphrase nor a path to one,
-    # and the drill stopped the cluster it started.
+    # Point in time, kept for inspection: only the first batch; the restored server's configuration
+    # holds no passphrase nor a path to one, and the drill stopped the cluster it started.
     kept = cluster.base / f"kept-{secrets.token_hex(3)}"  # a path the postgres user can reach
-    playbook = _variant(tmp_path, "postgres-pitr.yaml", cleanup="never", restore_target=str(kept))
+    checks = [{"name": "first batch only", "sql": "select count(*) from orders", "expect": "600"}]
+    changes = {"cleanup": "never", "restore_target": str(kept), "restore_to_time": between, "checks": checks}
+    playbook = _variant(tmp_path, "postgres-pitr.yaml", **changes)
     result = cluster.cli("drill", str(playbook), "--json")
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checks"][0]["detail"] == "got 600, expected == 600"
     conf = (kept / "data" / "postgresql.auto.conf").read_text()
     assert "wal-fetch" not in conf and "password" not in conf and str(cluster.password_file) not in conf
     assert f'cp "{kept / "wal"}/%f"' in conf
