@@ -85,40 +85,52 @@ class Progress:
     def __init__(self, what: str) -> None:
         self.what = what
         self.last = time.monotonic()
+        self.logger = get_run_logger()  # built in the task's context; called from the library's threads
 
     def __call__(self, message: Callable[[], str]) -> None:
         now = time.monotonic()
         if now - self.last >= PROGRESS_EVERY:
             self.last = now
-            get_run_logger().info("%s: %s", self.what, message())
+            self.logger.info("%s: %s", self.what, message())
 
 
 @contextmanager
 def opened(config_path: str | None, password_file: str | None) -> Iterator[Repository]:
     config = load_config(config_path)
-    repo = Repository.open(config, read_password(password_file))
+    logger = get_run_logger()  # here, in the run's context: the library calls back from its worker threads
+
+    def peer_down(name: str, why: str) -> None:  # as the CLI says it: a silent peer must not look like a hang
+        logger.warning("peer %s is down for this run: %s", name, why)
+
+    repo = Repository.open(config, read_password(password_file), peer_down)
     try:
         yield repo
     finally:
         repo.close()
         for problem in repo.meta_problems:  # survived, never hidden (as the CLI warns)
             where = f" on peer {problem.peer}" if problem.peer else ""
-            get_run_logger().warning("metadata object %s%s: %s", problem.name, where, problem.detail)
+            logger.warning("metadata object %s%s: %s", problem.name, where, problem.detail)
 
 
-def _carry(exc: ShardvaultError) -> RunFailed:
-    return RunFailed(str(exc), retryable=isinstance(exc, PeerError))
+def _carry(exc: ShardvaultError, retry: bool = False) -> State[Any]:
+    """A peer error in a task that may retry is raised (the engine retries it); any other is a Failed state.
+
+    Returning the state instead of raising keeps the engine from logging a
+    traceback for what is an expected failure with a one-line message.
+    """
+    if retry and isinstance(exc, PeerError):
+        raise RunFailed(str(exc), retryable=True) from None
+    return Failed(message=str(exc))
 
 
 def _finish(state: State[Any]) -> Any:
     """The task's document, or a Failed flow state with the one-line message."""
     if state.is_completed():
         return state.result()
-    try:
-        state.result()
-    except RunFailed as exc:
-        return Failed(message=str(exc))
-    return state  # a crash or cancellation: the engine's own state says what happened
+    if not state.is_failed():
+        return state  # a crash or cancellation: the engine's own state says what happened
+    exc = state.result(raise_on_failure=False)
+    return Failed(message=str(exc) if isinstance(exc, RunFailed) else state.message)
 
 
 # --- run names -------------------------------------------------------------------------
@@ -152,13 +164,15 @@ def _job_run_name(job: str) -> Callable[[], str]:
 
 
 @task(name="backup-source", cache_policy=NO_CACHE, persist_result=False)
-def backup_task(config_path: str | None, password_file: str | None, source: str, full: bool) -> dict[str, Any]:
+def backup_task(
+    config_path: str | None, password_file: str | None, source: str, full: bool
+) -> dict[str, Any] | State[Any]:
     from shardvault.backup import BackupStats, backup_source
 
     progress = Progress(f"backup {source}")
     try:
+        source_config = load_config(config_path).source(source)  # an unknown source before the passphrase
         with opened(config_path, password_file) as repo:
-            source_config = repo.config.source(source)
 
             def on_progress(stats: BackupStats, path: str) -> None:
                 progress(lambda: f"{stats.files} files, {stats.bytes_read} bytes read, {stats.bytes_new} new ({path})")
@@ -187,7 +201,7 @@ def backup_task(config_path: str | None, password_file: str | None, source: str,
             raise BackupIncompleteError(result.snapshot.short_id, len(incomplete), str(incomplete[0]))
         return as_json(doc)  # type: ignore[no-any-return]
     except ShardvaultError as exc:
-        raise _carry(exc) from None
+        return _carry(exc)
 
 
 @flow(name="backup", flow_run_name=backup_run_name, log_prints=False)
@@ -240,7 +254,7 @@ def _degraded_peers(doc: dict[str, Any]) -> list[str]:
     retry_jitter_factor=0.5,
     retry_condition_fn=_only_peer_errors,
 )
-def check_task(config_path: str | None, password_file: str | None, read_data: bool) -> dict[str, Any]:
+def check_task(config_path: str | None, password_file: str | None, read_data: bool) -> dict[str, Any] | State[Any]:
     from shardvault.verify.check import check as run_check
 
     progress = Progress("check")
@@ -261,7 +275,7 @@ def check_task(config_path: str | None, password_file: str | None, read_data: bo
             raise DamageFoundError(report.summary())
         return doc  # type: ignore[no-any-return]
     except ShardvaultError as exc:
-        raise _carry(exc) from None
+        return _carry(exc, retry=True)
 
 
 @flow(name="check", flow_run_name=_job_run_name("check"), log_prints=False)
@@ -281,7 +295,7 @@ def check(read_data: bool = False, config: str | None = None, password_file: str
 )
 def scrub_task(
     config_path: str | None, password_file: str | None, budget_bytes: int | None, max_seconds: float | None
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     from shardvault.verify.scrub import scrub as run_scrub
 
     progress = Progress("scrub")
@@ -308,7 +322,7 @@ def scrub_task(
             raise DamageFoundError(f"{len(report.issues)} bad shard(s); {report.metadata.summary()}")
         return doc  # type: ignore[no-any-return]
     except ShardvaultError as exc:
-        raise _carry(exc) from None
+        return _carry(exc, retry=True)
 
 
 @flow(name="scrub", flow_run_name=_job_run_name("scrub"), log_prints=False)
@@ -327,7 +341,7 @@ def scrub(
 
 
 @task(name="repair-shards", cache_policy=NO_CACHE, persist_result=False)
-def repair_task(config_path: str | None, password_file: str | None) -> dict[str, Any]:
+def repair_task(config_path: str | None, password_file: str | None) -> dict[str, Any] | State[Any]:
     from shardvault.verify.repair import repair as run_repair
 
     progress = Progress("repair")
@@ -346,7 +360,7 @@ def repair_task(config_path: str | None, password_file: str | None) -> dict[str,
             raise RepairIncompleteError("; ".join(left))
         return doc  # type: ignore[no-any-return]
     except ShardvaultError as exc:
-        raise _carry(exc) from None
+        return _carry(exc)
 
 
 @flow(name="repair", flow_run_name=_job_run_name("repair"), log_prints=False)
