@@ -262,3 +262,42 @@ def test_deploy_writes_a_prefect_yaml_with_the_same_deployments(tmp_path: Path) 
     from prefect.flows import load_flow_from_entrypoint
 
     assert load_flow_from_entrypoint(backup["entrypoint"]).name == "backup"
+
+
+def test_the_shipped_prefect_yaml_describes_the_example_config_deployments(tmp_path: Path) -> None:
+    """prefect.yaml at the root is `shardvault deploy` of run.sh's example config, minus host-specific paths."""
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).parent.parent
+    run_sh = (root / "scripts" / "run.sh").read_text()
+    assert '"0 * * * *"' in run_sh and '"*/30 * * * *"' in run_sh  # the crons of the example config below
+    vault = make_vault(tmp_path, init=False)
+    vault.config.write_text(
+        vault.config.read_text().replace('name = "src"', 'name = "docs"')
+        + SOURCE_SCHEDULE
+        + SCHEDULE.replace("Europe/Paris", "UTC")
+    )
+    result = vault.cli("deploy", "--playbooks", str(root / "dr_playbooks"))
+    assert result.exit_code == 0, result.output
+    generated = yaml.safe_load(result.stdout)["deployments"]
+    shipped = yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
+
+    def shape(entries: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return sorted(
+            (
+                d["entrypoint"],
+                d["name"],
+                json.dumps(d["schedules"], sort_keys=True),
+                json.dumps(d.get("concurrency_limit"), sort_keys=True),
+                json.dumps(d.get("triggers"), sort_keys=True),
+                d["parameters"].get("source"),
+                Path(d["parameters"].get("playbook", "")).name,
+            )
+            for d in entries
+        )
+
+    assert shape(shipped) == shape(generated)
+    for d in shipped:
+        assert "config" not in d["parameters"]  # the worker's $SHARDVAULT_CONFIG
+        load_flow_from_entrypoint(d["entrypoint"])
