@@ -415,9 +415,11 @@ def test_health_detailed_reports_peers_sources_check_scrub_and_drills(backed_up:
     assert status == 200, body
     doc = json.loads(body)
     assert doc["healthy"] is True and doc["reasons"] == []
-    assert set(doc) >= {"checked_at", "peers", "sources", "check", "scrub", "verification", "drills"}
+    assert set(doc) >= {"checked_at", "peers", "packs", "sources", "check", "scrub", "verification", "drills"}
+    assert doc["packs"]["healthy"] > 0 and doc["packs"]["lost"] == 0
     assert set(doc["peers"]) == {f"p{i}" for i in range(6)}
     assert doc["peers"]["p1"]["up"] is True and doc["peers"]["p1"]["zone"] == "z1"
+    assert doc["peers"]["p1"]["error"] is None
     assert 0 <= doc["peers"]["p1"]["last_listed_age_seconds"] < 600
     src = doc["sources"]["src"]
     assert src["within_objective"] is True and 0 <= src["age_seconds"] < 600
@@ -449,3 +451,29 @@ def test_a_vault_never_backed_up_is_unhealthy(vault: Vault) -> None:
         state.close()
     assert verdict.reasons == ["source src: never backed up"]
     assert verdict.detail["sources"]["src"]["age_seconds"] is None
+
+
+def test_a_down_peer_shows_in_detailed_without_failing_health(backed_up: Vault) -> None:
+    # k-of-n exists so that a peer can be down: alerts speak for it, /health stays a statement about objectives.
+    shutil.rmtree(backed_up.peer(5))
+    assert backed_up.cli("check").exit_code != 0
+    with exporter_for(backed_up) as base:
+        status, body = _fetch(f"{base}/health/detailed")
+    doc = json.loads(body)
+    assert doc["peers"]["p5"]["up"] is False and doc["peers"]["p5"]["error"]
+    assert doc["peers"]["p4"]["up"] is True and doc["check"]["status"] != "ok"
+    assert status == 200 and doc["healthy"] is True
+
+
+def test_data_lost_is_never_healthy(backed_up: Vault) -> None:
+    for i in (3, 4, 5):  # k = 4 of n = 6: three peers gone lose every pack
+        shutil.rmtree(backed_up.peer(i))
+    backed_up.cli("check")
+    config = load_config(backed_up.config)
+    state = find_state(config)
+    try:
+        verdict = assess(config, state)
+    finally:
+        state.close()
+    assert not verdict.healthy
+    assert any(r.endswith("pack(s) lost (fewer than k good shards): run `shardvault repair`") for r in verdict.reasons)

@@ -2,14 +2,16 @@
 
 Healthy means: the state can be read, every configured source's newest
 successful backup is within its ``rpo_objective_seconds``, a check or scrub
-ran within the scrub window, and the last drill of every playbook passed.
+ran within the scrub window, the last drill of every playbook passed, and the
+last verification found no data lost (a lost pack, metadata object or
+snapshot: no objective means anything then).
 Anything else is unhealthy, with one human-readable reason per problem.
 
 The verdict is computed from the same metric families the exporter serves
 (:class:`~shardvault.verify.metrics.StateCollector`), read at the same
 instant, so ``/health`` can never disagree with ``/metrics`` or with the
 alerts built on it.  Only what the metrics do not carry (when the last check
-ran, when the first backup ran) is queried here.
+ran, when the first backup ran, why a peer is down) is queried here.
 
 Peers are reported but do not decide health: a peer down is what k-of-n is
 for, and the alerts (``ShardvaultPeerDown``, pack states) speak for it.
@@ -82,12 +84,15 @@ def _assess(config: Config, state: State, now: float) -> Health:
 
     up = {labels["peer"]: value for labels, value in families.get("shardvault_peer_up", [])}
     listed = _by(families, "shardvault_peer_last_check_timestamp_seconds", "peer")
+    # Why a peer is down is not a metric (it is text): the one fact read here besides runs.
+    errors = {str(peer): str(error) for peer, error in state.query("SELECT peer, error FROM peers")}
     peers = {
         p.name: {
             "zone": p.zone,
             "up": None if p.name not in up else up[p.name] == 1.0,  # None: never listed yet
             "last_listed": listed.get(p.name),
             "last_listed_age_seconds": _age(now, listed.get(p.name)),
+            "error": errors.get(p.name) or None,
         }
         for p in config.peers
     }
@@ -118,6 +123,15 @@ def _assess(config: Config, state: State, now: float) -> Health:
                 f" over its RPO objective of {_duration(goal)}"
             )
 
+    # Beyond the objectives: data already lost makes every objective moot, so it is never healthy.
+    lost = _by(families, "shardvault_packs", "state").get("lost", 0.0)
+    if lost:
+        reasons.append(f"{lost:.0f} pack(s) lost (fewer than k good shards): run `shardvault repair`")
+    for fact, what in (("lost_objects", "metadata object(s)"), ("snapshots_missing", "committed snapshot(s)")):
+        for _, value in families.get(f"shardvault_metadata_{fact}", []):
+            if value:
+                reasons.append(f"{value:.0f} {what} intact on no peer: run `shardvault check`")
+
     window = families["shardvault_scrub_window_seconds"][0][1]
     runs: dict[str, dict[str, Any]] = {}
     for kind, status, finished in state.query(
@@ -135,11 +149,8 @@ def _assess(config: Config, state: State, now: float) -> Health:
             f"no check or scrub within the scrub window of {_duration(window)}"
             f" ({what} {_duration(now - float(since))} ago)"
         )
-    scrub_facts = {
-        key: families[f"shardvault_scrub_{key}_timestamp_seconds"][0][1]
-        for key in ("last_complete", "last_run")
-        if families.get(f"shardvault_scrub_{key}_timestamp_seconds")
-    }
+    complete = families.get("shardvault_scrub_last_complete_timestamp_seconds")
+    scrub_facts = {"last_complete": complete[0][1]} if complete else {}
 
     drills: dict[str, dict[str, Any]] = {}
     for name, samples in sorted(families.items()):
@@ -158,6 +169,7 @@ def _assess(config: Config, state: State, now: float) -> Health:
     detail = {
         "checked_at": now,
         "peers": peers,
+        "packs": _by(families, "shardvault_packs", "state"),
         "sources": sources,
         "check": runs.get("check"),
         "scrub": (runs.get("scrub", {}) | scrub_facts) or None,
