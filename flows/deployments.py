@@ -120,11 +120,17 @@ def require_api() -> str:
     return url
 
 
-def serve_plan(plan: Plan, limit: int | None = None) -> None:
+def serve_plan(plan: Plan, limit: int | None = None, workdir: Path | None = None) -> None:
     """Register every deployment of the plan and run them in this process until SIGTERM or Ctrl-C."""
     from prefect import serve
 
     require_api()
+    # Each run is a child process that imports its flow from the deployment's working directory (the
+    # current one): started inside a checkout, the source folder `shardvault/` would hide the installed
+    # package.  Run from the state directory instead (every path in the plan is absolute).
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        os.chdir(workdir)
     deployments = runner_deployments(plan)  # builds (and checks) everything before the first registration
     serve(*deployments, limit=limit, print_starting_message=False)
 

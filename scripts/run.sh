@@ -6,8 +6,8 @@
 # server with its own PREFECT_HOME, `shardvault serve` (every deployment of
 # the config, on its cron schedule), the exporter, Prometheus with the shipped
 # rules and, when it is installed, Alertmanager with the shipped routes.  It
-# triggers a first backup and a DR drill through Prefect, prints the URLs and
-# waits.  Ctrl-C (or SIGTERM) stops everything in the right order: serve
+# triggers a first backup through Prefect (the exporter starts once there is
+# a state to export), then a DR drill, prints the URLs and waits.  Ctrl-C (or SIGTERM) stops everything in the right order: serve
 # before the server (a serve() left behind hangs pausing its deployments).
 #
 # Ports: $RUN_PREFECT_PORT (4200), $RUN_EXPORTER_PORT (9477),
@@ -43,8 +43,8 @@ start() {  # start NAME LOGFILE COMMAND...: in the background, remembered for th
 stop_all() {
   trap - INT TERM EXIT
   say "Stopping (serve first, the Prefect server last)"
-  # Started in the order server, serve, exporter, prometheus, alertmanager:
-  # stop in reverse, except that serve must go before the server it talks to.
+  # Started in the order server, serve, exporter, alertmanager, prometheus:
+  # stopped in reverse, so serve goes before the server it talks to.
   local i
   for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
     kill -TERM "${pids[$i]}" 2>/dev/null || true
@@ -93,6 +93,13 @@ say "shardvault serve: every deployment of the config"
 start serve "$RUN/logs/serve.log" \
   "$BIN/shardvault" --config "$CONFIG" --password-file "$PASSWORD_FILE" serve
 
+say "First backup, run by Prefect (backup/docs)"
+for _ in $(seq 1 120); do
+  "$BIN/prefect" deployment inspect backup/docs >/dev/null 2>&1 && break
+  sleep 0.5
+done
+"$BIN/prefect" deployment run backup/docs --watch
+
 say "Exporter on 127.0.0.1:$EXPORTER_PORT"
 start exporter "$RUN/logs/exporter.log" \
   "$BIN/shardvault" --config "$CONFIG" exporter --listen "127.0.0.1:$EXPORTER_PORT"
@@ -124,13 +131,6 @@ if command -v prometheus >/dev/null; then
   start prometheus "$RUN/logs/prometheus.log" prometheus --config.file="$RUN/prometheus.yml" \
     --storage.tsdb.path="$RUN/prometheus" --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
 fi
-
-say "First backup, run by Prefect (backup/docs)"
-for _ in $(seq 1 120); do
-  "$BIN/prefect" deployment inspect backup/docs >/dev/null 2>&1 && break
-  sleep 0.5
-done
-"$BIN/prefect" deployment run backup/docs --watch
 
 say "DR drill (dr_playbooks/docs-restore.yaml)"
 if "$BIN/prefect" deployment inspect drill/docs-restore >/dev/null 2>&1; then

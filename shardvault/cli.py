@@ -844,7 +844,7 @@ def serve(ctx: Context, playbooks_dir: Path | None, limit: int | None) -> None:
     require_api()
     names = ", ".join(d.full_name for d in plan.deployments)
     err.print(f"serving {len(plan.deployments)} deployment(s) (timezone {plan.timezone}): {names}", markup=False)
-    serve_plan(plan, limit)
+    serve_plan(plan, limit, ctx.config.repository.state_dir)
 
 
 @main.command()
