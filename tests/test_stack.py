@@ -17,8 +17,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -311,6 +313,46 @@ def test_postgres_archives_its_wal_into_shardvault(resolved: dict[str, Any]) -> 
     # The worker's pg_basebackup connects over the network: a replication line for pg_hba.conf.
     init = host_path(postgres, "/docker-entrypoint-initdb.d/10-replication.sh")
     assert init is not None and "host replication" in init.read_text()
+
+
+@pytest.fixture
+def postgres_dir() -> Iterator[Path]:
+    """A directory the postgres user can reach (pytest's tmp_path sits under a root-only 0700 dir)."""
+    path = Path(tempfile.mkdtemp(prefix="shardvault-stack-pg-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_postgresql_15_accepts_the_config_file(postgres_dir: Path) -> None:
+    # The real server parses the file (a misspelt setting or a bad value is a startup error in
+    # the container): `postgres -C NAME` reads the config file and prints what it set.
+    pgbin = Path("/usr/lib/postgresql/15/bin")
+    if not (pgbin / "initdb").exists() or os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs Debian's PostgreSQL 15 and root (initdb runs as postgres)")
+    work = postgres_dir / "pg"
+    work.mkdir()
+    conf = work / "postgresql.conf"
+    shutil.copy(DEPLOY / "postgres/postgresql.conf", conf)  # the postgres user may not read the checkout
+    for path in (work, conf):
+        shutil.chown(path, "postgres", "postgres")
+    as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_postgres, str(pgbin / "initdb"), "-D", str(work / "data"), "-U", "postgres", "-A", "trust"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    settings = postgres_settings()
+    for name in ("archive_mode", "archive_command", "wal_level", "listen_addresses"):
+        result = subprocess.run(
+            [*as_postgres, str(pgbin / "postgres"), "-D", str(work / "data"), "-c", f"config_file={conf}", "-C", name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == settings[name], name
 
 
 # --- shardvault's own view of the mounted config ----------------------------------------------
