@@ -58,7 +58,26 @@ def _two_sources(vault: Vault, tmp: Path) -> list[str]:
     return ["restore", "latest", "--target", str(tmp / "out")]
 
 
+def _playbook(tmp: Path, check: str, rto: str) -> list[str]:
+    path = tmp / "drill.yaml"
+    path.write_text(
+        f"name: exit-codes\nobjectives: {{rto: {rto}, rpo: 1h}}\nrestore: {{source: src, snapshot: latest}}\n"
+        f"checks:\n  - name: the check\n    command: {check}\ncleanup: always\n"
+    )
+    return ["drill", str(path)]
+
+
+def _unreachable_prefect(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    from conftest import free_port
+
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
+    return ["serve"]
+
+
 CASES: dict[str, tuple[int, Callable[..., list[str]]]] = {
+    "drill check failed": (13, lambda v, t, m: _playbook(t, '["false"]', "1h")),
+    "drill objective missed": (14, lambda v, t, m: _playbook(t, '["true"]', "0.001s")),
+    "prefect unreachable": (15, lambda v, t, m: _unreachable_prefect(m)),
     "ok": (0, lambda v, t, m: ["snapshots"]),
     "usage: latest with several sources": (2, lambda v, t, m: _two_sources(v, t)),
     "config: unknown source": (3, lambda v, t, m: ["backup", "nope"]),
@@ -100,7 +119,7 @@ def test_each_documented_code(case: str, tmp_path: Path, monkeypatch: pytest.Mon
     assert vault.cli("backup", "src").exit_code == 0
     args = _quorum_case(vault, tmp_path, monkeypatch) if build is None else build(vault, tmp_path, monkeypatch)
     password = "wrong" if case == "wrong passphrase" else PASSWORD
-    json_ok = args[0] in ("snapshots", "backup", "restore", "check")
+    json_ok = args[0] in ("snapshots", "backup", "restore", "check", "drill")
     argv = [*args, "--json"] if json_ok else args
     result = CliRunner().invoke(
         main, ["--config", str(vault.config), *argv], env={"SHARDVAULT_PASSWORD": password}, catch_exceptions=False
@@ -118,6 +137,8 @@ def test_each_documented_code(case: str, tmp_path: Path, monkeypatch: pytest.Mon
         assert len(lines) == 1, result.stderr
     if doc is not None and code == 11:
         assert doc["snapshot"]["id"] and doc["warning_details"]  # committed: the result document, not an error
+    elif doc is not None and code in (13, 14):
+        assert doc["result"] == "failed"  # the drill's report, printed whether it passed or failed
     elif doc is not None:
         assert doc["error"]["code"] == code
 
