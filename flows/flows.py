@@ -37,9 +37,7 @@ from shardvault.config import Config, load_config, read_password
 from shardvault.errors import (
     BackupIncompleteError,
     DamageFoundError,
-    DataLossError,
     PeerError,
-    RepairIncompleteError,
     ShardvaultError,
 )
 from shardvault.flows.events import emit_degraded
@@ -342,6 +340,7 @@ def scrub(
 
 @task(name="repair-shards", cache_policy=NO_CACHE, persist_result=False)
 def repair_task(config_path: str | None, password_file: str | None) -> dict[str, Any] | State[Any]:
+    from shardvault.verify.repair import raise_for_verdict
     from shardvault.verify.repair import repair as run_repair
 
     progress = Progress("repair")
@@ -349,15 +348,7 @@ def repair_task(config_path: str | None, password_file: str | None) -> dict[str,
         with opened(config_path, password_file) as repo:
             report = run_repair(repo, progress=lambda done, total: progress(lambda: f"{done}/{total} packs"))
         doc = as_json(report.to_doc())
-        # The CLI's verdict (cli._repair_verdict): lost data first, then what could not be written.
-        if report.lost:
-            raise DataLossError(f"{len(report.lost)} pack(s) lost, beyond repair")
-        if report.metadata_after.lost:
-            raise DataLossError(f"{len(report.metadata_after.lost)} metadata object(s) intact on no peer")
-        if not report.complete:
-            left = [f"{len(report.unplaced)} shard(s) could not be placed"] if report.unplaced else []
-            left += [f"metadata not written: {line}" for line in doc["metadata"]["failed"][:3]]
-            raise RepairIncompleteError("; ".join(left))
+        raise_for_verdict(doc)  # the CLI's exit rule: a repair that left damage fails the run
         return doc  # type: ignore[no-any-return]
     except ShardvaultError as exc:
         return _carry(exc)

@@ -25,8 +25,6 @@ from shardvault.config import BucketSource, Config, PostgresSource, load_config,
 from shardvault.errors import (
     BackupIncompleteError,
     DamageFoundError,
-    DataLossError,
-    RepairIncompleteError,
     ShardvaultError,
 )
 from shardvault.repository import Repository
@@ -662,7 +660,7 @@ def _render_repair(doc: dict[str, Any]) -> None:
 @handle_errors
 def repair_cmd(ctx: Context, as_json: bool) -> None:
     """Rebuild missing and corrupt shards from k good ones, honouring zones."""
-    from shardvault.verify.repair import repair
+    from shardvault.verify.repair import raise_for_verdict, repair
 
     with ctx.repository() as repo, progress_bar(not as_json, "repair") as update:
         report = repair(repo, progress=lambda done, total: update(completed=done, total=total, info=f"{done}/{total}"))
@@ -671,23 +669,7 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
         emit_json(doc)
     else:
         _render_repair(doc)
-    _repair_verdict(doc)
-
-
-def _repair_verdict(doc: dict[str, Any]) -> None:
-    """The exit code of a repair (alone, or inside peers drain/remove): one rule for both."""
-    meta = doc.get("metadata") or {}
-    lost_meta = (meta.get("after") or {}).get("lost", [])
-    if doc["lost"]:
-        raise DataLossError(f"{len(doc['lost'])} pack(s) lost, beyond repair")
-    if lost_meta:
-        raise DataLossError(f"{len(lost_meta)} metadata object(s) intact on no peer")
-    failed = meta.get("failed", [])
-    if doc["unplaced"] or failed:
-        # What repair committed stays committed; what it could not write is said, and the exit is not 0.
-        left = [f"{len(doc['unplaced'])} shard(s) could not be placed"] if doc["unplaced"] else []
-        left += [f"metadata not written: {line}" for line in failed[:3]]
-        raise RepairIncompleteError("; ".join(left))
+    raise_for_verdict(doc)
 
 
 @main.group(invoke_without_command=True)
@@ -741,7 +723,9 @@ def _peer_action(ctx: Context, action: str, name: str, as_json: bool) -> None:
         if doc["removable"]:
             click.echo(f"peer {name} holds no shard the index needs: it can be taken out of the configuration")
     if doc["repair"]:
-        _repair_verdict(doc["repair"])
+        from shardvault.verify.repair import raise_for_verdict
+
+        raise_for_verdict(doc["repair"])
     if action in ("drain", "remove") and doc["shards_remaining"]:
         from shardvault.errors import PeerNotDrainedError
 

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardvault.errors import PeerError, ShardvaultError
+from shardvault.errors import DataLossError, PeerError, RepairIncompleteError, ShardvaultError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name
@@ -89,6 +89,25 @@ class RepairReport:
 
 
 ProgressFn = Callable[[int, int], None]
+
+
+def raise_for_verdict(doc: dict[str, Any]) -> None:
+    """The one exit rule of a repair (alone, or inside peers drain/remove), from its document.
+
+    Lost data first (exit 7), then what could not be written (exit 5); what
+    repair committed stays committed either way.
+    """
+    meta = doc.get("metadata") or {}
+    lost_meta = (meta.get("after") or {}).get("lost", [])
+    if doc["lost"]:
+        raise DataLossError(f"{len(doc['lost'])} pack(s) lost, beyond repair")
+    if lost_meta:
+        raise DataLossError(f"{len(lost_meta)} metadata object(s) intact on no peer")
+    failed = meta.get("failed", [])
+    if doc["unplaced"] or failed:
+        left = [f"{len(doc['unplaced'])} shard(s) could not be placed"] if doc["unplaced"] else []
+        left += [f"metadata not written: {line}" for line in failed[:3]]
+        raise RepairIncompleteError("; ".join(left))
 
 
 class Placer:
