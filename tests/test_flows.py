@@ -186,6 +186,39 @@ def test_a_failing_library_call_fails_the_flow_with_its_one_line_message(
     assert "no source named 'nope'" in (state.message or "") and "Traceback" not in (state.message or "")
 
 
+def test_drill_flow_gives_the_cli_report_and_a_failed_check_fails_it(
+    harness: None, backed_up: Vault, password_file: str, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    from shardvault.flows.drill import drill
+
+    def playbook(name: str, command: str) -> str:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"name: {name}\nobjectives: {{rto: 1h, rpo: 1h}}\nrestore: {{source: src}}\n"
+            f"checks:\n  - {{name: every file matches the snapshot, files: verify}}\n"
+            f"  - {{name: the check, command: {command}}}\ncleanup: always\n"
+        )
+        return str(path)
+
+    good = playbook("flow-green", '["true"]')
+    state = drill(playbook=good, config=str(backed_up.config), password_file=password_file, return_state=True)
+    assert state.is_completed(), state.message
+    doc = state.result()
+    assert doc["result"] == "passed" and all(c["passed"] for c in doc["checks"])
+    code, cli_doc = cli_json(backed_up, "drill", good)
+    assert code == 0 and sorted(cli_doc) == sorted(doc)
+    with get_client(sync_client=True) as client:  # the Markdown report is an artifact under a stable key
+        artifact = client.read_latest_artifacts()
+        assert any(a.key == "drill-flow-green" and "flow-green" in str(a.data) for a in artifact)
+
+    bad = playbook("flow-red", '["false"]')
+    state = drill(playbook=bad, config=str(backed_up.config), password_file=password_file, return_state=True)
+    assert state.is_failed()
+    assert "the check" in (state.message or "") and "Traceback" not in (state.message or "")
+
+
 # --- the plan and `shardvault schedule` (no server) -----------------------------------------
 
 
