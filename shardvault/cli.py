@@ -768,7 +768,8 @@ def exporter(ctx: Context, listen: str, once: bool) -> None:
         server = make_exporter(config, state, host, int(port))
     except OSError as exc:
         raise click.BadParameter(f"cannot listen on {listen}: {exc.strerror}", param_hint="--listen") from None
-    err.print(f"serving metrics on http://{host}:{server.server_port}/metrics", markup=False)
+    base = f"http://{host}:{server.server_port}"
+    err.print(f"serving {base}/metrics, {base}/health and {base}/health/detailed", markup=False)
     server.serve_forever()
 
 

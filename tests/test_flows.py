@@ -334,3 +334,32 @@ def test_the_shipped_prefect_yaml_describes_the_example_config_deployments(tmp_p
     for d in shipped:
         assert "config" not in d["parameters"]  # the worker's $SHARDVAULT_CONFIG
         load_flow_from_entrypoint(d["entrypoint"])
+
+
+def test_a_cancelled_base_backup_terminates_pg_basebackup_and_commits_nothing(
+    backed_up: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect cancels a run by raising TerminationSignal in it: the producer must not outlive the run."""
+    from prefect.exceptions import TerminationSignal
+
+    from shardvault.backup import postgres as pgbackup
+    from shardvault.config import PostgresSource, SourceKind
+    from shardvault.sources import postgres as pg
+
+    source = PostgresSource("db", SourceKind.POSTGRES, dsn="host=127.0.0.1")
+    started: list[pg.Producer] = []
+
+    def fake_basebackup(src: PostgresSource) -> pg.Producer:
+        started.append(pg.Producer(src, ["sleep", "600"]))  # stands in for a long pg_basebackup
+        return started[0]
+
+    def cancelled(*args: object, **kwargs: object) -> None:
+        raise TerminationSignal(15)
+
+    monkeypatch.setattr(pg, "basebackup", fake_basebackup)
+    monkeypatch.setattr(pgbackup, "backup_stream", cancelled)
+    before = json.loads(backed_up.cli("snapshots", "--json").stdout)
+    with backed_up.repo() as repo, pytest.raises(TerminationSignal):
+        pgbackup._base(repo, source, {})
+    assert started and started[0].proc.poll() is not None  # terminated, not left running
+    assert json.loads(backed_up.cli("snapshots", "--json").stdout) == before
