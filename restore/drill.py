@@ -35,7 +35,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import pwd
 import shutil
 import socket
 import stat
@@ -386,7 +385,7 @@ class _Drill:
             names = _wal_needed(archived(repo, source), doc["postgres"], settings.get("recovery_target_lsn"))
             for name in names:
                 fetch(repo, source, name, wal / name, prefetch=0)
-            _give_to_postgres(wal)
+            pgr.give_to_postgres(wal, include_root=True)
             s.detail = f"{len(names)} WAL file(s) into {wal}"
         _local_restore_command(data / "postgresql.auto.conf", wal)
         self.port = _free_port()
@@ -669,17 +668,6 @@ def _local_restore_command(conf: Path, wal: Path) -> None:
             f.write("\n".join(kept) + "\n")
     except OSError as exc:
         raise SourceError("drill", f"cannot write {conf}: {exc.strerror}") from None
-
-
-def _give_to_postgres(path: Path) -> None:
-    if os.geteuid() != 0:
-        return
-    try:
-        user = pwd.getpwnam("postgres")
-    except KeyError:
-        return
-    for item in [path, *path.iterdir()]:
-        os.chown(item, user.pw_uid, user.pw_gid)
 
 
 def run_drill(config: Config, password: str, playbook: Playbook, progress: ProgressFn | None = None) -> DrillReport:

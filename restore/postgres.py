@@ -111,7 +111,7 @@ def restore_physical(
                 conf.write(f"{key} = '{value.replace(chr(39), chr(39) * 2)}'\n")
         conf_path = target / "recovery.signal"
         conf_path.write_bytes(b"")
-        _give_to_postgres(target)
+        give_to_postgres(target)
     except OSError as exc:
         raise target_error(exc, conf_path) from None
     return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
@@ -150,13 +150,16 @@ def _untar(stream: ChunkStream, target: Path) -> None:
                 raise target_error(exc, safe.root / name) from None
 
 
-def _give_to_postgres(target: Path) -> None:
+def give_to_postgres(target: Path, include_root: bool = False) -> None:
+    """Hand what a restore wrote to the `postgres` user (the server runs as it); a no-op unless root."""
     if os.geteuid() != 0:
         return
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
         return
+    if include_root:
+        os.lchown(target, user.pw_uid, user.pw_gid)
     for root, dirs, files in os.walk(target):
         for name in [*dirs, *files]:
             os.lchown(os.path.join(root, name), user.pw_uid, user.pw_gid)
