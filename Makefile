@@ -27,7 +27,7 @@ setup: $(STAMP)
 
 # The main job: Prefect server, serve, exporter, Prometheus (and Alertmanager) on loopback; Ctrl-C stops all.
 run: $(STAMP)
-	scripts/apt-install prometheus prometheus-alertmanager:/usr/bin/amtool
+	scripts/apt-install prometheus prometheus-alertmanager:/usr/bin/amtool postgresql:/usr/lib/postgresql/15/bin/initdb
 	scripts/run.sh
 
 demo: $(STAMP)
