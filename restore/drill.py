@@ -58,6 +58,7 @@ from shardvault.errors import (
     DrillCheckFailedError,
     DrillObjectiveMissedError,
     RepositoryNotFoundError,
+    RestoreTargetError,
     ShardvaultError,
     SourceError,
 )
@@ -86,6 +87,18 @@ class PointKind(StrEnum):
 
     SNAPSHOT_FINISHED = "snapshot finished"
     LAST_REPLAYED_COMMIT = "last replayed commit"
+
+
+_SECRETS = ("SHARDVAULT_PASSWORD", "SHARDVAULT_PASSWORD_FILE")
+
+
+def check_environment() -> dict[str, str]:
+    """The environment of a check or of the scratch server: ours, without the passphrase.
+
+    A check's output lands in the report, the Prefect artifact and the error
+    line; a scratch server needs no key (the WAL it replays was fetched first).
+    """
+    return {k: v for k, v in os.environ.items() if k not in _SECRETS}
 
 
 @dataclass
@@ -410,8 +423,12 @@ class _Drill:
         if os.geteuid() == 0:
             argv = ["runuser", "-u", "postgres", "--", *argv]
         with self.step("stop scratch cluster") as s:
-            result = subprocess.run(argv, capture_output=True, text=True, timeout=90)
-            s.detail = "stopped" if result.returncode == 0 else f"pg_ctl stop: {result.stderr.strip()[-200:]}"
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=90, env=check_environment())
+            if result.returncode != 0:
+                # A server still running must keep its data directory: never clean up under it.
+                self.cleanup_paths.clear()
+                raise SourceError("drill", f"pg_ctl stop failed: {result.stderr.strip()[-200:]}")
+            s.detail = "stopped"
 
     # -- 3. checks ---------------------------------------------------------------------------
 
@@ -435,7 +452,9 @@ class _Drill:
         if check.kind is CheckKind.COMMAND:
             argv = [self.fill(a) for a in check.command]
             try:
-                done = subprocess.run(argv, capture_output=True, text=True, timeout=check.timeout_seconds)
+                done = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=check.timeout_seconds, env=check_environment()
+                )
             except FileNotFoundError:
                 return False, f"{argv[0]}: command not found"
             except subprocess.TimeoutExpired:
@@ -498,6 +517,10 @@ class _Drill:
         except ShardvaultError as exc:
             report.failure = str(exc)
             report.exception = exc
+        except OSError as exc:  # the target (or a scratch file) failed: say where, never a traceback
+            error = RestoreTargetError(report.target or str(self.playbook.restore.target), exc.strerror or str(exc))
+            report.failure = str(error)
+            report.exception = error
         finally:
             try:
                 self.stop_postgres()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -93,7 +94,10 @@ def parse_duration(value: Any) -> float:
     match = _DURATION.match(value) if isinstance(value, str) else None
     if not match:
         raise ValueError(f"{value!r} is not a duration (write a number and a unit: 90s, 15m, 4h, 2d)")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"{value!r} must be more than nothing")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -118,10 +122,15 @@ class Expectation:
 
     def holds(self, actual: Any) -> bool:
         expected = self.number()
+        ordering = self.op not in ("==", "!=")
+        if ordering and (expected is None or actual is None or isinstance(actual, bool)):
+            return False  # no rows, NULL or a boolean is never ">= 1000": an empty table must fail the check
         if expected is not None and actual is not None and not isinstance(actual, bool):
             try:
                 got = Decimal(str(actual))
             except InvalidOperation:
+                return False
+            if not got.is_finite():
                 return False
             return {
                 "==": got == expected,
@@ -316,8 +325,9 @@ def _check(lines: _Lines, i: int, table: Any, source_type: SourceKind) -> Check:
         expect = Expectation("==" if op == "=" else op, value)
         if not value:
             raise r.fail("expect", f"{raw!r} has no value to compare with")
-        if expect.op not in ("==", "!=") and expect.number() is None:
-            raise r.fail("expect", f"{raw!r}: {expect.op} needs a number")
+        number = expect.number()
+        if expect.op not in ("==", "!=") and (number is None or not number.is_finite()):
+            raise r.fail("expect", f"{raw!r}: {expect.op} needs a finite number")
         return Check(**common, sql=query, expect=expect, database=r.get("database", str, "postgres"))
     url = r.get("http", str)
     if not url.startswith(("http://", "https://")):
@@ -349,7 +359,8 @@ def parse_playbook(text: str, path: Path, config: Config) -> Playbook:
             "source", f"no source named {source_name!r} in {config.path} (configured: {', '.join(known) or 'none'})"
         )
     source_type = known[source_name].type
-    snapshot = str(rs.get("snapshot", (str, int), "latest"))
+    # A string only: YAML reads an unquoted 012345 as the octal number 5349, and that id does not exist.
+    snapshot = str(rs.get("snapshot", (str,), "latest"))
     target = rs.get("target", str, SCRATCH)
     if target != SCRATCH:
         target = str((path.parent / Path(target).expanduser()).absolute())
@@ -375,6 +386,14 @@ def parse_playbook(text: str, path: Path, config: Config) -> Playbook:
             raise rs.fail(key, f"applies to PostgreSQL sources only; {source_name!r} is a {source_type.value} source")
     if to_time and to_lsn:
         raise rs.fail("to_lsn", "give to_time or to_lsn, not both")
+    # Checked now, not after the base backup is restored: a typo must cost nothing.
+    if to_lsn is not None and not re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", to_lsn):
+        raise rs.fail("to_lsn", f"{to_lsn!r} is not an LSN (like 0/3000060)")
+    if to_time is not None:
+        try:
+            datetime.fromisoformat(to_time.replace(" ", "T", 1))
+        except ValueError:
+            raise rs.fail("to_time", f"{to_time!r} is not a time (like 2026-11-24 03:00:00+00)") from None
     restore = RestoreSpec(
         source=source_name,
         source_type=source_type,

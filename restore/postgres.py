@@ -183,7 +183,10 @@ def start(source: PostgresSource, target: Path, port: int, timeout: float = 600.
     ]
     if os.geteuid() == 0:
         argv = ["runuser", "-u", "postgres", "--", *argv]
-    result = subprocess.run(argv, capture_output=True, text=True)
+    # The server never needs the passphrase in its environment: its restore_command names a password
+    # file (restore) or copies WAL fetched beforehand (drill).
+    env = {k: v for k, v in os.environ.items() if k != "SHARDVAULT_PASSWORD"}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SourceError(source.name, f"the restored cluster did not start: {_last_log(target) or result.stderr}")
     # Connections are accepted during recovery (hot standby): wait for the promotion at the target.

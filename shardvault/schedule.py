@@ -109,6 +109,12 @@ def check_cron(config: Config, key: str, cron: str) -> str:
         why = errors()[0].get("msg", str(exc)) if callable(errors) else str(exc)
         why = why.removeprefix("Value error, ") + " (five fields: minute hour day month weekday)"
         raise _fail(config, key, why) from None
+    try:  # well-formed but never due (Feb 31st): serve would register a schedule that never runs
+        dates = asyncio.run(CronSchedule(cron=cron, timezone="UTC").get_dates(n=1))
+    except Exception as exc:  # noqa: BLE001 - the cron library's own error classes are not ours to name
+        raise _fail(config, key, f"{cron!r} never fires ({exc})") from None
+    if not dates:
+        raise _fail(config, key, f"{cron!r} never fires")
     return cron
 
 

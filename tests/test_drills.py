@@ -17,7 +17,7 @@ import test_postgres
 import yaml
 from botocore.config import Config as BotoConfig
 from click.testing import Result
-from conftest import SMALL, Vault, local_peers, make_tree, write_config
+from conftest import PASSWORD, SMALL, Vault, local_peers, make_tree, write_config
 from test_postgres import Cluster
 
 from shardvault.config import load_config
@@ -276,3 +276,68 @@ def test_postgres_pitr_playbook_runs_green_with_no_passphrase_in_the_restored_se
     assert f'cp "{kept / "wal"}/%f"' in conf
     assert not (kept / "data" / "postmaster.pid").exists()
     shutil.rmtree(kept)
+
+
+# --- found by the review of issue 8 ------------------------------------------------------------
+
+
+def test_the_passphrase_never_reaches_a_check_or_the_report(docs: Vault, tmp_path: Path) -> None:
+    leak = ["sh", "-c", 'echo "pw=$SHARDVAULT_PASSWORD" >&2; exit 1']
+    playbook = _variant(tmp_path, "docs-restore.yaml", checks=[{"name": "leak", "command": leak}])
+    result, doc = _drill(docs, playbook)
+    assert result.exit_code == 13
+    assert PASSWORD not in result.output and PASSWORD not in json.dumps(doc)
+    for report in (docs.root / "state" / "drills").iterdir():
+        assert PASSWORD not in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("actual", "expect", "holds"),
+    [
+        (None, ">= 1000", False),
+        (True, ">= 5", False),
+        (0, ">= 1000", False),
+        (1100, ">= 1000", True),
+        (None, "!= 3", True),
+        ("abc", "== abc", True),
+    ],
+)
+def test_an_empty_or_null_result_never_satisfies_an_ordering(actual: Any, expect: str, holds: bool) -> None:
+    from shardvault.restore.playbook import Expectation
+
+    op, _, value = expect.partition(" ")
+    assert Expectation(op, value).holds(actual) is holds
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"restore_to_lsn": "not-an-lsn"}, "restore.to_lsn"),
+        ({"restore_to_time": "yesterday"}, "restore.to_time"),
+        ({"objectives": {"rto": "0s", "rpo": "1h"}}, "objectives.rto"),
+        ({"restore_snapshot": 12345}, "restore.snapshot"),
+    ],
+)
+def test_more_malformed_playbooks_are_refused_before_anything_runs(
+    docs: Vault, tmp_path: Path, changes: dict[str, Any], field: str
+) -> None:
+    shipped = (
+        "postgres-pitr.yaml" if "restore_to_lsn" in changes or "restore_to_time" in changes else "docs-restore.yaml"
+    )
+    playbook = _variant(tmp_path, shipped, **changes)
+    if shipped == "postgres-pitr.yaml":  # give it a PostgreSQL source to be checked against
+        text = docs.config.read_text() + '[[sources]]\nname = "db"\ntype = "postgres"\ndsn = "host=127.0.0.1"\n'
+        docs.config.write_text(text)
+        doc = yaml.safe_load(playbook.read_text())
+        doc["restore"]["source"] = "db"
+        playbook.write_text(yaml.safe_dump(doc))
+    result = docs.cli("drill", str(playbook))
+    assert result.exit_code == 3, result.output
+    assert field in result.stderr and "Traceback" not in result.output
+
+
+def test_a_target_that_cannot_be_made_is_a_target_error_not_a_traceback(docs: Vault, tmp_path: Path) -> None:
+    playbook = _variant(tmp_path, "docs-restore.yaml", restore_target="/proc/no-such-dir/x")
+    result = docs.cli("drill", str(playbook))
+    assert result.exit_code == 12, result.output
+    assert result.stderr.count("shardvault: error:") == 1

@@ -67,17 +67,9 @@ def _playbook(tmp: Path, check: str, rto: str) -> list[str]:
     return ["drill", str(path)]
 
 
-def _unreachable_prefect(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from conftest import free_port
-
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{free_port()}/api")
-    return ["serve"]
-
-
 CASES: dict[str, tuple[int, Callable[..., list[str]]]] = {
     "drill check failed": (13, lambda v, t, m: _playbook(t, '["false"]', "1h")),
     "drill objective missed": (14, lambda v, t, m: _playbook(t, '["true"]', "0.001s")),
-    "prefect unreachable": (15, lambda v, t, m: _unreachable_prefect(m)),
     "ok": (0, lambda v, t, m: ["snapshots"]),
     "usage: latest with several sources": (2, lambda v, t, m: _two_sources(v, t)),
     "config: unknown source": (3, lambda v, t, m: ["backup", "nope"]),
@@ -152,3 +144,13 @@ def test_unexpected_error_is_exit_1_with_a_traceback(backed_up: Vault, monkeypat
         main, ["--config", str(backed_up.config), "snapshots"], env={"SHARDVAULT_PASSWORD": PASSWORD}
     )
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_an_unreachable_prefect_api_is_exit_15(backed_up: Vault, tmp_path: Path) -> None:
+    """In a child process: an in-process Prefect test harness elsewhere in the session must not answer it."""
+    from conftest import free_port
+
+    backed_up.env = {"PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api", "PREFECT_HOME": str(tmp_path / "ph")}
+    result = backed_up.run("serve", timeout=120)
+    assert result.returncode == 15, result.stderr
+    assert result.stderr.count("shardvault: error:") == 1 and "Prefect API" in result.stderr

@@ -43,13 +43,19 @@ def run_dir() -> Iterator[Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_make_run_starts_drills_serves_and_stops_cleanly(run_dir: Path) -> None:
     names = ("PREFECT", "EXPORTER", "PROMETHEUS", "ALERTMANAGER", "PG", "S3")
     ports = {name: free_port() for name in names}
     env = os.environ | {f"RUN_{name}_PORT": str(port) for name, port in ports.items()}
     env |= {"RUN_DIR": str(run_dir), "BIN": str(BIN)}
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "run.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [str(ROOT / "scripts" / "run.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a failed test kills every child, not just the script
     )
     lines: list[str] = []
     try:
@@ -80,11 +86,13 @@ def test_make_run_starts_drills_serves_and_stops_cleanly(run_dir: Path) -> None:
         for name in PLAYBOOKS:
             assert f'shardvault_drill_success{{playbook="{name}"}} 1.0' in metrics
         assert _listening(ports["PG"]) and _listening(ports["S3"])
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
+        # SIGTERM takes the same trap as Ctrl-C's SIGINT; a shell started with SIGINT ignored (a background
+        # job of a non-interactive shell, as some CI runners start commands) could not trap SIGINT at all.
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         if (run_dir / "pg" / "data" / "postmaster.pid").exists():  # never leave a cluster behind
             pg_ctl = Path("/usr/lib/postgresql/15/bin/pg_ctl")
