@@ -341,3 +341,31 @@ def test_a_target_that_cannot_be_made_is_a_target_error_not_a_traceback(docs: Va
     result = docs.cli("drill", str(playbook))
     assert result.exit_code == 12, result.output
     assert result.stderr.count("shardvault: error:") == 1
+
+
+def test_http_checks_pass_on_the_expected_status_and_fail_otherwise(docs: Vault, tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        good = [{"name": "app healthy", "http": f"{base}/health", "expect_status": 200}]
+        result, doc = _drill(docs, _variant(tmp_path, "docs-restore.yaml", checks=good))
+        assert result.exit_code == 0, result.output
+        assert doc["checks"][0]["passed"] and "answered 200" in doc["checks"][0]["detail"]
+        bad = [{"name": "app healthy", "http": f"{base}/broken", "expect_status": 200}]
+        result, doc = _drill(docs, _variant(tmp_path, "docs-restore.yaml", checks=bad))
+        assert result.exit_code == 13 and "app healthy" in result.stderr
+        assert "answered 503, expected 200" in doc["checks"][0]["detail"]
+    finally:
+        server.shutdown()
