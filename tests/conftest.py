@@ -30,6 +30,20 @@ BIN = Path(sys.executable).parent
 SMALL = {"chunk_min_kib": 64, "chunk_avg_kib": 256, "chunk_max_kib": 1024, "pack_size_mib": 1}
 
 
+# Schedule tables for the orchestration tests (config keys of issue 8).
+SCHEDULE = """
+[schedule]
+timezone = "Europe/Paris"
+check = "*/30 * * * *"
+scrub = "15 3 * * *"
+"""
+SOURCE_SCHEDULE = """
+[sources.schedule]
+incremental = "0 * * * *"
+full = "0 3 * * 0"
+"""
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

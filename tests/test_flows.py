@@ -14,21 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, Vault, make_vault
+from conftest import PASSWORD, SCHEDULE, SOURCE_SCHEDULE, Vault, make_vault
 
 from shardvault.config import load_config
-
-SCHEDULE = """
-[schedule]
-timezone = "Europe/Paris"
-check = "*/30 * * * *"
-scrub = "15 3 * * *"
-"""
-SOURCE_SCHEDULE = """
-[sources.schedule]
-incremental = "0 * * * *"
-full = "0 3 * * 0"
-"""
 
 
 @pytest.fixture(scope="session")

@@ -19,20 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Vault, free_port, make_vault
+from conftest import SCHEDULE, SOURCE_SCHEDULE, Vault, free_port, make_vault
 
 BIN = Path(sys.executable).parent
-SCHEDULE = """
-[schedule]
-timezone = "Europe/Paris"
-check = "*/30 * * * *"
-scrub = "15 3 * * *"
-"""
-SOURCE_SCHEDULE = """
-[sources.schedule]
-incremental = "0 * * * *"
-full = "0 3 * * 0"
-"""
 WAIT = 120.0  # seconds: the longest any step may take before the test fails instead of hanging
 
 

@@ -110,7 +110,6 @@ class Repository:
         self._lock = threading.Lock()
         self.meta_problems: list[MetaProblem] = []  # bad copies and unreadable objects met this run
         self.survey: dict[str, PeerSurvey] = {}
-        self.degraded_writes: list[str] = []  # metadata committed on fewer peers than the quorum
         self.config_copy = b""  # the sealed config this run opened (the highest revision)
         self.aliased: dict[str, str] = {}  # peer -> the earlier peer whose identity it shows (left out)
         self.foreign: dict[str, str] = {}  # peer -> the other repository its identity names (left out)
@@ -445,18 +444,13 @@ class Repository:
         issue 7): at least the write quorum must take it, or every copy that
         was written is deleted again and NotEnoughPeersError says nothing was
         committed.  Only if that undo itself fails is the object visible with
-        fewer copies; then it *is* committed, the write returns normally, and
-        :attr:`degraded_writes` names it so the caller says "degraded" and
-        repair re-replicates it.
+        fewer copies; then it *is* committed and the write returns normally
+        (check reports the missing copies, repair re-replicates them).
         """
         data = seal_object(self.cipher, name, doc)
         up = self.peers.up()
         errors: list[str] = []
-
-        def put(peer: Peer) -> None:
-            peer.store.store(name, data)
-
-        futures = [(peer, self.io.submit(put, peer)) for peer in up]
+        futures = [(peer, self.io.submit(peer.store.store, name, data)) for peer in up]
         acked: list[Peer] = []
         for peer, future in futures:
             try:
@@ -481,9 +475,6 @@ class Repository:
                     peer.store.store(name, data)
                 except PeerError as exc:
                     self.peers.mark_down(peer, str(exc))
-            self.degraded_writes.append(name)
-        elif len(acked) < len(self.peers):
-            self.degraded_writes.append(name)
         self.state.cache(name, data)
 
     def require_quorum(self) -> None:
