@@ -25,6 +25,8 @@ Exit codes (stable, documented in the README):
 13  DR drill: a check failed
 14  DR drill: every check passed, but an objective (RTO or RPO) was missed
 15  the Prefect API is unreachable
+16  repository busy or immutable: a live holder blocks (another prune), or a
+    peer refuses deletion (append-only, object lock)
 ==  ==========================================================
 """
 
@@ -317,3 +319,21 @@ class DrillObjectiveMissedError(ShardvaultError):
     """Drill {0}: every check passed, but {1}"""
 
     exit_code = 14
+
+
+# --- lifecycle: forget, prune, sessions, keys, immutability (issue 9) --------------
+# [lifecycle]
+# [keys]
+# [immutability]
+
+
+class RepositoryBusyError(ShardvaultError):
+    """{0} is held by {1}; wait for it to finish, or if it was killed run `shardvault unlock`"""
+
+    exit_code = 16
+
+
+class DeletionRefusedError(ShardvaultError):
+    """Peer {0} refuses deletion ({1}): {2}"""
+
+    exit_code = 16
