@@ -312,6 +312,148 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
     click.echo(f"{len(snaps)} snapshot(s)")
 
 
+_KEEP_COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+
+
+def _keep_flags(values: dict[str, str | None]) -> Any:
+    """The policy the --keep-* flags give (None without any); RetentionPolicyError (exit 2) for a bad value."""
+    from shardvault.errors import RetentionPolicyError
+    from shardvault.lifecycle.retention import PolicyError, RetentionPolicy, check_count, parse_duration
+
+    if all(v is None for v in values.values()):
+        return None
+    counts: dict[str, int | None] = {}
+    for name in _KEEP_COUNTS:
+        text = values[name]
+        flag = "--" + name.replace("_", "-")
+        if text is None:
+            counts[name] = None
+        elif text.strip().lower() == "unlimited":
+            counts[name] = -1
+        else:
+            try:
+                number = int(text)
+            except ValueError:
+                raise RetentionPolicyError(flag, f"{text!r} is not a count (a whole number, or -1/unlimited)") from None
+            try:
+                counts[name] = check_count(number, flag)
+            except PolicyError as exc:
+                raise RetentionPolicyError(flag, exc.message) from None
+    within = values["keep_within"]
+    try:
+        duration = parse_duration(within) if within is not None else None
+    except PolicyError as exc:
+        raise RetentionPolicyError("--keep-within", exc.message) from None
+    return RetentionPolicy(**counts, keep_within=duration)
+
+
+@main.command()
+@click.option("--source", "source", help="Only this source (default: every source with a policy).")
+@click.option("--keep-last", metavar="N", help="Keep the N newest snapshots (-1 or 'unlimited': all).")
+@click.option("--keep-hourly", metavar="N", help="Keep the newest snapshot of each of the N newest hours with one.")
+@click.option("--keep-daily", metavar="N", help="... of each of the N newest days with one.")
+@click.option("--keep-weekly", metavar="N", help="... of each of the N newest ISO weeks with one.")
+@click.option("--keep-monthly", metavar="N", help="... of each of the N newest months with one.")
+@click.option("--keep-yearly", metavar="N", help="... of each of the N newest years with one.")
+@click.option("--keep-within", metavar="DURATION", help="Keep all within DURATION of the newest (1y2m3d4h, m: months).")
+@click.option("--dry-run", is_flag=True, help="Change nothing: show what would go, and which rules keep the rest.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def forget(
+    ctx: Context,
+    source: str | None,
+    keep_last: str | None,
+    keep_hourly: str | None,
+    keep_daily: str | None,
+    keep_weekly: str | None,
+    keep_monthly: str | None,
+    keep_yearly: str | None,
+    keep_within: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove the snapshots the retention policy does not keep (and expired PostgreSQL WAL).
+
+    Without --keep-* flags each source's [sources.retention] applies; with
+    them, the flags are the policy of every selected source (the configured
+    one is not merged in).  Packs are not deleted: `shardvault prune` frees the space.
+    """
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from shardvault.errors import ConfigValueError, RetentionPolicyError
+    from shardvault.lifecycle.forget import forget as run_forget
+
+    flags = _keep_flags(
+        {
+            "keep_last": keep_last,
+            "keep_hourly": keep_hourly,
+            "keep_daily": keep_daily,
+            "keep_weekly": keep_weekly,
+            "keep_monthly": keep_monthly,
+            "keep_yearly": keep_yearly,
+            "keep_within": keep_within,
+        }
+    )
+    config = ctx.config
+    configured = {s.name: s.retention for s in config.sources}
+    if source is not None and source not in configured and flags is None:
+        config.source(source)  # names the configured sources
+    if flags is None and not any(configured.get(n) for n in ([source] if source else configured)):
+        where = f" for source {source!r}" if source else ""
+        raise RetentionPolicyError("forget", f"no retention policy{where}: pass --keep-* or set [sources.retention]")
+    try:
+        tz = ZoneInfo(config.schedule.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigValueError(
+            config.path, "schedule.timezone", f"unknown time zone {config.schedule.timezone!r}"
+        ) from None
+    with ctx.repository() as repo, progress_bar(not as_json, "forget") as update:
+        known = set(configured) | {s.source for s in repo.snapshots()}
+        if source is not None and source not in known:
+            config.source(source)  # neither configured nor in the repository: names the configured ones
+        policies = {}
+        for name in [source] if source else sorted(known):
+            policy = flags or configured.get(name)  # flags replace the configured policy as a whole
+            if policy is not None and policy.empty:
+                raise RetentionPolicyError(f"source {name}", "the --keep-* flags give no rule (0 switches one off)")
+            policies[name] = policy
+        report = run_forget(repo, policies, dry_run=dry_run, tz=tz, progress=lambda step: update(info=step))
+    if as_json:
+        emit_json(report.to_doc())
+        return
+    for plan in report.sources:
+        click.echo(f"source {plan.source}: {plan.policy}")
+        if plan.keep:
+            click.echo(f"keep {len(plan.keep)} snapshot(s):")
+            click.echo(f"  {'ID':<10}{'time':<27}{'host':<16}{'kind':<13}reasons")
+            for d in plan.keep:
+                s = d.snapshot
+                when = d.time.strftime("%Y-%m-%d %H:%M:%S %Z")
+                click.echo(f"  {s.short_id:<10}{when:<27}{s.hostname[:15]:<16}{s.kind:<13}{', '.join(d.reasons)}")
+        if plan.remove:
+            click.echo(f"{'would remove' if dry_run else 'remove'} {len(plan.remove)} snapshot(s):")
+            click.echo(f"  {'ID':<10}{'time':<27}{'host':<16}kind")
+            for d in plan.remove:
+                s = d.snapshot
+                when = d.time.strftime("%Y-%m-%d %H:%M:%S %Z")
+                click.echo(f"  {s.short_id:<10}{when:<27}{s.hostname[:15]:<16}{s.kind}")
+        if plan.wal_expired:
+            span = f"{plan.wal_expired[0]} .. {plan.wal_expired[-1]}"
+            click.echo(f"{'would expire' if dry_run else 'expire'} {len(plan.wal_expired)} WAL file(s): {span}")
+        if plan.wal_note:
+            click.echo(plan.wal_note)
+    for name in report.unconfigured:
+        click.echo(f"source {name}: no retention policy, left alone (set [sources.retention] or pass --keep-*)")
+    what = f"{report.snapshots_removed} snapshot(s) and {report.wal_removed} WAL file(s)"
+    if dry_run:
+        click.echo(f"dry run: would remove {what}; nothing changed")
+    else:
+        click.echo(f"removed {what}; run 'shardvault prune' to free space")
+    for peer, why in report.peers_missed.items():
+        warn(f"peer {peer} keeps stray copies ({why}); `shardvault repair` deletes them when it is back")
+
+
 @main.command()
 @click.argument("snapshot")
 @click.option("--source", "source", help="Source of the snapshot (needed for 'latest').")
@@ -557,6 +699,8 @@ def _render_metadata(meta: Any) -> None:
         click.echo(f"LOST metadata object {name}: no peer holds an intact copy")
     for snap in meta.snapshots_missing:
         click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but no peer has it: rolled back?")
+    for name, holders in meta.stray.items():
+        click.echo(f"stray copy of deleted {name} on peer(s) {', '.join(holders)}: `shardvault repair` deletes it")
     click.echo(meta.summary())
 
 
@@ -647,7 +791,7 @@ def _render_repair(doc: dict[str, Any]) -> None:
             click.echo(f"LOST metadata object {name}: no peer holds an intact copy")
         for snap in meta["after"]["snapshots_missing"]:
             click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but is on no peer: not repairable")
-        click.echo(f"metadata: {meta['copies_written']} copies written")
+        click.echo(f"metadata: {meta['copies_written']} copies written, {meta['stray_deleted']} stray copies deleted")
     click.echo(
         f"repaired {doc['packs_repaired']} of {doc['packs']} packs: {doc['shards_rebuilt']} shard(s) rebuilt, "
         f"{doc['shards_relocated']} on another peer, {human(doc['bytes_written'])} written"

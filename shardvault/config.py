@@ -52,10 +52,13 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from shardvault.errors import AliasedPeersError, ConfigFileNotFoundError, ConfigValueError, PasswordMissingError
+
+if TYPE_CHECKING:
+    from shardvault.lifecycle.retention import RetentionPolicy
 
 DEFAULT_CONFIG_NAME = "shardvault.toml"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -126,7 +129,9 @@ class SourceKind(StrEnum):
     BUCKET = "bucket"
 
 
-_SOURCE_COMMON_KEYS = frozenset({"name", "type", "rpo_objective_seconds", "backup_interval_seconds", "schedule"})
+_SOURCE_COMMON_KEYS = frozenset(
+    {"name", "type", "rpo_objective_seconds", "backup_interval_seconds", "schedule", "retention"}
+)
 # The keys each kind of source accepts (besides the common ones): a key of another
 # kind (a dsn on a files source) is a mistake about what is backed up, so it is refused.
 SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
@@ -156,6 +161,7 @@ class SourceConfig:
     rpo_objective_seconds: int = 86400  # alert when the newest good backup is older
     backup_interval_seconds: int = 86400  # the schedule; alert when no backup for twice this
     schedule: SourceSchedule = field(default_factory=SourceSchedule)  # crons of `shardvault serve`
+    retention: RetentionPolicy | None = None  # [sources.retention]: what `forget` keeps; None: left alone
 
 
 @dataclass(frozen=True)
@@ -528,8 +534,31 @@ def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
         rpo = r.int_range("rpo_objective_seconds", 60, 10**9, default=86400)
         interval = r.int_range("backup_interval_seconds", 60, 10**9, default=86400)
         source = _SOURCE_READERS[kind](r, path, name, rpo, interval)
-        sources.append(replace(source, schedule=_source_schedule(path, f"sources[{i}].schedule", table)))
+        sources.append(
+            replace(
+                source,
+                schedule=_source_schedule(path, f"sources[{i}].schedule", table),
+                retention=_source_retention(path, f"sources[{i}].retention", table),
+            )
+        )
     return tuple(sources)
+
+
+def _source_retention(path: Path, where: str, source_table: dict[str, Any]) -> RetentionPolicy | None:
+    """``[sources.retention]``: keep_last ... keep_yearly (-1 unlimited), keep_within ("30d", "1y2m")."""
+    if "retention" not in source_table:
+        return None
+    # Imported here: the policy module is pure (stdlib only), and config stays at the bottom of the layers.
+    from shardvault.lifecycle.retention import PolicyError, policy_from_mapping
+
+    r = _Reader(path, where, source_table["retention"])
+    try:
+        policy = policy_from_mapping(r.table)
+    except PolicyError as exc:
+        raise r.fail(exc.key, exc.message) from None
+    if policy.empty:
+        raise ConfigValueError(path, where, "has no keep_* rule (remove the table to keep every snapshot)")
+    return policy
 
 
 def _source_schedule(path: Path, where: str, source_table: dict[str, Any]) -> SourceSchedule:

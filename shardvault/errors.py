@@ -323,6 +323,14 @@ class DrillObjectiveMissedError(ShardvaultError):
 
 # --- lifecycle: forget, prune, sessions, keys, immutability (issue 9) --------------
 # [lifecycle]
+
+
+class RetentionPolicyError(ShardvaultError):
+    """{0}: {1}"""
+
+    exit_code = 2  # a usage error: the keep-* flags (the TOML's policy is a ConfigValueError, exit 3)
+
+
 # [keys]
 # [immutability]
 

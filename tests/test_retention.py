@@ -214,11 +214,11 @@ def test_calendar_arithmetic_rolls_over_like_go() -> None:
     ("values", "fragment"),
     [
         ({"keep_dayly": 3}, "keep_dayly: unknown key"),
-        ({"keep_daily": -2}, "keep_daily must be a count"),
-        ({"keep_daily": "7"}, "keep_daily must be a whole number"),
-        ({"keep_daily": True}, "keep_daily must be a whole number"),
-        ({"keep_within": "30x"}, "keep_within"),
-        ({"keep_within": 30}, "keep_within must be a duration string"),
+        ({"keep_daily": -2}, "keep_daily: must be a count"),
+        ({"keep_daily": "7"}, "keep_daily: must be a whole number"),
+        ({"keep_daily": True}, "keep_daily: must be a whole number"),
+        ({"keep_within": "30x"}, "keep_within: '30x' is not a duration"),
+        ({"keep_within": 30}, "keep_within: must be a duration string"),
     ],
 )
 def test_malformed_policies_name_the_key(values: dict[str, object], fragment: str) -> None:
@@ -227,9 +227,8 @@ def test_malformed_policies_name_the_key(values: dict[str, object], fragment: st
     assert "sources[0].retention." in str(info.value)
 
 
-def test_flags_override_the_configured_policy_rule_by_rule() -> None:
-    configured = policy_from_mapping({"keep_daily": 7, "keep_within": "30d"})
-    merged = configured.override(RetentionPolicy(keep_daily=2, keep_last=1))
-    assert merged == RetentionPolicy(keep_last=1, keep_daily=2, keep_within=Duration(days=30))
-    assert merged.to_doc() == {"keep_last": 1, "keep_daily": 2, "keep_within": "30d"}
-    assert str(merged) == "keep 1 last, 2 daily, all within 30d of the newest"
+def test_a_policy_reads_from_the_configuration_and_describes_itself() -> None:
+    policy = policy_from_mapping({"keep_last": 1, "keep_daily": 2, "keep_monthly": -1, "keep_within": "30d"})
+    assert policy == RetentionPolicy(keep_last=1, keep_daily=2, keep_monthly=-1, keep_within=Duration(days=30))
+    assert policy.to_doc() == {"keep_last": 1, "keep_daily": 2, "keep_monthly": -1, "keep_within": "30d"}
+    assert str(policy) == "keep 1 last, 2 daily, all monthly, all within 30d of the newest"

@@ -11,9 +11,14 @@ This module is the metadata half of ``check``, ``scrub`` and ``repair``:
   peer holds intact is *lost*.  A peer without an identity object is *empty
   or replaced*: not a healthy member until ``repair`` refills it.  Snapshots
   that the local state recorded as committed but that no peer has any more
-  are named (a rollback of every peer, or a deletion).
+  are named (a rollback of every peer, or a deletion).  Objects a tombstone
+  lists (:mod:`shardvault.repository.tombstones`: deleted on purpose by
+  forget or prune) are not objects any more: never missing or
+  under-replicated, and a copy still on a peer (one that was down during
+  the deletion) is a *stray* copy.
 * :func:`heal` copies a good copy onto every up peer that lacks one (or
-  holds a bad one) and writes an identity onto empty peers.
+  holds a bad one), writes an identity onto empty peers, and deletes stray
+  copies.
 
 "Healthy" for metadata means every configured peer holds a good copy, so
 that losing any n - k peers (the most the data survives) still leaves one.
@@ -30,6 +35,7 @@ from typing import Any
 
 from shardvault.errors import ObjectNotFoundError, PeerError, UnsupportedFormatError
 from shardvault.repository import Repository
+from shardvault.repository.keys import verified_copy
 from shardvault.repository.metadata import (
     CONFIG_NAME,
     IDENTITY_NAME,
@@ -76,14 +82,19 @@ class MetadataReport:
     peers_aliased: dict[str, str] = field(default_factory=dict)  # peer -> the peer whose identity it shows
     peers_foreign: dict[str, str] = field(default_factory=dict)  # peer -> the repository it holds
     snapshots_missing: list[str] = field(default_factory=list)  # recorded in the state, on no peer
+    # object a tombstone lists -> peers still holding a copy (down during the deletion); repair deletes
+    # them.  Not damage: every reader already treats the object as gone.
+    stray: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def damaged(self) -> bool:
         return bool(self.issues or self.lost or self.peers_empty or self.snapshots_missing)
 
     def summary(self) -> str:
-        return f"metadata: {self.objects} objects, {self.under_replicated} under-replicated, {len(self.lost)} lost" + (
-            f", {len(self.snapshots_missing)} recorded snapshot(s) on no peer" if self.snapshots_missing else ""
+        return (
+            f"metadata: {self.objects} objects, {self.under_replicated} under-replicated, {len(self.lost)} lost"
+            + (f", {len(self.snapshots_missing)} recorded snapshot(s) on no peer" if self.snapshots_missing else "")
+            + (f", {sum(map(len, self.stray.values()))} stray copies of deleted objects" if self.stray else "")
         )
 
     def to_doc(self) -> dict[str, Any]:
@@ -126,6 +137,10 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
                 )
             elif name != IDENTITY_NAME:
                 names.add(name)
+    deleted = repo.deleted_names
+    for name in sorted(names & deleted):
+        report.stray[name] = sorted(peer for peer, listing in listings.items() if name in listing)
+    names -= deleted
     _check_identities(repo, listings, report)
 
     configured = [p.name for p in repo.peers]
@@ -150,7 +165,7 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
     report.peers_behind = {peer: count for peer, count in sorted(behind.items()) if count}
     for problem in repo.meta_problems:  # bad copies met while opening and reading (e.g. a key copy)
         issue = MetadataIssue(problem.name, problem.peer, CopyProblem.CORRUPT.value, problem.detail)
-        if problem.peer and issue not in report.issues:
+        if problem.peer and issue not in report.issues and problem.name not in deleted:
             report.issues.append(issue)
     _check_recorded_snapshots(repo, names, report)
     _record(repo, report)
@@ -222,7 +237,7 @@ def _check_object(
             behind[peer.name] += 1
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, "object not on the peer"))
             continue
-        if not read:
+        if not (read or kind_of(name) == "key"):  # key objects are tiny and the door to everything: always read
             if size != expected_size:
                 detail = f"size {size}, the good copy has {expected_size} (truncated or replaced)"
                 report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
@@ -251,13 +266,16 @@ def _reference(repo: Repository, name: str) -> bytes | None:
 
     The config and the key our passphrase opened were authenticated when the
     repository was opened.  Other objects are sealed (each copy is checked
-    on its own) or, for the key objects of other passphrases, cannot be
-    verified here at all.
+    on its own).  The key objects of other passphrases verify by their
+    sealed info (:mod:`shardvault.repository.keys`); those made before it
+    existed cannot be verified here at all.
     """
     if name == CONFIG_NAME:
         return repo.config_copy or None
     if name == repo.key_name:
         return repo.key_copy or None
+    if kind_of(name) == "key":
+        return verified_copy(repo, name)
     return None
 
 
@@ -266,7 +284,8 @@ def _verify_copy(repo: Repository, name: str, data: bytes, reference: bytes | No
     if reference is not None and data != reference:
         if name == CONFIG_NAME:
             raise MalformedObject(f"stale or damaged: not the current config (revision {repo.doc.get('revision', 0)})")
-        raise MalformedObject("differs from the copy that opened (bit rot or tampering)")
+        what = "the copy that opened" if name == repo.key_name else "the copy whose sealed info verifies"
+        raise MalformedObject(f"differs from {what} (bit rot or tampering)")
     if kind_of(name) == "key":
         parse_key_object(data)  # another passphrase's key: its structure and bounds are all we can check
         return
@@ -278,7 +297,8 @@ def _check_recorded_snapshots(repo: Repository, names: set[str], report: Metadat
     """Snapshots the state saw committed must still be on some peer: a rollback is never silent."""
     rows = repo.state.query("SELECT DISTINCT snapshot FROM runs WHERE kind = 'backup' AND snapshot IS NOT NULL")
     for (snapshot,) in rows:
-        if f"snapshots/{snapshot}" not in names:
+        name = f"snapshots/{snapshot}"
+        if name not in names and not repo.is_deleted(name):  # a forgotten snapshot is gone on purpose
             report.snapshots_missing.append(str(snapshot))
     for snapshot in report.snapshots_missing:
         report.issues.append(
@@ -306,6 +326,7 @@ def _record(repo: Repository, report: MetadataReport) -> None:
 @dataclass
 class HealReport:
     copies_written: int = 0
+    stray_deleted: int = 0  # copies of objects a tombstone lists, deleted from peers that kept them
     identities_written: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
@@ -337,6 +358,7 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
                 healed.copies_written += 1
             except PeerError as exc:
                 healed.failed.append(f"{peer.name}:{name}: {exc}")
+    _delete_strays(repo, report, healed)
     for later, earlier in report.peers_aliased.items():
         _separate(repo, later, earlier, healed)
     for name, other in report.peers_foreign.items():
@@ -351,6 +373,23 @@ def heal(repo: Repository, report: MetadataReport) -> HealReport:
         except PeerError as exc:
             healed.failed.append(f"{name}:{IDENTITY_NAME}: {exc}")
     return healed
+
+
+def _delete_strays(repo: Repository, report: MetadataReport, healed: HealReport) -> None:
+    """Finish the deletions a tombstone recorded, on the peers that were down when they ran."""
+    for name, holders in sorted(report.stray.items()):
+        repo.state.forget(name)
+        for peer_name in holders:
+            peer = repo.peers.get(peer_name)
+            if peer is None or repo.peers.is_down(peer_name):
+                continue
+            try:
+                peer.store.delete(name)
+                healed.stray_deleted += 1
+            except ObjectNotFoundError:
+                continue  # gone meanwhile (another repair)
+            except PeerError as exc:
+                healed.failed.append(f"{peer_name}:{name}: stray copy of a deleted object not removed: {exc}")
 
 
 def _separate(repo: Repository, later: str, earlier: str, healed: HealReport) -> None:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any, Protocol
@@ -71,7 +71,12 @@ _DURATION_PART = re.compile(r"(\d+)([ymdh])")
 
 
 class PolicyError(ValueError):
-    """A policy value that is not one (the caller names where it came from)."""
+    """A policy value that is not one; ``key`` names the rule (``sources[0].retention.keep_daily``)."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
 
 
 class EmptyPolicyError(PolicyError):
@@ -140,9 +145,9 @@ def check_count(value: object, what: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise PolicyError(f"{what} must be a whole number (-1 for unlimited), got {value!r}")
+        raise PolicyError(f"must be a whole number (-1 for unlimited), got {value!r}", what)
     if value < UNLIMITED:
-        raise PolicyError(f"{what} must be a count of at least 0, or -1 for unlimited, got {value}")
+        raise PolicyError(f"must be a count of at least 0, or -1 for unlimited, got {value}", what)
     return value
 
 
@@ -162,17 +167,12 @@ class RetentionPolicy:
         for name, _ in COUNT_RULES:
             check_count(getattr(self, name), name)
         if self.keep_within is not None and not isinstance(self.keep_within, Duration):
-            raise PolicyError(f"keep_within must be a Duration, got {self.keep_within!r}")
+            raise PolicyError(f"must be a Duration, got {self.keep_within!r}", "keep_within")
 
     @property
     def empty(self) -> bool:
         counts = any(getattr(self, name) for name, _ in COUNT_RULES)
         return not counts and (self.keep_within is None or self.keep_within.zero)
-
-    def override(self, other: RetentionPolicy) -> RetentionPolicy:
-        """This policy with every rule ``other`` sets replaced (the CLI's flags over the TOML)."""
-        values = {f.name: getattr(other, f.name) for f in fields(self) if getattr(other, f.name) is not None}
-        return RetentionPolicy(**({f.name: getattr(self, f.name) for f in fields(self)} | values))
 
     def to_doc(self) -> dict[str, Any]:
         """The rules that are set, as ``--json`` shows them (durations as text)."""
@@ -200,17 +200,17 @@ def policy_from_mapping(values: dict[str, Any], where: str = "") -> RetentionPol
     prefix = f"{where}." if where else ""
     for key in values:
         if key not in POLICY_KEYS:
-            raise PolicyError(f"{prefix}{key}: unknown key (known: {', '.join(POLICY_KEYS)})")
-    counts = {name: check_count(values.get(name), f"{prefix}{name}") for name, _ in COUNT_RULES}
+            raise PolicyError(f"unknown key (known: {', '.join(POLICY_KEYS)})", prefix + key)
+    counts = {name: check_count(values.get(name), prefix + name) for name, _ in COUNT_RULES}
     within = values.get("keep_within")
     duration = None
     if within is not None:
         if not isinstance(within, str):
-            raise PolicyError(f"{prefix}keep_within must be a duration string such as '30d', got {within!r}")
+            raise PolicyError(f"must be a duration string such as '30d', got {within!r}", prefix + "keep_within")
         try:
             duration = parse_duration(within)
         except PolicyError as exc:
-            raise PolicyError(f"{prefix}keep_within: {exc}") from None
+            raise PolicyError(exc.message, prefix + "keep_within") from None
     return RetentionPolicy(**counts, keep_within=duration)
 
 

@@ -80,6 +80,8 @@ from .opening import (
 )
 from .packs import PackEntry, PackFormatError, open_blob
 from .snapshot import Snapshot, resolve
+from .tombstones import PREFIX as TOMBSTONE_PREFIX
+from .tombstones import load_deleted
 
 
 def open_peers(config: Config, on_down: Callable[[str, str], None] | None = None) -> PeerSet:
@@ -109,6 +111,9 @@ class Repository:
         self._problems: list[ShardProblem] = []
         self._lock = threading.Lock()
         self.meta_problems: list[MetaProblem] = []  # bad copies and unreadable objects met this run
+        self._deleted: set[str] | None = None  # names tombstones list (see tombstones.py), loaded once
+        self._deleted_reloaded = False
+        self._deleted_lock = threading.RLock()
         self.survey: dict[str, PeerSurvey] = {}
         self.config_copy = b""  # the sealed config this run opened (the highest revision)
         self.aliased: dict[str, str] = {}  # peer -> the earlier peer whose identity it shows (left out)
@@ -363,6 +368,8 @@ class Repository:
                 self.peers.mark_down(peer, str(exc))
         if not self.peers.up():
             raise PeerUnavailableError("(all)", f"no peer is reachable: {unreachable(self.peers)}")
+        if not prefix.startswith(TOMBSTONE_PREFIX) and names:
+            names -= self.deleted_names  # deleted on purpose: a copy left on some peer is a stray, not an object
         good = []
         for name in sorted(names):
             if kind_of(name) is None:
@@ -370,6 +377,28 @@ class Repository:
             else:
                 good.append(name)
         return good
+
+    @property
+    def deleted_names(self) -> set[str]:
+        """Names a tombstone lists as deleted on purpose (:mod:`.tombstones`), loaded once per run."""
+        with self._deleted_lock:
+            if self._deleted is None:
+                self._deleted = load_deleted(self)
+            return self._deleted
+
+    def is_deleted(self, name: str) -> bool:
+        """Whether a tombstone lists ``name``; tombstones are read again once per run, on the first miss.
+
+        For an object that was listed but is now missing everywhere: another
+        process may have forgotten it since, and then it is gone, not lost.
+        """
+        with self._deleted_lock:
+            if name in self.deleted_names:
+                return True
+            if not self._deleted_reloaded:
+                self._deleted_reloaded = True
+                self._deleted = self.deleted_names | load_deleted(self)
+            return name in self.deleted_names
 
     def _meta_problem(self, problem: MetaProblem) -> None:
         with self._lock:
@@ -430,7 +459,7 @@ class Repository:
         for peer in self.peers.up():
             try:
                 peer.store.info(name)
-                return True
+                return not self.is_deleted(name)  # a stray copy of a deleted object is not the object
             except ObjectNotFoundError:
                 continue
             except PeerError as exc:
@@ -501,6 +530,10 @@ class Repository:
             try:
                 return self.read_meta(name)
             except (RepositoryCorruptError, UnsupportedFormatError) as exc:
+                if self.is_deleted(name):  # forgotten or pruned since it was listed: gone, not a problem
+                    with self._lock:
+                        self.meta_problems[:] = [p for p in self.meta_problems if p.name != name]
+                    return None
                 self._meta_problem(MetaProblem(name, "", str(exc)))
                 return None
 

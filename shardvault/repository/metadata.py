@@ -39,6 +39,7 @@ Object names (all lower-case hex, opaque to the peer)::
     index/<64 hex>               pack -> shards and chunk -> pack, per backup run
     snapshots/<64 hex>           one per committed snapshot
     wal/<source>/<file>          one per archived WAL file (PostgreSQL sources)
+    deleted/<64 hex>             a tombstone: names deleted on purpose (forget, prune); see tombstones.py
     data/<2 hex>/<64 hex>.<nn>   shard nn of a pack
 """
 
@@ -82,9 +83,10 @@ KNOWN_VERSIONS: dict[str, frozenset[int]] = {
     "index": frozenset({1}),
     "snapshot": frozenset({1}),
     "wal": frozenset({1}),
+    "tombstone": frozenset({1}),
 }
 # Metadata prefixes, each replicated to every peer (invariant 1).
-META_PREFIXES = ("keys/", "index/", "snapshots/", "wal/")
+META_PREFIXES = ("keys/", "index/", "snapshots/", "wal/", "deleted/")
 
 
 def check_version(kind: str, doc: dict[str, Any], name: str) -> None:
@@ -106,6 +108,8 @@ def kind_of(name: str) -> str | None:
         return "index" if head == "index" else "snapshot"
     if head == "wal" and rest.count("/") == 1:
         return "wal"
+    if head == "deleted" and len(rest) == 64 and _is_hex(rest):
+        return "tombstone"
     return None
 
 

@@ -1,0 +1,318 @@
+"""``shardvault forget``: retention through the CLI, tombstones on the peers, WAL expiry on a real PostgreSQL 15."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Vault, assert_same_tree, copy_tree, peer_snapshot
+from test_postgres import Cluster, _restore_and_start, cluster, restored  # noqa: F401  (fixtures)
+
+from shardvault.repository.tombstones import TOMBSTONE_VERSION, parse_tombstone, tombstone_doc
+
+VECTOR = json.loads((Path(__file__).parent / "vectors" / "tombstone_v1.json").read_text())
+
+
+def _backup(vault: Vault, saved: Path | None = None) -> str:
+    result = vault.cli("backup", "src", "--json")
+    assert result.exit_code == 0, result.output
+    if saved is not None:
+        copy_tree(vault.source, saved)
+    return str(json.loads(result.stdout)["snapshot"]["id"])
+
+
+def _history(vault: Vault, tmp_path: Path, count: int) -> list[str]:
+    """``count`` backups of a changing tree, oldest first; the tree of each is kept in tmp_path/tree-<i>."""
+    ids = []
+    for i in range(count):
+        (vault.source / "changing.txt").write_text(f"version {i}\n" * (i + 1))
+        ids.append(_backup(vault, tmp_path / f"tree-{i}"))
+    return ids
+
+
+def _on_peers(vault: Vault, name: str) -> list[int]:
+    return [i for i in range(6) if (vault.peer(i) / name).exists()]
+
+
+def _listed(vault: Vault) -> list[str]:
+    result = vault.cli("snapshots", "--json")
+    assert result.exit_code == 0, result.output
+    return [s["id"] for s in json.loads(result.stdout)]
+
+
+def _json(vault: Vault, *args: str) -> dict[str, Any]:
+    result = vault.cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    doc: dict[str, Any] = json.loads(result.stdout)  # exactly one document
+    return doc
+
+
+# --- the tombstone format -----------------------------------------------------------------------------
+
+
+def test_tombstone_body_matches_the_golden_vector() -> None:
+    case = VECTOR["tombstone"]
+    body = tombstone_doc(case["names"], case["reason"], case["time"], case["hostname"])
+    assert json.dumps(body, sort_keys=True, separators=(",", ":")) == case["json"]
+    assert body["version"] == TOMBSTONE_VERSION == 1
+    assert parse_tombstone("deleted/" + "0" * 64, json.loads(case["json"])) == sorted(set(case["names"]))
+
+
+@pytest.mark.parametrize("name", ["config", "identity", "deleted/" + "a" * 64, "data/ab/" + "ab" * 32 + ".01", "x"])
+def test_a_tombstone_names_only_deletable_metadata(name: str) -> None:
+    with pytest.raises(ValueError, match="cannot be tombstoned"):
+        tombstone_doc([name], "forget", "2026-01-01T00:00:00+00:00", "h")
+
+
+# --- forget on local peers ----------------------------------------------------------------------------
+
+
+def test_dry_run_changes_nothing_and_names_the_rule_that_keeps_each_snapshot(vault: Vault, tmp_path: Path) -> None:
+    ids = _history(vault, tmp_path, 3)
+    before = peer_snapshot(vault.peers_dir)
+    result = vault.cli("forget", "--keep-last", "2", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert peer_snapshot(vault.peers_dir) == before
+    out = result.stdout
+    assert "would remove 1 snapshot(s)" in out and "nothing changed" in out
+    kept_lines = [line for line in out.splitlines() if line.strip().startswith((ids[1][:8], ids[2][:8]))]
+    assert len(kept_lines) == 2 and all("last snapshot" in line for line in kept_lines)
+    removed = out.split("would remove 1 snapshot(s):")[1]
+    assert ids[0][:8] in removed and ids[1][:8] not in removed
+    doc = _json(vault, "forget", "--keep-last", "2", "--keep-daily", "1", "--dry-run")
+    assert doc["dry_run"] is True
+    (src,) = doc["sources"]
+    assert src["source"] == "src" and src["policy"] == {"keep_last": 2, "keep_daily": 1}
+    assert [k["id"] for k in src["keep"]] == [ids[2], ids[1]]
+    assert src["keep"][0]["reasons"] == ["last snapshot", "daily snapshot"]
+    assert src["keep"][1]["reasons"] == ["last snapshot"]
+    assert [r["id"] for r in src["remove"]] == [ids[0]] and src["wal_expired"] == []
+    assert peer_snapshot(vault.peers_dir) == before
+    assert sorted(_listed(vault)) == sorted(ids)
+
+
+def test_forget_removes_exactly_those_snapshots_from_every_peer_and_the_rest_restore(
+    vault: Vault, tmp_path: Path
+) -> None:
+    ids = _history(vault, tmp_path, 4)
+    shards_before = {i: vault.shards(i) for i in range(6)}
+    doc = _json(vault, "forget", "--keep-last", "2")
+    assert doc["dry_run"] is False and doc["snapshots_removed"] == 2 and doc["peers_missed"] == {}
+    assert sorted(r["id"] for r in doc["sources"][0]["remove"]) == sorted(ids[:2])
+    tombstone = doc["tombstone"]
+    assert _on_peers(vault, tombstone) == list(range(6))
+    for gone in ids[:2]:
+        assert _on_peers(vault, f"snapshots/{gone}") == []
+        assert list((vault.root / "state").rglob(gone)) == []  # nor in the local cache
+    for kept in ids[2:]:
+        assert _on_peers(vault, f"snapshots/{kept}") == list(range(6))
+    assert {i: vault.shards(i) for i in range(6)} == shards_before  # forget deletes no pack: prune's job
+    assert _listed(vault) == ids[2:]
+    for i, kept in enumerate(ids[2:], start=2):
+        target = tmp_path / f"out-{i}"
+        result = vault.cli("restore", kept, "--target", str(target))
+        assert result.exit_code == 0, result.output
+        assert_same_tree(tmp_path / f"tree-{i}", target)
+    # The state recorded all four backups as committed: two forgotten ones are gone on purpose, not rolled back.
+    check = vault.cli("check")
+    assert check.exit_code == 0, check.output
+    assert "rolled back" not in check.output
+    human = vault.cli("forget", "--keep-last", "1")
+    assert human.exit_code == 0, human.output
+    assert "removed 1 snapshot(s)" in human.stdout and "run 'shardvault prune' to free space" in human.stdout
+    assert _listed(vault) == ids[3:]
+
+
+def test_a_peer_down_during_forget_gets_its_stray_copy_removed_by_repair(vault: Vault, tmp_path: Path) -> None:
+    ids = _history(vault, tmp_path, 2)
+    vault.peer(5).rename(vault.peers_dir / "p5-away")
+    result = vault.cli("forget", "--keep-last", "1")
+    assert result.exit_code == 0, result.output
+    assert "peer p5 keeps stray copies" in result.stderr
+    (vault.peers_dir / "p5-away").rename(vault.peer(5))
+    stray = f"snapshots/{ids[0]}"
+    assert _on_peers(vault, stray) == [5]
+    assert _listed(vault) == [ids[1]]  # the stray copy is not a snapshot
+    check = _json_any(vault, "check")
+    assert check["metadata"]["stray"] == {stray: ["p5"]}
+    assert ids[0] not in check["metadata"]["snapshots_missing"]
+    assert not any(i["object"] == stray for i in check["metadata"]["issues"])  # never "missing" elsewhere
+    repair = _json(vault, "repair")
+    assert repair["metadata"]["stray_deleted"] == 1
+    assert _on_peers(vault, stray) == []
+    assert len(list((vault.peer(5) / "deleted").iterdir())) == 1  # the tombstone reached the late peer
+    assert vault.cli("check").exit_code == 0
+    assert _listed(vault) == [ids[1]]
+
+
+def _json_any(vault: Vault, *args: str) -> dict[str, Any]:
+    """One JSON document, whatever the verdict's exit code."""
+    result = vault.cli(*args, "--json")
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_an_object_forgotten_after_it_was_listed_is_gone_not_lost(vault: Vault, tmp_path: Path) -> None:
+    """Another process forgets a snapshot between this one's listing and its read: skipped, not a problem."""
+    ids = _history(vault, tmp_path, 2)
+    with vault.repo() as reader:
+        names = reader.list_meta("snapshots/")
+        assert vault.cli("forget", "--keep-last", "1").exit_code == 0
+        reader.state.forget(f"snapshots/{ids[0]}")  # as if this host had never read it
+        found = reader._read_all(names)  # the step between listing and reading
+        assert [n for n, _ in found] == [f"snapshots/{ids[1]}"]
+        assert reader.meta_problems == []
+        assert [s.id for s in reader.snapshots()] == [ids[1]]
+
+
+def _with_sources(vault: Vault, extra: str) -> None:
+    other = vault.root / "other"
+    other.mkdir()
+    (other / "f.txt").write_text("other source\n")
+    text = vault.config.read_text() + extra.replace("OTHER", str(other))
+    vault.config.write_text(text)
+
+
+def test_the_configured_policy_applies_and_sources_without_one_are_left_alone(vault: Vault, tmp_path: Path) -> None:
+    _with_sources(
+        vault,
+        '[sources.retention]\nkeep_last = 1\nkeep_within = "1d"\n'  # applies to src, the [[sources]] above it
+        '[[sources]]\nname = "other"\ntype = "files"\npath = "OTHER"\n',
+    )
+    ids = _history(vault, tmp_path, 2)
+    others = [_json(vault, "backup", "other")["snapshot"]["id"] for _ in range(2)]
+    # keep_within 1d keeps both src snapshots (made minutes apart).
+    dry = _json(vault, "forget", "--dry-run")
+    assert [s["source"] for s in dry["sources"]] == ["src"] and dry["unconfigured"] == ["other"]
+    assert dry["sources"][0]["remove"] == []
+    assert dry["sources"][0]["keep"][0]["reasons"] == ["within 1d", "last snapshot"]
+    result = vault.cli("forget")
+    assert result.exit_code == 0, result.output
+    assert "source src: keep 1 last, all within 1d of the newest" in result.stdout
+    assert "source other: no retention policy, left alone" in result.stdout
+    listed = _listed(vault)
+    assert sorted(listed) == sorted(ids + others)  # within 1d: nothing went
+    # Flags are the whole policy of the sources they select (the configured keep_within is not merged in).
+    doc = _json(vault, "forget", "--keep-last", "1", "--source", "src")
+    assert doc["sources"][0]["policy"] == {"keep_last": 1} and doc["unconfigured"] == []
+    assert [r["id"] for r in doc["sources"][0]["remove"]] == [ids[0]]
+    gone = _json(vault, "forget", "--keep-last", "1")  # without --source: every source, the unconfigured one too
+    assert {s["source"] for s in gone["sources"]} == {"src", "other"}
+    assert sorted(_listed(vault)) == sorted([ids[1], others[1]])
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--keep-daily", "x"], "--keep-daily: 'x' is not a count"),
+        (["--keep-last", "-2"], "--keep-last: must be a count of at least 0"),
+        (["--keep-within", "3w"], "--keep-within: '3w' is not a duration"),
+        (["--keep-within", "0d"], "--keep-within: '0d' is zero"),
+        (["--keep-last", "0"], "the --keep-* flags give no rule"),
+        ([], "no retention policy"),
+    ],
+)
+def test_a_malformed_policy_on_the_command_line_is_exit_2_in_one_line(
+    vault: Vault, tmp_path: Path, flags: list[str], fragment: str
+) -> None:
+    _backup(vault)
+    before = peer_snapshot(vault.peers_dir)
+    result = vault.cli("forget", *flags)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and lines[0].startswith("shardvault: error:"), result.stderr
+    as_json = vault.cli("forget", *flags, "--json")
+    assert as_json.exit_code == 2 and json.loads(as_json.stdout)["error"]["code"] == 2
+    assert peer_snapshot(vault.peers_dir) == before
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ("keep_daily = -3", "sources[0].retention.keep_daily"),
+        ("keep_dayly = 3", "sources[0].retention.keep_dayly"),
+        ('keep_within = "30x"', "sources[0].retention.keep_within"),
+        ("keep_within = 30", "sources[0].retention.keep_within"),
+        ('keep_last = "all"', "sources[0].retention.keep_last"),
+        ("keep_last = 0", "sources[0].retention"),
+    ],
+)
+def test_a_malformed_policy_in_the_configuration_is_exit_3_naming_the_key(vault: Vault, table: str, key: str) -> None:
+    before = peer_snapshot(vault.peers_dir)
+    vault.config.write_text(vault.config.read_text() + f"[sources.retention]\n{table}\n")
+    for args in (["forget", "--dry-run"], ["snapshots"]):
+        result = vault.cli(*args)
+        assert result.exit_code == 3, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f": {key}: " in lines[0], result.stderr
+    assert peer_snapshot(vault.peers_dir) == before
+
+
+# --- PostgreSQL: WAL expires with the base backups, PITR still works ------------------------------------
+
+
+def _wal_names(pg: Cluster, peer: int = 0) -> list[str]:
+    """The WAL files a peer holds records of, as PostgreSQL names them (hex upper case, suffixes lower)."""
+    names = [p.name.upper() for p in (pg.base / "peers" / f"p{peer}" / "wal" / "db").iterdir()]
+    return sorted(n.replace(".BACKUP", ".backup").replace(".PARTIAL", ".partial") for n in names)
+
+
+def test_postgres_forget_expires_wal_before_the_oldest_kept_base_backup_and_pitr_still_works(
+    cluster: Cluster,  # noqa: F811  (the fixture, imported above)
+    restored: list[tuple[Path, int]],  # noqa: F811
+) -> None:
+    cluster.sql("CREATE TABLE ledger (id serial PRIMARY KEY, batch int NOT NULL)")
+    cluster.sql("INSERT INTO ledger (batch) SELECT 1 FROM generate_series(1, 100)")
+    first = cluster.json("backup", "db", "--full")["snapshot"]
+    for batch in (2, 3, 4):  # WAL between the two base backups: several segments
+        cluster.sql(f"INSERT INTO ledger (batch) SELECT {batch} FROM generate_series(1, 100); SELECT pg_switch_wal()")
+    second = cluster.json("backup", "db", "--full")["snapshot"]
+    start = second["stats"]["postgres"]["start_wal_file"]
+    cluster.sql("INSERT INTO ledger (batch) SELECT 5 FROM generate_series(1, 100)")
+    (between,) = cluster.sql("SELECT now()::text")[0]
+    time.sleep(1.2)
+    cluster.sql("INSERT INTO ledger (batch) SELECT 6 FROM generate_series(1, 100)")
+    incremental = cluster.json("backup", "db")["snapshot"]  # waits until this WAL is archived
+    before = _wal_names(cluster)
+    older = [n for n in before if n[:24] < start and not n.endswith(".history")]
+    assert older and any(n.endswith(".backup") for n in older), before  # the first backup's label, too
+
+    # keep-last 1 keeps the incremental; its base backup stays with it, the first backup goes.
+    plan = cluster.json("forget", "--source", "db", "--keep-last", "1", "--dry-run")
+    (src,) = plan["sources"]
+    assert {k["id"]: k["reasons"] for k in src["keep"]} == {
+        incremental["id"]: ["last snapshot"],
+        second["id"]: [f"base of {incremental['id'][:8]}"],
+    }
+    assert [r["id"] for r in src["remove"]] == [first["id"]]
+    assert src["wal_expired"] == older
+    assert _wal_names(cluster) == before  # a dry run changes nothing
+
+    done = cluster.json("forget", "--source", "db", "--keep-last", "1")
+    assert done["wal_removed"] == len(older) and done["snapshots_removed"] == 1
+    for peer in range(6):
+        after = _wal_names(cluster, peer)
+        assert after == [n for n in before if n not in older], peer
+        assert all(n[:24] >= start for n in after if not n.endswith(".history"))
+    assert cluster.cli("check").exit_code == 0  # no gap: the archive now starts at the kept backup's start
+
+    # PITR inside the kept window: the kept base backup, recovered to a time after it.
+    port = _restore_and_start(cluster, restored, second["id"], "--to-time", str(between))
+    rows = cluster.sql("SELECT batch, count(*) FROM ledger GROUP BY batch ORDER BY batch", port)
+    assert rows == [(b, 100) for b in range(1, 6)]
+    port = _restore_and_start(cluster, restored, incremental["id"])
+    assert cluster.sql("SELECT count(*) FROM ledger", port) == [(600,)]
+    missing = cluster.cli("restore", first["id"], "--source", "db", "--target", str(cluster.base / "gone"))
+    assert missing.exit_code == 8  # forgotten: not in the repository
+
+
+def test_forget_keeps_all_wal_when_no_base_backup_is_kept(cluster: Cluster) -> None:  # noqa: F811
+    """A policy that keeps only a logical dump keeps every WAL record of the physical source it does not judge."""
+    before = _wal_names(cluster)
+    dump = cluster.json("backup", "dump")["snapshot"]
+    plan = cluster.json("forget", "--source", "dump", "--keep-last", "1", "--dry-run")
+    assert plan["sources"][0]["wal_expired"] == [] and plan["sources"][0]["keep"][0]["id"] == dump["id"]
+    assert _wal_names(cluster) == before
