@@ -891,6 +891,167 @@ _peer_command("drain", "Move every shard off NAME (copy, commit, then delete), k
 _peer_command("remove", "Give up on a dead peer NAME: rebuild its shards on the other peers.")
 
 
+# -- keys (issue 9) ---------------------------------------------------------------------
+
+
+@main.group(name="key", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_context
+def key_group(click_ctx: click.Context, as_json: bool) -> None:
+    """List the passphrases and key files that open the repository; add, remove or change one."""
+    if click_ctx.invoked_subcommand is None:
+        click_ctx.invoke(key_list, as_json=as_json)
+
+
+@key_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def key_list(ctx: Context, as_json: bool) -> None:
+    """Show every key: id, when, where and by whom it was made; * marks the one your passphrase opened."""
+    from shardvault.repository.keys import list_keys
+
+    with ctx.repository() as repo:
+        entries = list_keys(repo)
+        current = repo.key_name.removeprefix("keys/")
+    if as_json:
+        emit_json({"keys": [e.to_doc() for e in entries], "current": current})
+        return
+    click.echo(f"  {'id':<18}{'created':<27}{'host':<18}{'user':<12}{'peers':>6}  label")
+    for e in entries:
+        mark = "*" if e.current else " "
+        click.echo(
+            f"{mark} {e.id:<18}{e.created or '?':<27}{e.hostname or '?':<18}{e.username or '?':<12}"
+            f"{len(e.peers):>6}  {e.label}"
+        )
+        if e.problem:
+            click.echo(f"    {e.problem}")
+
+
+def _new_passphrase(new_password_file: str | None, generate: Path | None) -> tuple[str, Path | None]:
+    """The new passphrase: from a file, a freshly generated key file, or asked twice (hidden)."""
+    from shardvault.errors import ConfigValueError
+    from shardvault.repository.keys import generate_key_file
+
+    if new_password_file and generate:
+        raise click.UsageError("give --new-password-file or --generate-key-file, not both")
+    if new_password_file:
+        return read_password(new_password_file), None
+    if generate is not None:
+        try:
+            return generate_key_file(generate), generate
+        except FileExistsError:
+            raise ConfigValueError(generate, "(key file)", "already exists; refusing to replace it") from None
+        except OSError as exc:
+            raise ConfigValueError(generate, "(key file)", f"cannot write: {exc.strerror}") from None
+    try:
+        secret = click.prompt(
+            "New passphrase", hide_input=True, confirmation_prompt="Repeat the new passphrase", err=True
+        )
+    except click.Abort:  # no terminal and no input
+        raise click.UsageError("no new passphrase: give --new-password-file F (or type it at a terminal)") from None
+    return str(secret), None
+
+
+_NEW_KEY_OPTIONS = [
+    click.option("--new-password-file", metavar="PATH", help="Read the new passphrase (or key file) from PATH."),
+    click.option(
+        "--generate-key-file",
+        "generate",
+        type=click.Path(path_type=Path),
+        help="Write a new random key file to PATH (mode 0600, never replaced) and add it.",
+    ),
+    click.option("--label", default="", help="A note kept (sealed) with the key, shown by `key list`."),
+]
+
+
+def _new_key_options(fn: F) -> F:
+    for option in reversed(_NEW_KEY_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _render_key_change(doc: dict[str, Any]) -> None:
+    if doc["added"]:
+        click.echo(f"added key {doc['added']['id']} on {len(doc['added']['peers'])} peer(s)")
+    if doc["removed"]:
+        click.echo(f"removed key {doc['removed']} from {len(doc['peers_deleted'])} peer(s)")
+        for peer, why in sorted(doc["peers_kept"].items()):
+            click.echo(f"  peer {peer} keeps its copy ({why}): it is refused, and `repair` deletes it")
+
+
+def _key_change(
+    ctx: Context,
+    as_json: bool,
+    action: Callable[[Repository, str], Any],
+    new_password_file: str | None,
+    generate: Path | None,
+) -> None:
+    from shardvault.errors import KeyRotationIncompleteError
+
+    with ctx.repository() as repo:
+        passphrase, written = _new_passphrase(new_password_file, generate)
+        try:
+            change = action(repo, passphrase)
+        except KeyRotationIncompleteError:
+            raise  # the new key was added: its key file is the way in, keep it
+        except BaseException:
+            if written is not None:  # a key file for a key that was never added would only mislead
+                written.unlink(missing_ok=True)
+            raise
+    doc = change.to_doc()
+    if written is not None:
+        doc["key_file"] = str(written)
+    if as_json:
+        emit_json(doc)
+    else:
+        _render_key_change(doc)
+        if written is not None:
+            click.echo(f"key file {written}: open the repository with --password-file {written}")
+
+
+@key_group.command(name="add")
+@_new_key_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def key_add(ctx: Context, new_password_file: str | None, generate: Path | None, label: str, as_json: bool) -> None:
+    """Add a passphrase or key file that opens the repository (it wraps the same master key)."""
+    from shardvault.repository.keys import KeyChange, add_key
+
+    _key_change(ctx, as_json, lambda repo, pw: KeyChange(added=add_key(repo, pw, label)), new_password_file, generate)
+
+
+@key_group.command(name="remove")
+@click.argument("key_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def key_remove(ctx: Context, key_id: str, as_json: bool) -> None:
+    """Remove the key ID (or a unique prefix); never the last key, nor the one your passphrase opened."""
+    from shardvault.repository.keys import remove_key
+
+    with ctx.repository() as repo:
+        change = remove_key(repo, key_id)
+    doc = change.to_doc()
+    if as_json:
+        emit_json(doc)
+    else:
+        _render_key_change(doc)
+
+
+@key_group.command(name="passwd")
+@_new_key_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def key_passwd(ctx: Context, new_password_file: str | None, generate: Path | None, label: str, as_json: bool) -> None:
+    """Change your passphrase: add the new key, then remove the one in use (data is not re-encrypted)."""
+    from shardvault.repository.keys import change_passphrase
+
+    _key_change(ctx, as_json, lambda repo, pw: change_passphrase(repo, pw, label), new_password_file, generate)
+
+
 @main.command()
 @click.option("--listen", default="127.0.0.1:9477", show_default=True, help="HOST:PORT to serve /metrics on.")
 @click.option("--once", is_flag=True, help="Print the metrics once on stdout instead of serving them.")

@@ -332,6 +332,28 @@ class RetentionPolicyError(ShardvaultError):
 
 
 # [keys]
+
+
+class KeyNotFoundError(RepositoryError):
+    """No key matches {0!r} (`shardvault key list` shows the ids)"""
+
+
+class AmbiguousKeyError(RepositoryError):
+    """Key prefix {0!r} matches {1} keys; give more characters"""
+
+
+class KeyRemovalRefusedError(RepositoryError):
+    """Refusing to remove key {0}: {1}"""
+
+
+class KeyRemovedError(CredentialError):
+    """The key this passphrase opens ({0}) was removed from the repository; use another passphrase or key file"""
+
+
+class KeyRotationIncompleteError(PeerError):
+    """New key {0} was added, but the old key {1} could not be removed ({2}): both open the repository; run `shardvault key remove {1}` with the new passphrase"""  # noqa: E501
+
+
 # [immutability]
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from shardvault.errors import ObjectNotFoundError, PeerError, UnsupportedFormatError
 from shardvault.repository import Repository
+from shardvault.repository.keys import verified_copy
 from shardvault.repository.metadata import (
     CONFIG_NAME,
     IDENTITY_NAME,
@@ -236,7 +237,7 @@ def _check_object(
             behind[peer.name] += 1
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, "object not on the peer"))
             continue
-        if not read:
+        if not (read or kind_of(name) == "key"):  # key objects are tiny and the door to everything: always read
             if size != expected_size:
                 detail = f"size {size}, the good copy has {expected_size} (truncated or replaced)"
                 report.issues.append(MetadataIssue(name, peer.name, CopyProblem.CORRUPT.value, detail))
@@ -265,13 +266,16 @@ def _reference(repo: Repository, name: str) -> bytes | None:
 
     The config and the key our passphrase opened were authenticated when the
     repository was opened.  Other objects are sealed (each copy is checked
-    on its own) or, for the key objects of other passphrases, cannot be
-    verified here at all.
+    on its own).  The key objects of other passphrases verify by their
+    sealed info (:mod:`shardvault.repository.keys`); those made before it
+    existed cannot be verified here at all.
     """
     if name == CONFIG_NAME:
         return repo.config_copy or None
     if name == repo.key_name:
         return repo.key_copy or None
+    if kind_of(name) == "key":
+        return verified_copy(repo, name)
     return None
 
 
@@ -280,7 +284,8 @@ def _verify_copy(repo: Repository, name: str, data: bytes, reference: bytes | No
     if reference is not None and data != reference:
         if name == CONFIG_NAME:
             raise MalformedObject(f"stale or damaged: not the current config (revision {repo.doc.get('revision', 0)})")
-        raise MalformedObject("differs from the copy that opened (bit rot or tampering)")
+        what = "the copy that opened" if name == repo.key_name else "the copy whose sealed info verifies"
+        raise MalformedObject(f"differs from {what} (bit rot or tampering)")
     if kind_of(name) == "key":
         parse_key_object(data)  # another passphrase's key: its structure and bounds are all we can check
         return

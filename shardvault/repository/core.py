@@ -16,7 +16,6 @@ behind.
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import threading
 from collections import OrderedDict
@@ -51,6 +50,7 @@ from shardvault.state import State
 from shardvault.tree import Entry, parse_lines
 
 from .index import Index, PackRecord, index_doc, intact_shard_nums
+from .keys import KeyInfo, make_key, new_key_name, refuse_removed_key
 from .metadata import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -60,7 +60,6 @@ from .metadata import (
     check_version,
     kind_of,
     make_identity,
-    make_key_object,
     new_id,
     open_object,
     pack_name,
@@ -165,8 +164,9 @@ class Repository:
                 if token_of.get(seen) != peer.name:
                     other = token_of.get(seen, "(unknown)")
                     raise AliasedPeersError(peer.name, other, f"writing {other}'s identity replaced {peer.name}'s")
+            key_name = new_key_name()
             objects = {
-                f"keys/{secrets.token_hex(8)}": make_key_object(password, keys, repo_id),
+                key_name: make_key(password, keys, repo_id, key_name, KeyInfo.here()),
                 CONFIG_NAME: seal_object(repo.cipher, CONFIG_NAME, doc),
             }
             repo.config_copy = objects[CONFIG_NAME]
@@ -184,7 +184,6 @@ class Repository:
             if isinstance(exc, MalformedObject):
                 raise RepositoryCorruptError(IDENTITY_NAME, str(exc)) from None
             raise
-        key_name = next(iter(objects))
         repo.key_name, repo.key_copy = key_name, objects[key_name]
         write_hint(config, key_name)
         return repo
@@ -244,6 +243,7 @@ class Repository:
             repo._read_config()
             if repo.doc.get("id") != repo_id:
                 raise RepositoryCorruptError(CONFIG_NAME, "belongs to another repository")
+            refuse_removed_key(repo, password, key_names, majority)  # a copy a peer kept after `key remove`
             if check_parameters:
                 repo._check_parameters()
         except BaseException:
@@ -477,6 +477,16 @@ class Repository:
         (check reports the missing copies, repair re-replicates them).
         """
         data = seal_object(self.cipher, name, doc)
+        self.replicate(name, data)
+        self.state.cache(name, data)
+
+    def replicate(self, name: str, data: bytes) -> None:
+        """Store ``data`` as ``name`` on every reachable peer, with :meth:`write_meta`'s quorum and undo.
+
+        The one path for metadata writes: sealed objects through
+        :meth:`write_meta`, key objects (clear JSON, see
+        :mod:`shardvault.repository.keys`) directly.
+        """
         up = self.peers.up()
         errors: list[str] = []
         futures = [(peer, self.io.submit(peer.store.store, name, data)) for peer in up]
@@ -504,7 +514,6 @@ class Repository:
                     peer.store.store(name, data)
                 except PeerError as exc:
                     self.peers.mark_down(peer, str(exc))
-        self.state.cache(name, data)
 
     def require_quorum(self) -> None:
         """Before writing: enough peers must answer, or nothing is written."""

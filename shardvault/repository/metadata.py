@@ -35,7 +35,7 @@ Object names (all lower-case hex, opaque to the peer)::
 
     config                       repository config (format version, k, n, chunker)
     identity                     this peer's identity (clear JSON, see above)
-    keys/<16 hex>                one per passphrase
+    keys/<16 hex>                one per passphrase or key file (see repository/keys.py)
     index/<64 hex>               pack -> shards and chunk -> pack, per backup run
     snapshots/<64 hex>           one per committed snapshot
     wal/<source>/<file>          one per archived WAL file (PostgreSQL sources)
@@ -79,6 +79,7 @@ KNOWN_VERSIONS: dict[str, frozenset[int]] = {
     "envelope": frozenset({1}),
     "config": frozenset({1}),
     "key": frozenset({1}),
+    "key-info": frozenset({1}),  # the sealed info inside a key object (repository/keys.py)
     "identity": frozenset({1}),
     "index": frozenset({1}),
     "snapshot": frozenset({1}),
