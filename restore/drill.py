@@ -54,6 +54,7 @@ import psycopg
 
 from shardvault.config import Config, PostgresSource
 from shardvault.crypto import new_content_hasher
+from shardvault.durations import format_duration
 from shardvault.errors import (
     DrillCheckFailedError,
     DrillObjectiveMissedError,
@@ -70,7 +71,7 @@ from shardvault.state import State
 from shardvault.tree import DIR, FILE, SYMLINK
 from shardvault.walnames import segment_number
 
-from .playbook import Check, CheckKind, Cleanup, Playbook, format_duration
+from .playbook import Check, CheckKind, Cleanup, Playbook
 from .safepath import safe_parts
 
 WAL_SEGMENT_BYTES = 16 << 20  # PostgreSQL's default; walnames assumes it too

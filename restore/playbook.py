@@ -49,10 +49,9 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]  # no stubs in the project's dependencies
 
 from shardvault.config import Config, SourceKind
+from shardvault.durations import parse_duration
 from shardvault.errors import PlaybookError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _EXPECT = re.compile(r"^\s*(==|!=|>=|<=|>|<|=)?\s*(.*?)\s*$")
 SCRATCH = "scratch"
@@ -87,24 +86,6 @@ _CHECK_SOURCES: dict[CheckKind, frozenset[SourceKind]] = {
     CheckKind.SQL: frozenset({SourceKind.POSTGRES}),
     CheckKind.HTTP: frozenset(SourceKind),
 }
-
-
-def parse_duration(value: Any) -> float:
-    """``90s``, ``15m``, ``4h``, ``2d`` -> seconds; ValueError otherwise."""
-    match = _DURATION.match(value) if isinstance(value, str) else None
-    if not match:
-        raise ValueError(f"{value!r} is not a duration (write a number and a unit: 90s, 15m, 4h, 2d)")
-    seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    if seconds <= 0:
-        raise ValueError(f"{value!r} must be more than nothing")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    for unit in ("d", "h", "m"):
-        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
-            return f"{seconds / _UNITS[unit]:g}{unit}"
-    return f"{seconds:g}s"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,8 +25,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shardvault.config import BucketSource, Config, PostgresSource, load_config, read_password
+from shardvault.durations import parse_duration
 from shardvault.errors import (
     BackupIncompleteError,
+    BackupInterruptedError,
     DamageFoundError,
     ShardvaultError,
 )
@@ -66,9 +71,9 @@ def report_bad_shards(problems: list[dict[str, Any]]) -> None:
         warn(f"peer {peer} unreachable: {count} shard(s) read from other peers instead")
 
 
-def _fail(message: str, code: int, kind: str, as_json: bool) -> None:
+def _fail(message: str, code: int, kind: str, as_json: bool, label: str = "error: ") -> None:
     # A verdict (check, scrub, repair) already printed its JSON document: then only this line follows.
-    click.echo(f"shardvault: error: {message}", err=True)
+    click.echo(f"shardvault: {label}{message}", err=True)
     if as_json and not _emitted["json"]:
         # --json promises one JSON document on stdout, failures included.
         emit_json({"error": {"code": code, "type": kind, "message": message}})
@@ -83,6 +88,8 @@ def handle_errors(fn: F) -> F:
         _emitted["json"] = False
         try:
             return fn(*args, **kwargs)
+        except BackupInterruptedError as exc:  # the operator's own act, not an error: it says what was kept
+            _fail(str(exc), exc.exit_code, type(exc).__name__, bool(kwargs.get("as_json")), label="")
         except ShardvaultError as exc:
             _fail(str(exc), exc.exit_code, type(exc).__name__, bool(kwargs.get("as_json")))
         except click.UsageError as exc:  # raised by a command body: with --json it is one document too
@@ -90,10 +97,46 @@ def handle_errors(fn: F) -> F:
                 raise
             _fail(exc.format_message(), exc.exit_code, "UsageError", True)
         except KeyboardInterrupt:
-            click.echo("shardvault: interrupted", err=True)
-            sys.exit(130)
+            _fail("interrupted", 130, "KeyboardInterrupt", bool(kwargs.get("as_json")), label="")
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop a backup the same way: the first one cleanly, a second one at once.
+
+    The first raises KeyboardInterrupt (Python's own SIGINT behaviour, now
+    for SIGTERM too, which would otherwise kill the process without a
+    word): the backup writes its final checkpoint and exits 130.  A second
+    signal, while that checkpoint is being written, exits 130 at once,
+    leaving what a SIGKILL would (a consistent repository; the packs since
+    the last checkpoint are sent again).  A signal the process was started
+    with ignored (a background job) stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (an embedding caller keeps its own)
+        return
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        if received:
+            if err.is_terminal:
+                os.write(2, b"\x1b[?25h\n")  # the progress bar hid the cursor: give it back
+            os.write(2, b"shardvault: interrupted again: stopped at once without a final checkpoint\n")
+            os._exit(130)
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class Context:
@@ -257,7 +300,7 @@ def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
     from shardvault.backup import BackupStats, backup_source
 
     source_config = ctx.config.source(source)
-    with ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
+    with stop_signals(), ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
 
         def on_progress(stats: BackupStats, path: str) -> None:
             update(
@@ -303,11 +346,12 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
     if as_json:
         emit_json([s.summary() for s in snaps])
         return
-    click.echo(f"{'ID':<10}{'finished':<27}{'source':<14}{'kind':<13}{'files':>8}{'size':>12}")
+    click.echo(f"{'ID':<10}{'finished':<27}{'source':<14}{'kind':<13}{'files':>8}{'size':>12}  host")
     for s in snaps:
         size = human(s.stats.get("bytes_total", 0))
         click.echo(
             f"{s.short_id:<10}{s.finished[:26]:<27}{s.source:<14}{s.kind:<13}{s.stats.get('files', 0):>8}{size:>12}"
+            f"  {s.hostname}"
         )
     click.echo(f"{len(snaps)} snapshot(s)")
 
@@ -679,9 +723,27 @@ def check_cmd(ctx: Context, read_data: bool, as_json: bool) -> None:
                 f"({left.unreferenced_shards} unreferenced shard(s), {left.temporary} temporary); "
                 "`shardvault prune` removes them"
             )
+        _render_locks(report.object_lock)
         click.echo("damage found" if report.damaged else "no errors found")
     if report.damaged:
         raise DamageFoundError(report.summary())
+
+
+def _render_locks(findings: dict[str, Any]) -> None:
+    """Object-lock peers whose objects could be deleted now (verify/locks.py): a warning, exit unchanged."""
+    for peer, lock in sorted(findings.items()):
+        head = f"peer {peer}: object lock ({lock.mode}, {lock.days} day(s))"
+        if lock.error:
+            click.echo(f"{head}: audit incomplete: {lock.error}")
+        if not lock.exposed:
+            click.echo(f"{head}: all {lock.objects} object(s) retained")
+            continue
+        parts = []
+        if lock.lapsed:
+            parts.append(f"{lock.lapsed} lapsed ({', '.join(lock.lapsed_objects)}{', ...' * (lock.lapsed > 5)})")
+        if lock.missing:
+            parts.append(f"{lock.missing} without retention ({', '.join(lock.missing_objects)}{', ...' * (lock.missing > 5)})")
+        click.echo(f"{head}: WARNING {lock.exposed} of {lock.objects} object(s) deletable now: {'; '.join(parts)}")
 
 
 def _render_metadata(meta: Any) -> None:
@@ -814,6 +876,122 @@ def repair_cmd(ctx: Context, as_json: bool) -> None:
     else:
         _render_repair(doc)
     raise_for_verdict(doc)
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """``0``, ``90s``, ``15m``, ``4h``, ``2d``."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(value, allow_zero=True)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _render_prune(doc: dict[str, Any]) -> None:
+    verb = "would" if doc["dry_run"] else "did"
+    click.echo(
+        f"{doc['snapshots']} snapshot(s); {doc['packs_total']} pack(s): {doc['packs_used']} used, "
+        f"{doc['packs_partly_used']} partly used, {doc['packs_unused']} unused, {doc['packs_orphaned']} orphaned; "
+        f"{human(doc['bytes_used'])} used, {human(doc['bytes_unused'])} unused"
+    )
+    if doc["repacked_packs"]:
+        click.echo(
+            f"repack{'' if doc['dry_run'] else 'ed'}: {doc['repacked_packs']} pack(s), {human(doc['repacked_bytes'])}"
+        )
+    c = doc["condemned"]
+    click.echo(
+        f"{verb} condemn: {c['packs']} pack(s), {c['stray_shards']} stray shard(s), {c['leftovers']} leftover(s)"
+    )
+    d = doc["deleted"]
+    if not doc["dry_run"]:
+        click.echo(
+            f"deleted: {d['packs']} pack(s) ({d['shards']} shards), {d['stray_shards']} stray shard(s), "
+            f"{d['leftovers']} leftover(s), {d['index_files']} index file(s), {d['sessions']} dead session(s)"
+        )
+        click.echo(f"index files: {doc['index_files_before']} -> {doc['index_files_after']}")
+        for peer, size in sorted(doc["freed_bytes"].items()):
+            click.echo(f"  freed on {peer}: {human(size)}")
+    for wait in doc["waiting"]:
+        click.echo(f"condemned set {wait['set'][:8]}: deletion deferred ({wait['why']})")
+    if doc["kept_referenced"]:
+        click.echo(f"kept {doc['kept_referenced']} condemned pack(s) that a newer snapshot references")
+    if doc["chunks_unrecoverable"]:
+        warn(f"{doc['chunks_unrecoverable']} referenced chunk(s) are in no recoverable pack: run 'shardvault check'")
+    for refused in doc["refused"][:5]:
+        warn(f"not deleted: {refused}")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be repacked, condemned and deleted; change nothing.")
+@click.option(
+    "--max-unused",
+    type=click.FloatRange(0, 100),
+    help="Repack partly used packs until unused space is at most PERCENT of used space "
+    "(default: [prune] max_unused, 5).",
+)
+@click.option(
+    "--grace",
+    type=Duration(),
+    help="Delete condemned data no sooner than this after it was condemned (default: [prune] grace, 24h). "
+    "0 frees at once what no running process can still need.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def prune(ctx: Context, dry_run: bool, max_unused: float | None, grace: float | None, as_json: bool) -> None:
+    """Delete data no snapshot needs: unused packs, repacked ones, orphans of killed runs; compact the index."""
+    from shardvault.lifecycle.prune import PruneOptions
+    from shardvault.lifecycle.prune import prune as run_prune
+
+    settings = ctx.config.prune
+    options = PruneOptions(
+        dry_run=dry_run,
+        max_unused_percent=settings.max_unused_percent if max_unused is None else max_unused,
+        grace_seconds=settings.grace_seconds if grace is None else grace,
+    )
+    with ctx.repository() as repo, progress_bar(not as_json, "prune") as update:
+        report = run_prune(repo, options, progress=lambda message: update(info=message))
+    doc = report.to_doc()
+    if as_json:
+        emit_json(doc)
+    else:
+        _render_prune(doc)
+
+
+@main.command()
+@click.option(
+    "--remove-all", is_flag=True, help="Also remove sessions that look alive (only when you know they are dead)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def unlock(ctx: Context, remove_all: bool, as_json: bool) -> None:
+    """Remove the sessions that killed processes left behind; name the live ones."""
+    from shardvault.repository.sessions import unlock as run_unlock
+
+    with ctx.repository() as repo:
+        repo.announce_sessions = False
+        report = run_unlock(repo, ctx.config.prune.stale_after_seconds, remove_all=remove_all)
+    doc = report.to_doc()
+    if as_json:
+        emit_json(doc)
+        return
+    for item in doc["removed"]:
+        click.echo(
+            f"removed {item['kind']} session {item['id']} of {item['hostname']} (pid {item['pid']}): {item['why']}"
+        )
+    for item in doc["live"]:
+        warn(
+            f"{item['kind']} session {item['id']} of {item['hostname']} (pid {item['pid']}) is live: {item['why']}; "
+            "not removed (if you know it is dead: shardvault unlock --remove-all)"
+        )
+    if not doc["removed"] and not doc["live"]:
+        click.echo("no sessions")
 
 
 @main.group(invoke_without_command=True)

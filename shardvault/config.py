@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
+from shardvault.durations import parse_duration
 from shardvault.errors import AliasedPeersError, ConfigFileNotFoundError, ConfigValueError, PasswordMissingError
 
 if TYPE_CHECKING:
@@ -119,6 +120,16 @@ class PeerConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # S3 only
     read_timeout: float = DEFAULT_READ_TIMEOUT  # S3 only
     max_attempts: int = DEFAULT_MAX_ATTEMPTS  # S3 only
+    append_only: bool = False  # this client only adds objects: no delete, no overwrite (shards/stores/immutable.py)
+    object_lock: ObjectLockMode | None = None  # S3 only: every object written carries this retention mode
+    object_lock_days: int = 0  # S3 only, with object_lock: retention from the moment of writing
+
+
+class ObjectLockMode(StrEnum):
+    """S3 Object Lock retention modes (the TOML spells them in lower case, S3 in upper case)."""
+
+    GOVERNANCE = "governance"  # callers with s3:BypassGovernanceRetention may still delete or shorten
+    COMPLIANCE = "compliance"  # nobody, the root account included, deletes before the date
 
 
 class SourceKind(StrEnum):
@@ -198,6 +209,15 @@ class ScrubConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """The ``[prune]`` table: how long condemned data waits, and when a silent session counts as dead."""
+
+    grace_seconds: float = 86400.0  # a condemned set is deleted no sooner than this after it was written
+    stale_after_seconds: float = 1800.0  # a session whose heartbeat this host sees unchanged this long is stale
+    max_unused_percent: float = 5.0  # repack partly used packs until unused space is at most this share of used
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     """The top-level ``[schedule]`` table: the timezone of every cron, and the repository-wide jobs' crons."""
 
@@ -221,6 +241,8 @@ class RepositoryConfig:
     chunk_max: int = 4 * MIB
     fsync: bool = True
     allow_no_redundancy: bool = False  # k = n only with this explicit opt-in
+    hostname: str = ""  # recorded in each snapshot and choosing its parent; "" = the machine's name
+    append_only: bool = False  # every peer append-only for this client (each peer's own append_only adds to it)
 
 
 @dataclass(frozen=True)
@@ -231,6 +253,7 @@ class Config:
     sources: tuple[SourceConfig, ...] = field(default_factory=tuple)
     scrub: ScrubConfig = field(default_factory=ScrubConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -346,6 +369,8 @@ def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
             "n",
             "write_quorum",
             "allow_no_redundancy",
+            "append_only",
+            "hostname",
             "state_dir",
             "pack_size_mib",
             "compression_level",
@@ -392,14 +417,33 @@ def _repository(path: Path, table: Any, n_peers: int) -> RepositoryConfig:
         chunk_max=chunk_max,
         fsync=bool(r.get("fsync", bool, default=True)),
         allow_no_redundancy=allow_no_redundancy,
+        hostname=_hostname(r),
+        append_only=bool(r.get("append_only", bool, default=False)),
     )
 
 
-_PEER_COMMON_KEYS = frozenset({"name", "url", "zone"})
+def _hostname(r: _Reader) -> str:
+    """``[repository] hostname``: a printable name without surrounding spaces (it names a host in listings)."""
+    name = str(r.get("hostname", str, default=""))
+    if name and (name != name.strip() or not name.isprintable() or len(name) > 255):
+        raise r.fail("hostname", f"{name!r} is not a host name (printable, no surrounding spaces, at most 255)")
+    return name
+
+
+_PEER_COMMON_KEYS = frozenset({"name", "url", "zone", "append_only"})
 # Keys that only mean something for S3 peers; on a local peer they would be
 # silently ignored, which hides a mistake about where the peer is.
 _PEER_S3_KEYS = frozenset(
-    {"endpoint", "region", "profile", "connect_timeout_seconds", "read_timeout_seconds", "max_attempts"}
+    {
+        "endpoint",
+        "region",
+        "profile",
+        "connect_timeout_seconds",
+        "read_timeout_seconds",
+        "max_attempts",
+        "object_lock",
+        "object_lock_days",
+    }
 )
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -504,9 +548,39 @@ def _peers(path: Path, tables: Any) -> tuple[PeerConfig, ...]:
                 connect_timeout=r.float_range("connect_timeout_seconds", 0.1, 600, default=DEFAULT_CONNECT_TIMEOUT),
                 read_timeout=r.float_range("read_timeout_seconds", 0.1, 3600, default=DEFAULT_READ_TIMEOUT),
                 max_attempts=r.int_range("max_attempts", 1, 10, default=DEFAULT_MAX_ATTEMPTS),
+                append_only=bool(r.get("append_only", bool, default=False)),
+                **_object_lock(r),
             )
         )
     return tuple(peers)
+
+
+def _object_lock(r: _Reader) -> dict[str, Any]:
+    """``object_lock = "governance"|"compliance"`` with ``object_lock_days = N`` (N >= 1), both or neither."""
+    mode = r.get("object_lock", str, default=None)
+    if mode is None:
+        if "object_lock_days" in r.table:
+            raise r.fail("object_lock_days", 'needs object_lock = "governance" or "compliance" beside it')
+        return {}
+    try:
+        lock = ObjectLockMode(mode)
+    except ValueError:
+        raise r.fail("object_lock", f'must be "governance" or "compliance", got {mode!r}') from None
+    if "object_lock_days" not in r.table:
+        raise r.fail("object_lock_days", "is required with object_lock (days of retention, at least 1)")
+    return {"object_lock": lock, "object_lock_days": r.int_range("object_lock_days", 1, 36500)}
+
+
+def _check_object_lock(path: Path, peers: tuple[PeerConfig, ...], prune: PruneConfig) -> None:
+    """A retention shorter than prune's grace period protects less than the operator believes; refuse it."""
+    for i, peer in enumerate(peers):
+        if peer.object_lock is not None and peer.object_lock_days * 86400 < prune.grace_seconds:
+            raise ConfigValueError(
+                path,
+                f"peers[{i}].object_lock_days",
+                f"{peer.object_lock_days} day(s) is shorter than [prune] grace ({prune.grace_seconds:g} s); "
+                "retention must cover at least the grace period plus the interval between prunes",
+            )
 
 
 def _sources(path: Path, tables: Any) -> tuple[SourceConfig, ...]:
@@ -629,23 +703,49 @@ def _scrub(path: Path, table: Any) -> ScrubConfig:
     )
 
 
+def _prune(path: Path, table: Any) -> PruneConfig:
+    if table is None:
+        return PruneConfig()
+    r = _Reader(path, "prune", table)
+    r.no_unknown({"grace", "stale_after", "max_unused"})
+    durations = {}
+    for key, default, allow_zero in (("grace", "24h", True), ("stale_after", "30m", False)):
+        try:
+            durations[key] = parse_duration(r.get(key, str, default), allow_zero=allow_zero)
+        except ValueError as exc:
+            raise r.fail(key, str(exc)) from None
+    if durations["stale_after"] < 1:
+        raise r.fail("stale_after", "must be at least 1s (several heartbeats of a writer: 60 s each by default)")
+    return PruneConfig(
+        grace_seconds=durations["grace"],
+        stale_after_seconds=durations["stale_after"],
+        max_unused_percent=r.float_range("max_unused", 0, 100, default=5.0),
+    )
+
+
 def parse_config(text: str, path: Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigValueError(path, "(syntax)", str(exc)) from None
     top = _Reader(path, "", data)
-    top.no_unknown({"repository", "peers", "sources", "scrub", "schedule"})
+    top.no_unknown({"repository", "peers", "sources", "scrub", "schedule", "prune"})
     peers = _peers(path, data.get("peers"))
     if "repository" not in data:
         raise ConfigValueError(path, "repository", "the [repository] table is required")
+    repository = _repository(path, data["repository"], len(peers))
+    if repository.append_only:  # [repository] append_only = true: every peer, so a new peer cannot be forgotten
+        peers = tuple(replace(peer, append_only=True) for peer in peers)
+    prune = _prune(path, data.get("prune"))
+    _check_object_lock(path, peers, prune)
     return Config(
         path=path,
-        repository=_repository(path, data["repository"], len(peers)),
+        repository=repository,
         peers=peers,
         sources=_sources(path, data.get("sources")),
         scrub=_scrub(path, data.get("scrub")),
         schedule=_schedule(path, data.get("schedule")),
+        prune=prune,
     )
 
 

@@ -27,6 +27,8 @@ Exit codes (stable, documented in the README):
 15  the Prefect API is unreachable
 16  repository busy or immutable: a live holder blocks (another prune), or a
     peer refuses deletion (append-only, object lock)
+130 interrupted (Ctrl-C or SIGTERM); a backup wrote a final checkpoint and
+    committed no snapshot
 ==  ==========================================================
 """
 
@@ -84,6 +86,14 @@ class RepositoryMismatchError(ConfigError):
 
 # --- helper areas: append new classes below your own marker only ---------------
 # [backup]
+
+
+class BackupInterruptedError(ShardvaultError):
+    """interrupted: {0} packs ({1}) checkpointed{2}; run the backup again to resume"""
+
+    exit_code = 130  # 128 + SIGINT, as shells report Ctrl-C; SIGTERM takes the same path
+
+
 # [restore]
 
 
@@ -357,13 +367,42 @@ class KeyRotationIncompleteError(PeerError):
 # [immutability]
 
 
+class OverwriteRefusedError(PeerError):
+    """Peer {0} refuses to overwrite {1} ({2}): an append-only peer only takes new objects"""
+
+    exit_code = 16
+
+
+class ObjectLockNotEnabledError(ConfigError):
+    """Peer {0}: bucket {1!r} has no S3 Object Lock, but the configuration asks for object_lock = "{2}" (enable object lock on the bucket, or use a new bucket: `shardvault init` creates it with object lock)"""  # noqa: E501
+
+
 class RepositoryBusyError(ShardvaultError):
     """{0} is held by {1}; wait for it to finish, or if it was killed run `shardvault unlock`"""
 
     exit_code = 16
 
 
+class SessionLostError(ShardvaultError):
+    """Not committed: this process could not renew its session on the peers for {0:.0f} s, so a prune elsewhere may take it for dead; run it again"""  # noqa: E501
+
+    exit_code = 5
+
+
+class PruneRefusedError(RepositoryError):
+    """Prune refused: {0}"""
+
+
 class DeletionRefusedError(ShardvaultError):
     """Peer {0} refuses deletion ({1}): {2}"""
 
+    exit_code = 16
+
+
+class PeerRefusesDeletionError(DeletionRefusedError, PeerError):
+    """Peer {0} refuses deletion ({1}): {2}"""
+
+    # What a store raises (append-only client, S3 Object Lock retention, a policy without
+    # s3:DeleteObject): prune, sessions and forget catch DeletionRefusedError to mean "kept
+    # for now, retried next run"; every other caller handles it as the PeerError it also is.
     exit_code = 16

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS peers (
     bytes INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions_seen (
+    session TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    first_seen REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS facts (
     name TEXT PRIMARY KEY,
     value REAL NOT NULL
@@ -220,6 +225,17 @@ class State:
     def set_fact(self, name: str, value: float) -> None:
         with self._conn() as db:
             db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (name, value))
+
+    def observe_session(self, session: str, seq: int, now: float) -> float:
+        """When this host first saw ``session`` at heartbeat ``seq`` (now, if it is news): its own clock only."""
+        with self._conn() as db:
+            row = db.execute("SELECT seq, first_seen FROM sessions_seen WHERE session = ?", (session,)).fetchone()
+            if row is not None and int(row[0]) == seq:
+                return float(row[1])
+            db.execute(
+                "INSERT OR REPLACE INTO sessions_seen (session, seq, first_seen) VALUES (?, ?, ?)", (session, seq, now)
+            )
+            return now
 
     def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Read-only access for reports and metrics."""

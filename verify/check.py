@@ -19,6 +19,9 @@ Damaged packs carry how many peer and zone failures they survive.
 The check also counts leftovers: shard objects no index names, and temporary
 objects of killed runs (prune removes both).  They are not damage.
 
+On peers configured with S3 Object Lock the check also reports objects whose
+retention has lapsed or is missing (:mod:`.locks`): a warning, not damage.
+
 The check also walks every snapshot's tree and confirms each chunk it names is
 in the index, so a snapshot that references missing data is caught here, not
 at restore time.
@@ -45,6 +48,7 @@ from shardvault.shards.dispersal import read_shard as read_verified
 from shardvault.shards.format import ShardFormatError
 from shardvault.state import ShardKey
 
+from .locks import LockFindings, audit_locks
 from .metadata import MetadataReport, audit
 from .record import STATES, Layout, PackState, ShardIssue, presence
 
@@ -92,6 +96,7 @@ class CheckReport:
     snapshots: int = 0
     snapshot_errors: list[str] = field(default_factory=list)
     metadata: MetadataReport = field(default_factory=MetadataReport)
+    object_lock: dict[str, LockFindings] = field(default_factory=dict)  # per object-lock peer; not damage
 
     @property
     def damaged(self) -> bool:
@@ -121,7 +126,7 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
     present, listed = presence(repo, report.shard_issues)
     report.peers_unreachable = repo.peers.down()
     index = repo.index
-    report.shards_checked = sum(len(p.shards) for p in index.packs.values())
+    report.shards_checked = sum(len(p.shards) for p in index.live_packs())
     _count_leftovers(repo, report, listed)
 
     good: dict[str, list[ShardRecord]] = {}
@@ -153,7 +158,7 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
 
     layout = Layout(repo)
     states: dict[str, tuple[str, int, int, int]] = {}
-    for pack in index.packs.values():
+    for pack in index.live_packs():
         r = layout.assess(pack, good.get(pack.id, []))
         states[pack.id] = (r.state.value, r.good, pack.k, pack.n)
         report.packs[r.state] += 1
@@ -182,6 +187,7 @@ def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None
     _check_wal(repo, report)
     # Metadata is verified on every peer like shards (with --read-data, every copy is read).
     report.metadata = audit(repo, read=read_data)
+    report.object_lock = audit_locks(repo)
     repo.state.record_run(
         "check",
         "damaged" if report.damaged else "ok",

@@ -195,7 +195,7 @@ def _held_by(repo: Repository, name: str) -> list[tuple[PackRecord, ShardRecord]
     """
     for pack in repo.load_index().packs.values():
         repo.index.add(pack)  # the higher revision wins, so this only ever brings news
-    return [(pack, s) for pack in list(repo.index.packs.values()) for s in pack.shards if s.peer == name]
+    return [(pack, s) for pack in repo.index.live_packs() for s in pack.shards if s.peer == name]
 
 
 def remove(repo: Repository, name: str) -> MoveReport:
@@ -227,7 +227,7 @@ def add(repo: Repository, name: str) -> MoveReport:
     # Packs crowded on one peer or zone survive fewer failures than their shard count says;
     # repair spreads them, and the new, least loaded peer is the first it offers.
     layout = Layout(repo)
-    if any(not layout.spread_well(pack, pack.shards) for pack in repo.index.packs.values()):
+    if any(not layout.spread_well(pack, pack.shards) for pack in repo.index.live_packs()):
         report.repair = repair(repo).to_doc()
     _finish(repo, report, start)
     return report
@@ -239,7 +239,7 @@ def _rebalance_onto(repo: Repository, peer: Peer, report: MoveReport) -> None:
     share = sum(load.values()) // max(1, len(up))
     zone_of = {p.name: p.zone for p in repo.peers}
     mover = _Mover(repo, report)
-    for pack in sorted(repo.index.packs.values(), key=lambda p: p.id):
+    for pack in sorted(repo.index.live_packs(), key=lambda p: p.id):
         if load[peer.name] >= share:
             break
         if any(s.peer == peer.name for s in pack.shards):

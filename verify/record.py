@@ -120,7 +120,7 @@ def presence(repo: Repository, issues: list[ShardIssue]) -> tuple[list[tuple[Pac
     present: list[tuple[PackRecord, ShardRecord]] = []
     results: list[tuple[ShardKey, str, str, bool]] = []
     expected: set[ShardKey] = set()
-    for pack in repo.index.packs.values():
+    for pack in repo.index.live_packs():
         for shard in pack.shards:
             key = (pack.id, shard.num, shard.peer)
             expected.add(key)
@@ -184,7 +184,7 @@ def record_pack_states(repo: Repository, present_rows: dict[ShardKey, tuple[floa
     layout = Layout(repo)
     counts = dict.fromkeys(STATES, 0)
     states: dict[str, tuple[str, int, int, int]] = {}
-    for pack in repo.index.packs.values():
+    for pack in repo.index.live_packs():
         good = [
             s for s in pack.shards if (row := present_rows.get((pack.id, s.num, s.peer))) is not None and row[1] in GOOD
         ]

@@ -165,8 +165,8 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
         load.update(holders.keys())
     placer = Placer(repo, load, exclude)
     layout = Layout(repo)
-    todo = [p for p in repo.index.packs.values() if _needs_work(p, good_keys, layout)]
-    report.packs = len(repo.index.packs)
+    todo = [p for p in repo.index.live_packs() if _needs_work(p, good_keys, layout)]
+    report.packs = len(repo.index.live_packs())
     batch = _Batch()
     for done, pack in enumerate(todo, 1):
         _repair_pack(repo, pack, good_keys, placer, layout, report, batch)

@@ -89,7 +89,7 @@ def scrub(
     present, _ = presence(repo, report.issues)
     report.peers_unreachable = repo.peers.down()
     rows = state.shard_rows()
-    report.shards_total = sum(len(p.shards) for p in repo.index.packs.values())
+    report.shards_total = sum(len(p.shards) for p in repo.index.live_packs())
 
     def last_read(key: ShardKey) -> float:
         row = rows.get(key)
@@ -137,7 +137,7 @@ def scrub(
 
     finished = clock()
     rows = state.shard_rows()
-    expected = [(p.id, s.num, s.peer) for p in repo.index.packs.values() for s in p.shards]
+    expected = [(p.id, s.num, s.peer) for p in repo.index.live_packs() for s in p.shards]
     recent = [row for k in expected if (row := rows.get(k)) is not None and (row[0] or 0.0) >= finished - window]
     report.shards_left = len(expected) - len(recent)
     report.complete = report.shards_left == 0

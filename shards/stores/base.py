@@ -19,6 +19,11 @@ to see them (``check`` reports them) and ``delete_leftover(name)`` the one way
 to remove them (prune).  Leftover names are validated like object names: the
 directory part is a valid name, the last component a temporary's name.
 
+Immutability: ``retention(name)`` says until when the peer itself refuses to
+delete an object (S3 Object Lock), ``None`` where nothing is retained;
+:mod:`.immutable` wraps any store into an append-only one.  Deletions a
+peer refuses raise :class:`~shardvault.errors.PeerRefusesDeletionError`.
+
 Names are validated here, at the boundary, so no caller can reach outside the
 store (``..``, absolute paths, odd characters) whatever the repository's
 metadata says.  Peers are untrusted: implementations turn transport failures
@@ -32,6 +37,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 
 from shardvault.errors import InvalidObjectNameError, ObjectNotFoundError
 
@@ -40,6 +46,12 @@ from shardvault.errors import InvalidObjectNameError, ObjectNotFoundError
 _COMPONENT = r"[a-z0-9_-][a-z0-9._-]{0,127}"
 _NAME_RE = re.compile(rf"^{_COMPONENT}(/{_COMPONENT}){{0,7}}$")
 MAX_NAME_LENGTH = 255
+
+# Objects that are not history: a writer's session heartbeats, replaced every
+# minute (shardvault.repository.sessions).  They take no Object Lock retention
+# (a year of locked heartbeats would be thousands of objects nobody can remove)
+# and ``check`` does not ask for one; losing them only ends a session early.
+UNRETAINED_PREFIXES = ("sessions/",)
 
 
 def validate_name(name: str) -> str:
@@ -140,6 +152,15 @@ class PeerStore(ABC):
         """Remove one leftover that ``list_leftovers()`` yielded; ObjectNotFoundError if it is gone."""
         validate_leftover_name(name)
         raise ObjectNotFoundError(self.peer, name)
+
+    def retention(self, name: str) -> datetime | None:
+        """Until when the peer refuses to delete the object (timezone-aware), None if it keeps no lock.
+
+        ObjectNotFoundError if the object is absent.  The default, for stores
+        without server-side retention (local directories), is None.
+        """
+        self.info(name)
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has none."""

@@ -13,6 +13,25 @@ Every request is bounded: ``connect_timeout`` to get a connection,
 never answers costs at most about ``max_attempts * (connect + read)``
 seconds, once per run (the peer set marks it down and does not ask again).
 
+Deletion refused: an AccessDenied answer to a delete (credentials whose
+policy lacks ``s3:DeleteObject``) raises PeerRefusesDeletionError, not
+PeerReadOnlyError, so prune keeps the object for a later run instead of
+taking the peer for broken.
+
+S3 Object Lock (``object_lock = "governance"|"compliance"``,
+``object_lock_days = N``): ``create`` makes the bucket with object lock
+enabled (and refuses an existing bucket without it, ObjectLockNotEnabledError);
+every ``store`` sends ``ObjectLockMode`` and ``ObjectLockRetainUntilDate =
+now + N days`` with a Content-MD5 (S3 requires one on such puts), except for
+names under :data:`~.base.UNRETAINED_PREFIXES` (session heartbeats).  On such
+a bucket (always versioned) a plain DELETE only adds a delete marker: the
+object is hidden, its bytes stay and keep costing.  ``delete`` therefore
+removes the key's versions by version id, older ones first and the current
+one last, so a refusal (retention still running: AccessDenied) leaves the
+object readable as it was, and raises PeerRefusesDeletionError naming the
+object and its retain-until date.  ``retention(name)`` reads the date back
+(HEAD; GetObjectRetention is not needed).
+
 Leftovers: ``put_object`` is atomic and single-part, so a killed write leaves
 nothing; only ``create``'s ``.probe`` object can be left by a killed ``init``.
 ``list_leftovers`` yields the hidden temporaries under the prefix.
@@ -20,7 +39,10 @@ nothing; only ``create``'s ``.probe`` object can be left by a killed ``init``.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
 import boto3
@@ -35,16 +57,26 @@ from botocore.exceptions import (
 )
 from botocore.parsers import ResponseParserError
 
-from shardvault.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT
+from shardvault.config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DEFAULT_READ_TIMEOUT, ObjectLockMode
 from shardvault.errors import (
+    ObjectLockNotEnabledError,
     ObjectNotFoundError,
     PeerError,
     PeerProtocolError,
     PeerReadOnlyError,
+    PeerRefusesDeletionError,
     PeerUnavailableError,
 )
 
-from .base import ItemInfo, PeerStore, is_leftover_name, validate_leftover_name, validate_name, validate_prefix
+from .base import (
+    UNRETAINED_PREFIXES,
+    ItemInfo,
+    PeerStore,
+    is_leftover_name,
+    validate_leftover_name,
+    validate_name,
+    validate_prefix,
+)
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
@@ -94,8 +126,14 @@ class S3Store(PeerStore):
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        object_lock: ObjectLockMode | None = None,
+        object_lock_days: int = 0,
     ) -> None:
         super().__init__(peer)
+        if object_lock is not None and object_lock_days < 1:
+            raise ValueError(f"object_lock_days must be at least 1 with object_lock, got {object_lock_days}")
+        self.object_lock = object_lock
+        self.object_lock_days = object_lock_days
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint
@@ -117,9 +155,16 @@ class S3Store(PeerStore):
     def _where(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" + (f" at {self.endpoint}" if self.endpoint else "")
 
-    def _raise(self, exc: Exception, name: str, writing: bool = False) -> NoReturn:
+    def _raise(self, exc: Exception, name: str, writing: bool = False, deleting: bool = False) -> NoReturn:
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
+            if deleting and code in _DENIED:
+                raise PeerRefusesDeletionError(
+                    self.peer,
+                    "access denied",
+                    f"{name} kept: the server answered {code} at {self._where()} "
+                    "(credentials without s3:DeleteObject, or a lock)",
+                ) from exc
             if code in _NOT_FOUND:
                 raise ObjectNotFoundError(self.peer, name) from exc
             if code == "NoSuchBucket":
@@ -152,21 +197,46 @@ class S3Store(PeerStore):
         raise exc
 
     def create(self) -> None:
+        created = False
         try:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except ClientError as exc:
                 if str(exc.response.get("Error", {}).get("Code")) not in {"404", "NoSuchBucket", "NotFound"}:
                     raise
-                self.client.create_bucket(Bucket=self.bucket)
+                if self.object_lock is not None:
+                    # Object lock is best switched on when the bucket is made (it turns versioning on, for good).
+                    self.client.create_bucket(Bucket=self.bucket, ObjectLockEnabledForBucket=True)
+                else:
+                    self.client.create_bucket(Bucket=self.bucket)
+                created = True
         except Exception as exc:  # noqa: BLE001 - mapped to peer errors
             self._raise(exc, "", writing=True)
+        if self.object_lock is not None and not created and not self.lock_enabled():
+            raise ObjectLockNotEnabledError(self.peer, self.bucket, self.object_lock.value)
         probe = ".probe"
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.prefix + probe, Body=b"")
-            self.client.delete_object(Bucket=self.bucket, Key=self.prefix + probe)
+            if self.object_lock is not None:
+                self._delete_versions(self.prefix + probe, probe)
+            else:
+                self.client.delete_object(Bucket=self.bucket, Key=self.prefix + probe)
+        except PeerError:
+            raise
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, probe, writing=True)
+
+    def lock_enabled(self) -> bool:
+        """Whether the bucket has S3 Object Lock enabled."""
+        try:
+            answer = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) == "ObjectLockConfigurationNotFoundError":
+                return False
+            self._raise(exc, "")
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, "")
+        return bool(answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 
     def probe(self) -> None:
         try:
@@ -190,18 +260,90 @@ class S3Store(PeerStore):
 
     def store(self, name: str, data: bytes | memoryview) -> None:
         key = self.prefix + validate_name(name)
+        body = bytes(data)
+        lock: dict[str, Any] = {}
+        if self.object_lock is not None and not name.startswith(UNRETAINED_PREFIXES):
+            lock = {
+                "ObjectLockMode": self.object_lock.value.upper(),
+                "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=self.object_lock_days),
+                "ContentMD5": base64.b64encode(hashlib.md5(body).digest()).decode(),  # S3 asks for one
+            }
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=bytes(data))
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body, **lock)
+        except ClientError as exc:
+            error = exc.response.get("Error", {})
+            if lock and str(error.get("Code")) == "InvalidRequest" and "lock" in str(error.get("Message", "")).lower():
+                raise ObjectLockNotEnabledError(self.peer, self.bucket, self.object_lock) from exc
+            self._raise(exc, name, writing=True)
         except Exception as exc:  # noqa: BLE001
             self._raise(exc, name, writing=True)
 
     def delete(self, name: str) -> None:
         self.info(name)  # S3 deletes of absent keys succeed silently; the interface says otherwise
         key = self.prefix + validate_name(name)
+        if self.object_lock is not None:
+            self._delete_versions(key, name)
+            return
         try:
             self.client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
-            self._raise(exc, name, writing=True)
+            self._raise(exc, name, deleting=True)
+
+    def _delete_versions(self, key: str, name: str) -> None:
+        """Delete every version of ``key`` (and its delete markers): older ones first, the current one last.
+
+        A refused version stops the walk before the current one is touched, so
+        a refusal always leaves the object readable with the bytes it had.
+        """
+        older: list[str] = []
+        current: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_object_versions")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                    if item.get("Key") == key:
+                        (current if item.get("IsLatest") else older).append(str(item["VersionId"]))
+        except PeerError:
+            raise
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise PeerProtocolError(self.peer, f"malformed version listing from {self._where()}: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name)
+        for version in older + current:
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, VersionId=version)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code", "")) in _DENIED:
+                    why = self._retained(key, name, version)
+                    raise PeerRefusesDeletionError(self.peer, "object lock", why) from exc
+                self._raise(exc, name, deleting=True)
+            except Exception as exc:  # noqa: BLE001
+                self._raise(exc, name, deleting=True)
+
+    def _retained(self, key: str, name: str, version: str) -> str:
+        """Why one version of ``key`` may not be deleted yet, for the refusal's message."""
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key, VersionId=version)
+        except Exception:  # noqa: BLE001 - only the message is at stake
+            return f"{name} kept: the server refused to delete version {version}"
+        until = head.get("ObjectLockRetainUntilDate")
+        if head.get("ObjectLockLegalHold") == "ON" or head.get("ObjectLockLegalHoldStatus") == "ON":
+            return f"{name} kept: version {version} is under a legal hold"
+        if isinstance(until, datetime):
+            mode = str(head.get("ObjectLockMode", "")).lower()
+            return f"{name} is retained until {until.astimezone(UTC).isoformat(timespec='seconds')} ({mode} mode)"
+        return f"{name} kept: the server refused to delete version {version}"
+
+    def retention(self, name: str) -> datetime | None:
+        key = self.prefix + validate_name(name)
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name)
+        until = head.get("ObjectLockRetainUntilDate")
+        if not head.get("ObjectLockMode") or not isinstance(until, datetime):
+            return None
+        return until if until.tzinfo else until.replace(tzinfo=UTC)
 
     def _listing(self, prefix: str) -> Iterator[ItemInfo]:
         """Every key under the store's prefix + ``prefix``, as names relative to the store."""
@@ -240,9 +382,14 @@ class S3Store(PeerStore):
         key = self.prefix + validate_leftover_name(name)
         try:
             self.client.head_object(Bucket=self.bucket, Key=key)  # S3 deletes of absent keys succeed silently
-            self.client.delete_object(Bucket=self.bucket, Key=key)
+            if self.object_lock is not None:
+                self._delete_versions(key, name)
+            else:
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except PeerError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            self._raise(exc, name, writing=True)
+            self._raise(exc, name, deleting=True)
 
     def close(self) -> None:
         self.client.close()

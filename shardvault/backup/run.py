@@ -16,8 +16,31 @@ The pipeline, with every stage bounded (invariant 5)::
   order, and appended to the open pack; a full pack goes to the pack pool,
   at most ``PACKS_IN_FLIGHT`` at a time, where it is erasure-coded and its
   shards are written to the peers in parallel.
-* Finished packs are indexed every ``CHECKPOINT_PACKS`` packs (a killed run
-  leaves them usable, so a rerun resumes); the snapshot is written last.
+* Finished packs are indexed every ``CHECKPOINT_PACKS`` packs or every
+  ``CHECKPOINT_SECONDS`` seconds, whichever comes first (a killed run leaves
+  them usable, so a rerun resumes: after SIGKILL at most the packs since the
+  last checkpoint are sent again); the snapshot is written last.
+
+Interruptions (Ctrl-C's KeyboardInterrupt, which the CLI also raises for
+SIGTERM, or any other non-``Exception`` such as Prefect's cancellation): the
+run writes a final checkpoint instead of a snapshot.  Queued chunk work is
+dropped, the open pack is sealed and stored, the packs already being stored
+(at most ``PACKS_IN_FLIGHT``) are waited for, and one index file names every
+stored pack not yet indexed; then :class:`BackupInterruptedError` says how
+much was kept (a KeyboardInterrupt), or the original exception goes on.  No
+snapshot is committed.  A second interruption during this aborts it (the
+CLI exits at once), leaving what a SIGKILL would.
+
+Several writers (other processes, other hosts) may write at once: every
+object a run writes has a fresh random name, so nothing is overwritten, and
+a run leans only on the index files it read when it started plus its own
+packs.  Two writers may therefore store the same chunk twice (the index
+keeps both copies; prune can drop one) but never lose one.  A snapshot
+records the host it was taken on (``[repository] hostname``, default the
+machine's name), and an incremental run's parent is the newest snapshot of
+the source *from the same host*, as restic and Kopia choose it: another
+host's files under the same source name are not this host's previous
+version.
 
 A chunk counts as already stored only when its pack is recoverable with
 margin (:class:`StoredPacks`): a backup never leans on a lost pack, it
@@ -30,6 +53,7 @@ so threads keep both cores busy.
 
 from __future__ import annotations
 
+import os
 import socket
 import tempfile
 import threading
@@ -45,7 +69,7 @@ from typing import IO, Any
 from shardvault.backup_warnings import INCOMPLETE, BackupWarning, WarningKind
 from shardvault.chunker import Chunker, Readable
 from shardvault.crypto import new_content_hasher
-from shardvault.errors import PeerError, ShardvaultError
+from shardvault.errors import BackupInterruptedError, ConfigError, PeerError, ShardvaultError
 from shardvault.repository import Repository, random_pack_id
 from shardvault.repository.index import PackRecord, intact_shard_nums
 from shardvault.repository.metadata import new_id, pack_name
@@ -57,6 +81,11 @@ from shardvault.tree import FILE, Entry
 WINDOW = 8
 PACKS_IN_FLIGHT = 2
 CHECKPOINT_PACKS = 16
+# A slow backup (slow peers, a slow source) must not risk much to a SIGKILL either: index what
+# is stored at least this often (restic's checkpoint interval), whatever the pack count.
+CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_SECONDS_ENV = "SHARDVAULT_CHECKPOINT_SECONDS"
+MIB = 1 << 20
 # Packs a run checks one by one before it lists every peer once instead (see StoredPacks).
 PROBED_PACKS = 4
 # The shard status a check or scrub records for a shard whose bytes are bad (shardvault.state).
@@ -158,6 +187,8 @@ class StoredPacks:
         with self._lock:
             if pack_id in self._fresh:
                 return True
+            if pack_id in self.repo.index.condemned_ids:
+                return False  # a prune means to delete it: store the chunk again (docs/concurrency.md)
             if self._good is not None:
                 return pack_id in self._good
             if pack_id not in self._probed:
@@ -178,7 +209,7 @@ class StoredPacks:
         present = self.repo.list_shards()
         return {
             record.id
-            for record in self.repo.index.packs.values()
+            for record in self.repo.index.live_packs()
             if self._enough(record, intact_shard_nums(record, present, self._corrupt))
         }
 
@@ -219,7 +250,15 @@ class Pipeline:
         self.in_flight = 0
         self.writers = {KIND_DATA: PackWriter(), KIND_TREE: PackWriter()}
         self.pack_futures: list[Future[PackRecord]] = []
-        self.finished_packs: list[PackRecord] = []
+        # Packs stored but not yet named by an index file.  The pack workers append here themselves,
+        # so an interruption of the main thread anywhere (even between two lines of its bookkeeping)
+        # never loses track of a stored pack: the final checkpoint indexes whatever is here.
+        self.unindexed: list[PackRecord] = []
+        self.done_lock = threading.Lock()
+        self.checkpointed_packs = 0  # indexed by this run so far: what a rerun will not send again
+        self.checkpointed_bytes = 0
+        self.checkpoint_every = checkpoint_seconds()
+        self.last_checkpoint = time.monotonic()
         self.emit: Callable[[Entry], None] = lambda entry: None
 
     def tree_spool(self) -> IO[bytes]:
@@ -272,7 +311,7 @@ class Pipeline:
                 continue
             future = item[1]
             if self.in_flight <= limit and not future.done():
-                return
+                break
             self.queue.popleft()
             self.in_flight -= 1
             cid, sealed, raw_length = future.result()
@@ -282,6 +321,7 @@ class Pipeline:
                     self.stats.chunks_new += 1
                     self.stats.bytes_new += raw_length
                 self._append(item[3], cid, sealed, raw_length)
+        self.maybe_checkpoint()
 
     # -- pack stage ----------------------------------------------------------------
 
@@ -291,17 +331,25 @@ class Pipeline:
         if len(writer) >= self.pack_size:
             self.seal_pack(kind)
 
+    def _store_job(self, writer: PackWriter, kind: int) -> Callable[[], PackRecord]:
+        pack_id = random_pack_id()
+
+        def store() -> PackRecord:
+            data = writer.finish(self.repo.cipher, pack_id)
+            record = self.repo.store_pack(pack_id, kind, data, writer.entries)
+            self.stored.add_fresh(record.id)  # before any index names it: dedup must never probe our own packs
+            with self.done_lock:
+                self.unindexed.append(record)
+            return record
+
+        return store
+
     def seal_pack(self, kind: int) -> None:
         writer = self.writers[kind]
         if not writer.entries:
             return
         self.writers[kind] = PackWriter()
-        pack_id = random_pack_id()
-
-        def store() -> PackRecord:
-            data = writer.finish(self.repo.cipher, pack_id)
-            return self.repo.store_pack(pack_id, kind, data, writer.entries)
-
+        store = self._store_job(writer, kind)
         self.collect()
         self.slots.acquire()  # bounds the packs in memory
         future = self.pack_pool.submit(store)
@@ -309,13 +357,11 @@ class Pipeline:
         self.pack_futures.append(future)
 
     def collect(self, wait: bool = False) -> None:
-        """Account finished packs; write an index checkpoint every few packs."""
+        """Account finished packs; write an index checkpoint when one is due."""
         pending = []
         for future in self.pack_futures:
             if wait or future.done():
                 record = future.result()  # a failed pack aborts the run here
-                self.finished_packs.append(record)
-                self.stored.add_fresh(record.id)
                 self.stats.packs_new += 1
                 self.stats.bytes_stored += record.length
                 self.stats.shard_bytes_stored += sum(s.size for s in record.shards)
@@ -324,13 +370,33 @@ class Pipeline:
             else:
                 pending.append(future)
         self.pack_futures = pending
-        if len(self.finished_packs) >= CHECKPOINT_PACKS:
+        self.maybe_checkpoint()
+
+    def maybe_checkpoint(self) -> None:
+        """Index the stored packs every ``CHECKPOINT_PACKS`` packs or ``checkpoint_every`` seconds."""
+        with self.done_lock:
+            waiting = len(self.unindexed)
+        due = time.monotonic() - self.last_checkpoint >= self.checkpoint_every
+        if waiting >= CHECKPOINT_PACKS or (waiting and due):
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        if self.finished_packs:
-            self.repo.write_index(self.finished_packs)
-            self.finished_packs = []
+        """One index file naming every stored pack not yet indexed (a rerun deduplicates against it)."""
+        with self.done_lock:
+            records, self.unindexed = self.unindexed, []
+        if not records:
+            return
+        try:
+            self.repo.write_index(records)
+        except BaseException:
+            # Interrupted or failed: index them again next time (a pack named twice is harmless, the
+            # index keeps one record per pack), never forget them.
+            with self.done_lock:
+                self.unindexed[:0] = records
+            raise
+        self.checkpointed_packs += len(records)
+        self.checkpointed_bytes += sum(r.length for r in records)
+        self.last_checkpoint = time.monotonic()
 
     def finish(self) -> None:
         self.drain(0)
@@ -339,9 +405,72 @@ class Pipeline:
         self.collect(wait=True)
         self.checkpoint()
 
-    def close(self) -> None:
-        self.chunk_pool.shutdown(wait=True, cancel_futures=True)
-        self.pack_pool.shutdown(wait=True, cancel_futures=True)
+    def final_checkpoint(self) -> str:
+        """After an interruption: keep what is stored, index it, commit nothing; return a note on a failure.
+
+        The chunk window is dropped (at most ``WINDOW`` chunks, which the
+        rerun reads again).  The open data pack is sealed and stored too:
+        that costs one pack write, bounded like any other, and it makes the
+        rerun lose nothing it had already read and encrypted.  That is safe
+        only if the interruption did not split :meth:`PackWriter.add` in
+        half (a KeyboardInterrupt can land between any two bytecodes of the
+        main thread), so the writer is checked first and dropped if its
+        parts and entries disagree.  Tree packs are not kept: a tree is of
+        no use without its snapshot.  Packs already being stored (at most
+        ``PACKS_IN_FLIGHT``) are waited for; a pack that fails now is simply
+        not indexed (its shards are orphans, as after SIGKILL).
+        """
+        self.chunk_pool.shutdown(wait=True, cancel_futures=True)  # running tasks are one chunk each
+        writer = self.writers[KIND_DATA]
+        self.writers[KIND_DATA] = PackWriter()
+        if writer.entries and _consistent(writer):
+            self.pack_pool.submit(self._store_job(writer, KIND_DATA))
+        self.pack_pool.shutdown(wait=True)  # the workers record each stored pack in self.unindexed
+        try:
+            self.checkpoint()
+        except ShardvaultError as exc:
+            return f" (the final checkpoint failed, the packs since the last one will be sent again: {exc})"
+        return ""
+
+    def close(self, wait: bool = True) -> None:
+        self.chunk_pool.shutdown(wait=wait, cancel_futures=True)
+        self.pack_pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _consistent(writer: PackWriter) -> bool:
+    """Whether a pack writer's parts and entries describe each other (no half-done ``add``)."""
+    if len(writer.parts) != len(writer.entries) + 1 or writer.size != sum(len(p) for p in writer.parts):
+        return False
+    offset = len(writer.parts[0])
+    for entry, part in zip(writer.entries, writer.parts[1:], strict=True):
+        if entry.offset != offset or entry.length != len(part):
+            return False
+        offset += entry.length
+    return True
+
+
+def checkpoint_seconds() -> float:
+    """The checkpoint interval: ``$SHARDVAULT_CHECKPOINT_SECONDS`` when set, else ``CHECKPOINT_SECONDS``."""
+    raw = os.environ.get(CHECKPOINT_SECONDS_ENV, "").strip()
+    if not raw:
+        return CHECKPOINT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"${CHECKPOINT_SECONDS_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def is_interruption(exc: BaseException) -> bool:
+    """Ctrl-C (and SIGTERM, which the CLI turns into it), or a scheduler's cancellation: not a failure."""
+    return not isinstance(exc, Exception | GeneratorExit)
+
+
+def host_name(repo: Repository) -> str:
+    """The host a snapshot is recorded as taken on: ``[repository] hostname``, else the machine's name."""
+    return repo.config.repository.hostname or socket.gethostname()
 
 
 class BackupRun:
@@ -369,12 +498,29 @@ class BackupRun:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.pipe.close()
-        self.spool.close()
+        settled = False  # whether the pools may be waited for (not after a second interruption)
+        try:
+            if exc is not None and is_interruption(exc):
+                note = self.pipe.final_checkpoint()
+                settled = True
+                if isinstance(exc, KeyboardInterrupt):
+                    size = f"{self.pipe.checkpointed_bytes / MIB:.1f} MiB"
+                    raise BackupInterruptedError(self.pipe.checkpointed_packs, size, note) from exc
+            settled = True
+        finally:
+            self.pipe.close(wait=settled)
+            self.spool.close()
 
     def parent(self, source: str, source_type: str, kind: str | None = None) -> Snapshot | None:
-        """The newest snapshot of the source (of one kind, if given): this run's parent."""
-        return latest(self.repo.snapshots(), source, source_type, kind=kind)
+        """The newest snapshot of the source taken on this host (of one kind, if given): this run's parent.
+
+        Another host's snapshot of the same source name describes that
+        host's files (their inodes and times mean nothing here), so it is
+        never the parent; hosts that back up one shared tree can share a
+        chain by setting the same ``[repository] hostname``.
+        """
+        host = host_name(self.repo)
+        return latest([s for s in self.repo.snapshots() if s.hostname == host], source, source_type, kind=kind)
 
     def previous_entries(self, parent: Snapshot | None) -> Iterator[Entry]:
         """The parent's tree as far as it can be read.
@@ -481,7 +627,7 @@ def commit_snapshot(
         parent=parent,
         started=start_wall.isoformat(),
         finished=datetime.now(UTC).isoformat(),
-        hostname=socket.gethostname(),
+        hostname=host_name(repo),
         tree=tuple(tree_ids),
         stats=stats.snapshot_doc() | (extra or {}),
     )

@@ -39,9 +39,11 @@ from shardvault.errors import (
     RepositoryCorruptError,
     RepositoryExistsError,
     RepositoryMismatchError,
+    SessionLostError,
     SnapshotNotFoundError,
     UnsupportedFormatError,
 )
+from shardvault.failpoints import failpoint
 from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
 from shardvault.shards.erasure import DecodedPack
 from shardvault.shards.peers import Peer, PeerSet
@@ -49,6 +51,8 @@ from shardvault.shards.stores import open_peer_store
 from shardvault.state import State
 from shardvault.tree import Entry, parse_lines
 
+from . import sessions
+from .condemned import CondemnedSet, condemned_packs, read_condemned
 from .index import Index, PackRecord, index_doc, intact_shard_nums
 from .keys import KeyInfo, make_key, new_key_name, refuse_removed_key
 from .metadata import (
@@ -119,6 +123,12 @@ class Repository:
         self.foreign: dict[str, str] = {}  # peer -> the other repository its identity names (left out)
         self.key_name = ""  # the key object our passphrase opened, and its bytes
         self.key_copy = b""
+        # The deletion protocol (docs/concurrency.md): this process's session, announced
+        # before the index is first read, and the condemned sets read right after it.
+        self.session: sessions.Session | None = None
+        self.purpose = sessions.SessionKind.READ
+        self.announce_sessions = True
+        self.condemned_sets: list[CondemnedSet] = []
 
     # -- opening -------------------------------------------------------------------
 
@@ -346,6 +356,9 @@ class Repository:
                 raise RepositoryMismatchError(self.config.path, key, configured, actual)
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.end()
+            self.session = None
         self.io.shutdown(wait=True)
         self.peers.close()
         self.state.close()
@@ -466,7 +479,7 @@ class Repository:
                 self.peers.mark_down(peer, str(exc))
         return False
 
-    def write_meta(self, name: str, doc: dict[str, Any]) -> None:
+    def write_meta(self, name: str, doc: dict[str, Any], cache: bool = True) -> None:
         """Store a sealed object on every reachable peer: the commit step of every writer.
 
         Committed means visible, and visible means committed (finding 9 of
@@ -476,9 +489,12 @@ class Repository:
         fewer copies; then it *is* committed and the write returns normally
         (check reports the missing copies, repair re-replicates them).
         """
+        if self.session is not None and self.session.lost and not name.startswith(sessions.PREFIX):
+            raise SessionLostError(self.session.stale_after / 2)
         data = seal_object(self.cipher, name, doc)
         self.replicate(name, data)
-        self.state.cache(name, data)
+        if cache:  # (sessions are not cached: they are rewritten, and beat on another thread)
+            self.state.cache(name, data)
 
     def replicate(self, name: str, data: bytes) -> None:
         """Store ``data`` as ``name`` on every reachable peer, with :meth:`write_meta`'s quorum and undo.
@@ -553,16 +569,47 @@ class Repository:
     @property
     def index(self) -> Index:
         if self._index is None:
+            self.announce()
             self._index = self.load_index()
         return self._index
 
-    def load_index(self) -> Index:
-        index = Index()
-        for name, doc in self._read_all(self.list_meta("index/")):
+    def announce(self, kind: sessions.SessionKind | None = None) -> None:
+        """Tell pruning hosts this process is here, then read what they condemned (docs/concurrency.md).
+
+        Writers must be announced (a backup that cannot announce itself cannot
+        commit either); a reader on peers it cannot write to (a read-only
+        mount) goes on unannounced.
+        """
+        if self.session is None and self.announce_sessions:
+            session = sessions.Session(self, kind or self.purpose, self.config.prune.stale_after_seconds)
             try:
-                index.add_doc(name, doc)
-            except (KeyError, ValueError, TypeError, IndexError) as exc:  # authenticated but malformed
-                self._meta_problem(MetaProblem(name, "", f"unparsable index body: {exc!r}"))
+                session.start()
+                self.session = session
+            except PeerError:
+                if session.kind not in (sessions.SessionKind.READ, sessions.SessionKind.RESTORE):
+                    raise
+        self.condemned_sets = read_condemned(self)
+        self._index = None
+
+    def load_index(self) -> Index:
+        index = Index(condemned_packs(self.condemned_sets))
+        seen: set[str] = set()
+        for _ in range(5):
+            names = [n for n in self.list_meta("index/") if n not in seen]
+            seen.update(names)
+            found = self._read_all(names)
+            for name, doc in found:
+                try:
+                    index.add_doc(name, doc)
+                except (KeyError, ValueError, TypeError, IndexError) as exc:  # authenticated but malformed
+                    self._meta_problem(MetaProblem(name, "", f"unparsable index body: {exc!r}"))
+            # A file listed but deleted before it was read was compacted by a prune,
+            # which wrote its replacement first: list again to find the replacement.
+            if not any(self.is_deleted(n) for n in set(names) - {n for n, _ in found}):
+                break
+        if index.condemned_ids:  # a copy outside condemned packs is read first
+            index.prefer(lambda pack_id: pack_id not in index.condemned_ids)
+        failpoint("index-loaded")
         return index
 
     def write_index(self, packs: list[PackRecord]) -> str:
@@ -600,6 +647,7 @@ class Repository:
             raise
 
     def write_snapshot(self, snapshot: Snapshot) -> None:
+        failpoint("commit")
         self.write_meta(f"snapshots/{snapshot.id}", snapshot.to_doc())
 
     # -- packs and blobs -----------------------------------------------------------

@@ -93,7 +93,12 @@ def index_doc(packs: Iterable[PackRecord]) -> dict[str, Any]:
 class Index:
     """The union of the repository's index files."""
 
-    def __init__(self) -> None:
+    def __init__(self, condemned: set[str] | None = None) -> None:
+        # Packs a prune has condemned (shardvault.repository.condemned): readers still find
+        # them (a backup that began before the prune may lean on them, and the next prune
+        # keeps what a snapshot needs), but no backup dedups against them and check, scrub
+        # and repair leave them to prune (:meth:`live_packs`).
+        self.condemned_ids: frozenset[str] = frozenset(condemned or ())
         self.packs: dict[str, PackRecord] = {}
         self.blobs: dict[bytes, BlobLocation] = {}
         # Further locations of chunks stored more than once: a backup stores a chunk again when
@@ -120,6 +125,10 @@ class Index:
         """Every known location of a chunk, the preferred one first."""
         first = self.blobs.get(chunk_id)
         return ([first] if first else []) + self.alternatives.get(chunk_id, [])
+
+    def live_packs(self) -> list[PackRecord]:
+        """The packs no prune has condemned: what check, scrub and repair look after."""
+        return [p for p in self.packs.values() if p.id not in self.condemned_ids]
 
     def prefer(self, usable: Callable[[str], bool]) -> int:
         """Point chunks whose pack is not ``usable`` at a copy in a usable pack; return how many moved.

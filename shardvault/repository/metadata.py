@@ -39,7 +39,9 @@ Object names (all lower-case hex, opaque to the peer)::
     index/<64 hex>               pack -> shards and chunk -> pack, per backup run
     snapshots/<64 hex>           one per committed snapshot
     wal/<source>/<file>          one per archived WAL file (PostgreSQL sources)
+    condemned/<64 hex>           a set of packs and objects prune means to delete (two-phase deletion)
     deleted/<64 hex>             a tombstone: names deleted on purpose (forget, prune); see tombstones.py
+    sessions/<16 hex>/<seq>|end  a running process's heartbeat (not replicated by repair: ephemeral)
     data/<2 hex>/<64 hex>.<nn>   shard nn of a pack
 """
 
@@ -84,10 +86,12 @@ KNOWN_VERSIONS: dict[str, frozenset[int]] = {
     "index": frozenset({1}),
     "snapshot": frozenset({1}),
     "wal": frozenset({1}),
+    "session": frozenset({1}),
+    "condemned": frozenset({1}),
     "tombstone": frozenset({1}),
 }
 # Metadata prefixes, each replicated to every peer (invariant 1).
-META_PREFIXES = ("keys/", "index/", "snapshots/", "wal/", "deleted/")
+META_PREFIXES = ("keys/", "index/", "snapshots/", "wal/", "condemned/", "deleted/")
 
 
 def check_version(kind: str, doc: dict[str, Any], name: str) -> None:
@@ -109,9 +113,19 @@ def kind_of(name: str) -> str | None:
         return "index" if head == "index" else "snapshot"
     if head == "wal" and rest.count("/") == 1:
         return "wal"
+    if head == "condemned" and len(rest) == 64 and _is_hex(rest):
+        return "condemned"
     if head == "deleted" and len(rest) == 64 and _is_hex(rest):
         return "tombstone"
+    if head == "sessions" and _is_session_rest(rest):
+        return "session"
     return None
+
+
+def _is_session_rest(rest: str) -> bool:
+    """``<16 hex>/<10 digits>`` (a heartbeat) or ``<16 hex>/end`` (see :mod:`shardvault.repository.sessions`)."""
+    sid, _, tail = rest.partition("/")
+    return len(sid) == 16 and _is_hex(sid) and (tail == "end" or (len(tail) == 10 and tail.isdigit()))
 
 
 def _is_hex(text: str) -> bool:
