@@ -168,6 +168,35 @@ def test_an_object_forgotten_after_it_was_listed_is_gone_not_lost(vault: Vault, 
         assert [s.id for s in reader.snapshots()] == [ids[1]]
 
 
+def test_a_tombstoned_index_file_is_gone_for_every_reader_and_repair_removes_its_copies(vault: Vault) -> None:
+    """What prune's compaction relies on: the replacement is written, the old file tombstoned, then deleted."""
+    from shardvault.repository.tombstones import write_tombstone
+
+    _backup(vault)
+    (vault.source / "more.txt").write_text("more\n")
+    _backup(vault)
+    with vault.repo() as repo:
+        first = repo.list_meta("index/")[0]
+        packs = {str(p["id"]) for p in repo.read_meta(first)["packs"]}
+        replacement = repo.write_index([repo.index.packs[p] for p in sorted(packs)])
+        name = write_tombstone(repo, [first], "prune")
+        assert name.startswith("deleted/") and first in repo.deleted_names
+        assert first not in repo.list_meta("index/")
+    with vault.repo() as fresh:  # another run: the tombstone is read from the peers
+        names = fresh.list_meta("index/")
+        assert first not in names and replacement in names
+        assert packs <= set(fresh.index.packs)
+    assert _on_peers(vault, first) == list(range(6))  # not deleted yet: a stray copy on every peer
+    check = vault.cli("check", "--json")
+    assert check.exit_code == 0, check.output  # strays are not damage: no reader sees them
+    assert json.loads(check.stdout)["metadata"]["stray"] == {first: [f"p{i}" for i in range(6)]}
+    assert "stray copy of deleted " + first in vault.cli("check").stdout
+    repair = _json(vault, "repair")
+    assert repair["metadata"]["stray_deleted"] == 6
+    assert _on_peers(vault, first) == []
+    assert vault.cli("check").exit_code == 0
+
+
 def _with_sources(vault: Vault, extra: str) -> None:
     other = vault.root / "other"
     other.mkdir()
