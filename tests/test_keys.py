@@ -426,3 +426,12 @@ def test_passwd_that_cannot_remove_the_old_key_keeps_both_and_the_key_file(vault
     new = vault.run("--password-file", str(keyfile), "key", "list", "--json", password="")
     assert new.returncode == 0, new.stderr
     assert len(json.loads(new.stdout)["keys"]) == 2
+
+
+def test_key_usage_errors_are_one_json_document(vault: Vault) -> None:
+    result = vault.run("key", "remove", "--json")  # no ID
+    assert result.returncode == 2
+    assert json.loads(result.stdout)["error"]["type"] == "UsageError"
+    assert result.stderr.count("\n") == 1
+    both = vault.run("key", "add", "--new-password-file", "f", "--generate-key-file", "g", "--json")
+    assert both.returncode == 2 and "not both" in json.loads(both.stdout)["error"]["message"]
