@@ -423,9 +423,8 @@ def forget(
     them, the flags are the policy of every selected source (the configured
     one is not merged in).  Packs are not deleted: `shardvault prune` frees the space.
     """
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    from shardvault.errors import ConfigValueError, RetentionPolicyError
+    from shardvault.errors import RetentionPolicyError
+    from shardvault.lifecycle.forget import configured_policies
     from shardvault.lifecycle.forget import forget as run_forget
 
     flags = _keep_flags(
@@ -446,12 +445,7 @@ def forget(
     if flags is None and not any(configured.get(n) for n in ([source] if source else configured)):
         where = f" for source {source!r}" if source else ""
         raise RetentionPolicyError("forget", f"no retention policy{where}: pass --keep-* or set [sources.retention]")
-    try:
-        tz = ZoneInfo(config.schedule.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigValueError(
-            config.path, "schedule.timezone", f"unknown time zone {config.schedule.timezone!r}"
-        ) from None
+    _, tz = configured_policies(config)
     with ctx.repository() as repo, progress_bar(not as_json, "forget") as update:
         known = set(configured) | {s.source for s in repo.snapshots()}
         if source is not None and source not in known:
@@ -495,7 +489,7 @@ def forget(
     else:
         click.echo(f"removed {what}; run 'shardvault prune' to free space")
     for peer, why in report.peers_missed.items():
-        warn(f"peer {peer} keeps stray copies ({why}); `shardvault repair` deletes them when it is back")
+        warn(f"peer {peer} keeps stray copies ({why}); `shardvault repair` deletes them once the peer allows it")
 
 
 @main.command()

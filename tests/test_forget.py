@@ -197,6 +197,21 @@ def test_a_tombstoned_index_file_is_gone_for_every_reader_and_repair_removes_its
     assert vault.cli("check").exit_code == 0
 
 
+def test_forget_refuses_on_an_append_only_client_and_changes_nothing(vault: Vault, tmp_path: Path) -> None:
+    """A tombstone would hide history as surely as a deletion: append-only refuses forget (exit 16), as prune."""
+    ids = _history(vault, tmp_path, 2)
+    vault.config.write_text(vault.config.read_text().replace("[repository]\n", "[repository]\nappend_only = true\n", 1))
+    before = peer_snapshot(vault.peers_dir)
+    dry = _json(vault, "forget", "--keep-last", "1", "--dry-run")  # judging still works
+    assert [r["id"] for r in dry["sources"][0]["remove"]] == [ids[0]]
+    result = vault.cli("forget", "--keep-last", "1")
+    assert result.exit_code == 16, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refuses deletion (append-only" in lines[0] and "forget removes nothing" in lines[0]
+    assert peer_snapshot(vault.peers_dir) == before
+    assert sorted(_listed(vault)) == sorted(ids)
+
+
 def _with_sources(vault: Vault, extra: str) -> None:
     other = vault.root / "other"
     other.mkdir()
@@ -327,6 +342,17 @@ def test_postgres_forget_expires_wal_before_the_oldest_kept_base_backup_and_pitr
         assert after == [n for n in before if n not in older], peer
         assert all(n[:24] >= start for n in after if not n.endswith(".history"))
     assert cluster.cli("check").exit_code == 0  # no gap: the archive now starts at the kept backup's start
+
+    # prune frees the first base backup and the expired WAL (PostgreSQL's archiver may be
+    # running a wal-push meanwhile: then the condemned set waits for it, and a rerun deletes).
+    freed = 0
+    for _ in range(5):
+        pruned = cluster.json("prune", "--grace", "0")
+        freed += pruned["deleted"]["packs"] + pruned["repacked_packs"]
+        if not pruned["waiting"]:
+            break
+    assert freed > 0 and not pruned["waiting"], pruned
+    assert cluster.cli("check", "--read-data").exit_code == 0
 
     # PITR inside the kept window: the kept base backup, recovered to a time after it.
     port = _restore_and_start(cluster, restored, second["id"], "--to-time", str(between))

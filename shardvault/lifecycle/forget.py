@@ -22,7 +22,15 @@ choice into deletions, as restic's ``forget`` does:
    quorum: if it cannot be written, nothing is deleted), then the objects are
    deleted from every reachable peer and from the local cache.  A peer that
    is down keeps its copies; every reader ignores them (they are
-   tombstoned) and ``repair`` deletes them.
+   tombstoned) and ``repair`` deletes them.  So does a peer that refuses a
+   deletion for now (S3 Object Lock retention): the copy stays until a
+   repair after the retention.
+
+Where this client may not delete at all (an append-only peer in its
+configuration) forget refuses before writing anything
+(:class:`~shardvault.errors.DeletionRefusedError`, exit 16), as prune does:
+a tombstone is only an added object, but it would hide history all the same,
+which is what append-only exists to prevent.  A dry run still works.
 
 Forget deletes no pack: the data the forgotten snapshots alone referenced is
 freed by ``prune``.
@@ -35,12 +43,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from shardvault.errors import ObjectNotFoundError, PeerError
+from shardvault.config import Config
+from shardvault.errors import ConfigValueError, DeletionRefusedError, ObjectNotFoundError, PeerError
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
 from shardvault.repository.tombstones import DeletionReason, write_tombstone
 from shardvault.shards.peers import Peer
+from shardvault.shards.stores.immutable import deletion_blockers
 from shardvault.walnames import WAL_NAME, segment_number
 
 from .retention import Decision, RetentionPolicy, Verdict, apply_policy
@@ -149,6 +160,9 @@ def forget(
     """Apply ``policies`` (source -> policy, None: left alone): tombstone, then delete what they do not keep."""
     started = time.time()
     if not dry_run:
+        if blockers := deletion_blockers(repo.peers):
+            peer, why = blockers[0]
+            raise DeletionRefusedError(peer, why, "forget removes nothing; run it where the peers allow deletion")
         repo.require_quorum()  # before judging: a forget that cannot commit its tombstone decides nothing
     report = plan(repo, policies, now, tz)
     report.dry_run = dry_run
@@ -238,21 +252,41 @@ def _postgres_name(lower: str) -> str:
 def _delete_everywhere(repo: Repository, names: list[str], report: ForgetReport) -> None:
     """Delete ``names`` on every reachable peer; a peer that fails keeps stray copies (repair removes them)."""
 
-    def on(peer: Peer) -> int:
-        count = 0
+    def on(peer: Peer) -> tuple[int, list[str]]:
+        count, refused = 0, []
         for name in names:
             try:
                 peer.store.delete(name)
                 count += 1
             except ObjectNotFoundError:
                 continue  # never reached this peer, or another forget took it
-        return count
+            except DeletionRefusedError as exc:  # kept for now (object lock): a stray copy, repair retries
+                refused.append(str(exc))
+        return count, refused
 
     for peer_name, why in repo.peers.down().items():
         report.peers_missed[peer_name] = why
     for peer, future in [(p, repo.io.submit(on, p)) for p in repo.peers.up()]:
         try:
-            report.deleted[peer.name] = future.result()
+            report.deleted[peer.name], refused = future.result()
+            if refused:
+                report.peers_missed[peer.name] = f"{len(refused)} deletion(s) refused: {refused[0]}"
         except PeerError as exc:
             repo.peers.mark_down(peer, str(exc))
             report.peers_missed[peer.name] = str(exc)
+
+
+def configured_policies(config: Config) -> tuple[dict[str, RetentionPolicy | None], tzinfo]:
+    """Each source's ``[sources.retention]`` (sources without one are left out) and the buckets' time zone.
+
+    What a scheduled forget (the ``prune`` flow) applies; ``shardvault forget``
+    without ``--keep-*`` flags chooses the same.
+    """
+    try:
+        tz: tzinfo = ZoneInfo(config.schedule.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigValueError(
+            config.path, "schedule.timezone", f"unknown time zone {config.schedule.timezone!r}"
+        ) from None
+    policies: dict[str, RetentionPolicy | None] = {s.name: s.retention for s in config.sources if s.retention}
+    return policies, tz
