@@ -42,6 +42,7 @@ def registered_flows() -> dict[Job, Flow[..., Any]]:
         Job.CHECK: flows.check,
         Job.SCRUB: flows.scrub,
         Job.REPAIR: flows.repair,
+        Job.PRUNE: flows.prune,
     }
     if importlib.util.find_spec(DRILL_MODULE) is not None:
         # Imported for real: a broken drill module is an error to see, not a flow to skip.

@@ -1,4 +1,4 @@
-"""The Prefect flows ``backup``, ``check``, ``scrub`` and ``repair``: thin wrappers over the library.
+"""The Prefect flows ``backup``, ``check``, ``scrub``, ``repair`` and ``prune``: thin wrappers over the library.
 
 Each flow opens the repository from a config path and a password file (or
 ``$SHARDVAULT_CONFIG`` / ``$SHARDVAULT_PASSWORD``), calls the function the
@@ -358,3 +358,34 @@ def repair_task(config_path: str | None, password_file: str | None) -> dict[str,
 def repair(config: str | None = None, password_file: str | None = None) -> dict[str, Any]:
     """Rebuild missing and corrupt shards from k good ones: `shardvault repair --json`."""
     return _finish(repair_task(config, password_file, return_state=True))  # type: ignore[no-any-return]
+
+
+# --- forget and prune --------------------------------------------------------------------------
+
+
+@task(name="forget-and-prune", cache_policy=NO_CACHE, persist_result=False)
+def prune_task(config_path: str | None, password_file: str | None) -> dict[str, Any] | State[Any]:
+    from shardvault.lifecycle.forget import configured_policies, forget
+    from shardvault.lifecycle.prune import PruneOptions
+    from shardvault.lifecycle.prune import prune as run_prune
+
+    progress = Progress("prune")
+    try:
+        with opened(config_path, password_file) as repo:
+            config = repo.config
+            policies, tz = configured_policies(config)
+            forgotten = forget(repo, policies, tz=tz) if policies else None
+            options = PruneOptions(
+                max_unused_percent=config.prune.max_unused_percent, grace_seconds=config.prune.grace_seconds
+            )
+            report = run_prune(repo, options, progress=lambda step: progress(lambda: step))
+        doc = {"forget": forgotten.to_doc() if forgotten else None, "prune": report.to_doc()}
+        return as_json(doc)  # type: ignore[no-any-return]
+    except ShardvaultError as exc:
+        return _carry(exc)
+
+
+@flow(name="prune", flow_run_name=_job_run_name("prune"), log_prints=False)
+def prune(config: str | None = None, password_file: str | None = None) -> dict[str, Any]:
+    """Apply each source's [sources.retention] (`shardvault forget`), then `shardvault prune --json`."""
+    return _finish(prune_task(config, password_file, return_state=True))  # type: ignore[no-any-return]

@@ -734,9 +734,11 @@ def _render_locks(findings: dict[str, Any]) -> None:
             continue
         parts = []
         if lock.lapsed:
-            parts.append(f"{lock.lapsed} lapsed ({', '.join(lock.lapsed_objects)}{', ...' * (lock.lapsed > 5)})")
+            names = ", ".join(lock.lapsed_objects) + ", ..." * (lock.lapsed > 5)
+            parts.append(f"{lock.lapsed} lapsed ({names})")
         if lock.missing:
-            parts.append(f"{lock.missing} without retention ({', '.join(lock.missing_objects)}{', ...' * (lock.missing > 5)})")
+            names = ", ".join(lock.missing_objects) + ", ..." * (lock.missing > 5)
+            parts.append(f"{lock.missing} without retention ({names})")
         click.echo(f"{head}: WARNING {lock.exposed} of {lock.objects} object(s) deletable now: {'; '.join(parts)}")
 
 

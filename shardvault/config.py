@@ -226,6 +226,7 @@ class ScheduleConfig:
     scrub: str | None = None
     repair: str | None = None
     drill: str | None = None  # every playbook in dr_playbooks/
+    prune: str | None = None  # forget (each source's [sources.retention]) then prune
 
 
 @dataclass(frozen=True)
@@ -647,8 +648,8 @@ def _schedule(path: Path, table: Any) -> ScheduleConfig:
     if table is None:
         return ScheduleConfig()
     r = _Reader(path, "schedule", table)
-    r.no_unknown({"timezone", "check", "scrub", "repair", "drill"})
-    crons = {key: r.get(key, str, default=None) for key in ("check", "scrub", "repair", "drill")}
+    r.no_unknown({"timezone", "check", "scrub", "repair", "drill", "prune"})
+    crons = {key: r.get(key, str, default=None) for key in ("check", "scrub", "repair", "drill", "prune")}
     return ScheduleConfig(timezone=r.get("timezone", str, default="UTC"), **crons)
 
 

@@ -45,6 +45,7 @@ class Job(StrEnum):
     SCRUB = "scrub"
     REPAIR = "repair"
     DRILL = "drill"
+    PRUNE = "prune"
 
 
 DEFAULT = "default"  # the deployment name of the repository-wide jobs
@@ -146,7 +147,7 @@ def build_plan(
                 schedules.append(PlannedSchedule(check_cron(config, key, cron), key, label, {"full": full}))
         params = common | {"source": source.name, "full": False}
         deployments.append(PlannedDeployment(Job.BACKUP, source.name, params, tuple(schedules), serialised=True))
-    for job in (Job.CHECK, Job.SCRUB, Job.REPAIR):
+    for job in (Job.CHECK, Job.SCRUB, Job.REPAIR, Job.PRUNE):
         cron = getattr(config.schedule, job.value)
         key = f"schedule.{job.value}"
         schedules = [PlannedSchedule(check_cron(config, key, cron), key, job.value)] if cron is not None else []

@@ -159,6 +159,30 @@ def test_scrub_and_repair_flows_match_the_cli(harness: None, backed_up: Vault, p
     assert cli_json(backed_up, "check")[0] == 0
 
 
+def test_prune_flow_applies_each_sources_retention_then_prunes(harness: None, vault: Vault, password_file: str) -> None:
+    from shardvault.flows.flows import prune
+
+    vault.config.write_text(vault.config.read_text() + '[sources.retention]\nkeep_last = 1\n[prune]\ngrace = "0"\n')
+    assert vault.cli("backup", "src").exit_code == 0
+    for path in sorted(vault.source.rglob("large*.bin")):
+        path.write_bytes(os.urandom(1 << 20))
+    assert vault.cli("backup", "src").exit_code == 0
+    state = prune(config=str(vault.config), password_file=password_file, return_state=True)
+    assert state.is_completed(), state.message
+    doc = state.result()
+    assert doc["forget"]["snapshots_removed"] == 1 and doc["prune"]["deleted"]["packs"] > 0, doc
+    code, listing = cli_json(vault, "snapshots")
+    assert code == 0 and len(listing) == 1
+    assert cli_json(vault, "check")[0] == 0
+    # A prune that cannot run (another prune holds the repository) fails the run with its one line.
+    with vault.repo() as repo:
+        from shardvault.repository.sessions import SessionKind
+
+        repo.announce(SessionKind.PRUNE)
+        state = prune(config=str(vault.config), password_file=password_file, return_state=True)
+    assert state.is_failed() and "prune session" in str(state.message)
+
+
 def test_a_failing_library_call_fails_the_flow_with_its_one_line_message(
     harness: None, vault: Vault, tmp_path: Path
 ) -> None:
