@@ -70,7 +70,7 @@ def audit_locks(repo: Repository, now: datetime | None = None) -> dict[str, Lock
         try:
             names = [i.name for i in peer.store.list("") if not i.name.startswith(UNRETAINED_PREFIXES)]
             for name, until in zip(names, repo.io.map(lambda n, s=peer.store: _retention(s, n), names), strict=True):
-                if until is False:
+                if isinstance(until, bool):
                     continue  # deleted while we looked (a prune on another host)
                 report.objects += 1
                 if until is None:
@@ -86,7 +86,7 @@ def audit_locks(repo: Repository, now: datetime | None = None) -> dict[str, Lock
     return findings
 
 
-def _retention(store: PeerStore, name: str) -> datetime | None | bool:
+def _retention(store: PeerStore, name: str) -> datetime | bool | None:
     """The object's retain-until date, None without one, False once it is gone."""
     try:
         return store.retention(name)
