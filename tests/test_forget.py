@@ -298,6 +298,33 @@ def test_a_malformed_policy_in_the_configuration_is_exit_3_naming_the_key(vault:
 # --- PostgreSQL: WAL expires with the base backups, PITR still works ------------------------------------
 
 
+def test_an_expired_wal_name_is_refused_not_hidden(tmp_path: Path) -> None:
+    """A re-created cluster repeats old WAL names: a record the tombstone hides would be lost, so refuse loudly."""
+    from conftest import PASSWORD, local_peers, write_config
+
+    from shardvault.backup.wal import push
+    from shardvault.config import PostgresSource, load_config
+    from shardvault.errors import SourceError
+    from shardvault.repository import Repository
+    from shardvault.repository.tombstones import write_tombstone
+
+    config_path = write_config(
+        tmp_path / "c.toml", local_peers(tmp_path / "peers"), {}, k=4, n=6, state_dir=str(tmp_path / "s")
+    )
+    with open(config_path, "a") as f:
+        f.write('[[sources]]\nname = "db"\ntype = "postgres"\ndsn = "host=127.0.0.1"\n')
+    config = load_config(config_path)
+    Repository.init(config, PASSWORD).close()
+    segment = tmp_path / "000000010000000000000001"
+    segment.write_bytes(b"old cluster" * 1000)
+    with Repository.open(config, PASSWORD) as repo:
+        assert push(repo, config.typed_source("db", PostgresSource), segment)
+        write_tombstone(repo, ["wal/db/000000010000000000000001"], "forget")
+    segment.write_bytes(b"new cluster" * 1000)
+    with Repository.open(config, PASSWORD) as repo, pytest.raises(SourceError, match="expired by forget"):
+        push(repo, config.typed_source("db", PostgresSource), segment)
+
+
 def _wal_names(pg: Cluster, peer: int = 0) -> list[str]:
     """The WAL files a peer holds records of, as PostgreSQL names them (hex upper case, suffixes lower)."""
     names = [p.name.upper() for p in (pg.base / "peers" / f"p{peer}" / "wal" / "db").iterdir()]

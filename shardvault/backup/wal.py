@@ -39,6 +39,14 @@ def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str])
         raise SourceError(source.name, f"cannot read {path}: {exc.strerror}") from None
     digest = content_hash(data).hex()
     record = record_name(source.name, name)
+    if record in repo.deleted_names:
+        # Expired by forget, and a tombstone hides that name for good: a new record would be invisible
+        # to wal-fetch.  PostgreSQL only repeats a name when a cluster is re-created under the same source.
+        raise SourceError(
+            source.name,
+            f"WAL file {name} was archived before and expired by forget; "
+            "a re-created cluster needs a new source name (its old archive's names are taken)",
+        )
     if repo.meta_exists(record):
         if repo.read_meta(record, cache=False).get("hash") == digest:
             return False
