@@ -44,7 +44,7 @@ from shardvault.errors import (
 from shardvault.repository import Repository, random_pack_id
 from shardvault.repository.condemned import CondemnedSet, read_condemned
 from shardvault.repository.index import Index, PackRecord, index_doc, intact_shard_nums
-from shardvault.repository.metadata import new_id, pack_name
+from shardvault.repository.metadata import kind_of, new_id, pack_name
 from shardvault.repository.packs import PackWriter
 from shardvault.repository.sessions import Liveness, SessionInfo, SessionKind, list_sessions, liveness
 from shardvault.repository.snapshot import Snapshot
@@ -157,7 +157,8 @@ class Pruner:
         repo = self.repo
         self.progress("reading snapshots and the index")
         snapshots = {s.id: s for s in repo.snapshots()}
-        lost = [p for p in repo.meta_problems if not p.peer and p.name.startswith(("snapshots/", "wal/"))]
+        # An object intact nowhere: what it references is unknown (a planted junk name is no snapshot).
+        lost = [p for p in repo.meta_problems if not p.peer and kind_of(p.name) in ("snapshot", "wal")]
         if lost:
             raise PruneRefusedError(
                 f"{lost[0].name} cannot be read ({lost[0].detail}), so what it references is unknown; "

@@ -75,9 +75,15 @@ class Liveness(StrEnum):
 
 
 def _boot_id() -> str:
+    """This boot of this machine, and the pid namespace: a pid means the same process only where both match.
+
+    (Two containers on one machine share the boot id and may share a
+    hostname, but not their pids.)
+    """
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
     except OSError:
         return ""
 
