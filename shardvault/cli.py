@@ -757,8 +757,10 @@ def _render_metadata(meta: Any) -> None:
         click.echo(f"LOST metadata object {name}: no peer holds an intact copy")
     for snap in meta.snapshots_missing:
         click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but no peer has it: rolled back?")
-    for name, holders in meta.stray.items():
+    for name, holders in list(meta.stray.items())[:10]:
         click.echo(f"stray copy of deleted {name} on peer(s) {', '.join(holders)}: `shardvault repair` deletes it")
+    if len(meta.stray) > 10:
+        click.echo(f"... and {len(meta.stray) - 10} more deleted object(s) with stray copies (`--json` lists them)")
     click.echo(meta.summary())
 
 

@@ -153,7 +153,12 @@ def check_count(value: object, what: str) -> int | None:
 
 @dataclass(frozen=True)
 class RetentionPolicy:
-    """What to keep of one source; None (or 0) switches a rule off, -1 is unlimited."""
+    """What to keep of one source; None (or 0) switches a rule off, -1 is unlimited.
+
+    ``keep_within`` is a calendar :class:`Duration`, not a ``timedelta``:
+    restic's ``1m`` is a month and ``1y`` a year, which no fixed number of
+    seconds is.
+    """
 
     keep_last: int | None = None
     keep_hourly: int | None = None
