@@ -11,6 +11,7 @@ import pytest
 from conftest import Vault, assert_same_tree, copy_tree, peer_snapshot
 from test_postgres import Cluster, _restore_and_start, cluster, restored  # noqa: F401  (fixtures)
 
+from shardvault.repository.snapshot import Snapshot
 from shardvault.repository.tombstones import TOMBSTONE_VERSION, parse_tombstone, tombstone_doc
 
 VECTOR = json.loads((Path(__file__).parent / "vectors" / "tombstone_v1.json").read_text())
@@ -298,6 +299,92 @@ def test_a_malformed_policy_in_the_configuration_is_exit_3_naming_the_key(vault:
 # --- PostgreSQL: WAL expires with the base backups, PITR still works ------------------------------------
 
 
+class _History:
+    """A repository as plan() sees it: snapshots and a WAL archive listing (no peers needed for the rule)."""
+
+    def __init__(self, snapshots: list[Snapshot], wal: list[str]) -> None:
+        self._snapshots = snapshots
+        self._wal = wal
+
+    def snapshots(self) -> list[Snapshot]:
+        return self._snapshots
+
+    def list_meta(self, prefix: str) -> list[str]:
+        assert prefix == "wal/db/"
+        return [prefix + name.lower() for name in self._wal]
+
+
+def _pg(label: str, kind: str, day: int, parent: str | None = None, start: str | None = None) -> Snapshot:
+    facts: dict[str, Any] = {"mode": "physical"} | ({"start_wal_file": start} if start else {})
+    return Snapshot(
+        id=label, source="db", source_type="postgres", path="", kind=kind, parent=parent,
+        started=f"2025-01-0{day}T00:00:00+00:00", finished=f"2025-01-0{day}T00:00:00+00:00",
+        hostname="h", tree=(), stats={"postgres": facts},
+    )  # fmt: skip
+
+
+# F1 on timeline 1 starts at segment 3; a PITR made timeline 2 branch at segment 6 (the old timeline's
+# segment 6 is left as .partial); F2 on timeline 2 starts at segment 8.  I1 and I2 are WAL checkpoints.
+TIMELINES = [
+    _pg("F1", "full", 1, start="000000010000000000000003"),
+    _pg("I1", "incremental", 2, parent="F1"),
+    _pg("F2", "full", 3, start="000000020000000000000008"),
+    _pg("I2", "incremental", 4, parent="F2"),
+]
+TL1 = [f"0000000100000000000000{n:02X}" for n in range(1, 10)]
+TL2 = [f"0000000200000000000000{n:02X}" for n in range(6, 11)]
+BACKUP_LABELS = ["000000010000000000000002.00000028.backup", "000000010000000000000003.00000060.backup"]
+ARCHIVE = [*TL1, *BACKUP_LABELS, "000000010000000000000006.partial", "00000002.history", *TL2]
+ARCHIVE += ["000000020000000000000008.00000028.backup"]
+
+
+@pytest.mark.parametrize(
+    ("keep_last", "kept", "expired"),
+    [
+        # I2 is the last snapshot; F2 is kept as its base.  Everything before F2's start on timelines 1 and 2.
+        (
+            1,
+            {"I2": ["last snapshot"], "F2": ["base of I2"]},
+            [*TL1[:7], *BACKUP_LABELS, "000000010000000000000006.partial", *TL2[:2]],
+        ),
+        # I1 keeps F1 too: only what lies before F1's start (timeline 1, segments 1-2) goes.  A base that
+        # a rule keeps anyway still names the incremental that needs it.
+        (
+            3,
+            {
+                "I2": ["last snapshot"],
+                "F2": ["last snapshot", "base of I2"],
+                "I1": ["last snapshot"],
+                "F1": ["base of I1"],
+            },
+            [*TL1[:2], BACKUP_LABELS[0]],
+        ),
+    ],
+)
+def test_wal_expires_only_before_every_kept_base_backups_start(
+    keep_last: int, kept: dict[str, list[str]], expired: list[str]
+) -> None:
+    from shardvault.lifecycle.forget import plan
+    from shardvault.lifecycle.retention import RetentionPolicy
+
+    report = plan(_History(TIMELINES, ARCHIVE), {"db": RetentionPolicy(keep_last=keep_last)})  # type: ignore[arg-type]
+    (src,) = report.sources
+    assert {d.snapshot.id: list(d.reasons) for d in src.keep} == kept
+    assert sorted(src.wal_expired) == sorted(expired)
+    assert src.wal_records == [f"wal/db/{n.lower()}" for n in src.wal_expired]
+
+
+def test_no_wal_expires_when_a_kept_base_backup_does_not_record_its_start() -> None:
+    from shardvault.lifecycle.forget import plan
+    from shardvault.lifecycle.retention import RetentionPolicy
+
+    unknown = [_pg("F0", "full", 1, start="000000010000000000000002"), _pg("F1", "full", 2)]
+    report = plan(_History(unknown, TL1), {"db": RetentionPolicy(keep_last=1)})  # type: ignore[arg-type]
+    (src,) = report.sources
+    assert [d.snapshot.id for d in src.remove] == ["F0"]
+    assert src.wal_expired == [] and "does not record its start WAL segment" in src.wal_note
+
+
 def test_an_expired_wal_name_is_refused_not_hidden(tmp_path: Path) -> None:
     """A re-created cluster repeats old WAL names: a record the tombstone hides would be lost, so refuse loudly."""
     from conftest import PASSWORD, local_peers, write_config
@@ -396,5 +483,6 @@ def test_forget_keeps_all_wal_when_no_base_backup_is_kept(cluster: Cluster) -> N
     before = _wal_names(cluster)
     dump = cluster.json("backup", "dump")["snapshot"]
     plan = cluster.json("forget", "--source", "dump", "--keep-last", "1", "--dry-run")
-    assert plan["sources"][0]["wal_expired"] == [] and plan["sources"][0]["keep"][0]["id"] == dump["id"]
+    (src,) = plan["sources"]
+    assert src["wal_expired"] == [] and src["wal_note"] == "" and src["keep"][0]["id"] == dump["id"]
     assert _wal_names(cluster) == before

@@ -143,8 +143,8 @@ def plan(
             keep=[d for d in decisions if d.keep],
             remove=[d for d in decisions if not d.keep],
         )
-        if any(s.source_type == "postgres" for s in mine):
-            _expire_wal(repo, source_plan)
+        if any(s.source_type == "postgres" and s.stats.get("postgres", {}).get("mode") == "physical" for s in mine):
+            _expire_wal(repo, source_plan)  # a physical source archives WAL (a logical one has none)
         report.sources.append(source_plan)
     return report
 
