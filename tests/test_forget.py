@@ -11,6 +11,9 @@ import pytest
 from conftest import Vault, assert_same_tree, copy_tree, peer_snapshot
 from test_postgres import Cluster, _restore_and_start, cluster, restored  # noqa: F401  (fixtures)
 
+from shardvault.crypto import Cipher
+from shardvault.errors import UnsupportedFormatError
+from shardvault.repository.metadata import check_version, kind_of, open_object
 from shardvault.repository.snapshot import Snapshot
 from shardvault.repository.tombstones import TOMBSTONE_VERSION, parse_tombstone, tombstone_doc
 
@@ -60,6 +63,13 @@ def test_tombstone_body_matches_the_golden_vector() -> None:
     assert json.dumps(body, sort_keys=True, separators=(",", ":")) == case["json"]
     assert body["version"] == TOMBSTONE_VERSION == 1
     assert parse_tombstone("deleted/" + "0" * 64, json.loads(case["json"])) == sorted(set(case["names"]))
+    # The sealed copy (keys of metadata_v1.json) reads back as that body, as a tombstone of version 1.
+    keys = json.loads((Path(__file__).parent / "vectors" / "metadata_v1.json").read_text())["keys"]
+    doc = open_object(Cipher(bytes.fromhex(keys["encryption"])), case["name"], bytes.fromhex(case["sealed"]))
+    assert doc == body and kind_of(case["name"]) == "tombstone"
+    check_version("tombstone", doc, case["name"])
+    with pytest.raises(UnsupportedFormatError, match="format version 2"):
+        check_version("tombstone", doc | {"version": 2}, case["name"])
 
 
 @pytest.mark.parametrize("name", ["config", "identity", "deleted/" + "a" * 64, "data/ab/" + "ab" * 32 + ".01", "x"])
