@@ -190,6 +190,9 @@ def test_a_live_session_on_another_host_defers_deletion_until_it_ends(tmp_path: 
         doc = json_of(ok(vault.cli("prune", "--grace", "0", "--json")))
         assert doc["condemned"]["packs"] > 0 and doc["deleted"]["packs"] == 0, doc
         assert any("backup session" in w["why"] for w in doc["waiting"]), doc["waiting"]
+        metrics = ok(vault.cli("exporter", "--once")).output
+        assert "shardvault_prune_condemned_sets_waiting 1.0" in metrics
+        assert "shardvault_prune_oldest_condemned_timestamp_seconds" in metrics
         assert shard_packs(vault) >= packs  # nothing deleted (a repack may have added a pack)
     finally:
         assert holder.stdin is not None
@@ -198,6 +201,10 @@ def test_a_live_session_on_another_host_defers_deletion_until_it_ends(tmp_path: 
     doc = json_of(ok(vault.cli("prune", "--grace", "0", "--json")))
     assert doc["deleted"]["packs"] > 0, doc
     restore_matches(vault, kept_id, kept_tree, tmp_path / "restored")
+    metrics = ok(vault.cli("exporter", "--once")).output
+    assert "shardvault_prune_condemned_sets_waiting 0.0" in metrics
+    assert "shardvault_prune_oldest_condemned_timestamp_seconds" not in metrics
+    assert "shardvault_prune_freed_bytes" in metrics and "shardvault_prune_last_success_timestamp_seconds" in metrics
 
 
 def test_a_second_prune_is_refused_while_one_is_live_and_unlock_clears_a_killed_one(tmp_path: Path) -> None:

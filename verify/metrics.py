@@ -49,6 +49,7 @@ class StateCollector(Collector):
         yield from self._sources(q, now)
         yield from self._drills(q)
         yield from self._metadata(q)
+        yield from self._prune(q)
         damaged = GaugeMetricFamily(
             "shardvault_verification_damage_found",
             "1 if the last check or scrub of this kind found damage, else 0.",
@@ -250,6 +251,37 @@ class StateCollector(Collector):
             if (value := facts.get(f"metadata_bad_copies:{peer.name}")) is not None:
                 bad.add_metric([peer.name], value)
         yield bad
+
+    def _prune(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        """What the last prune freed, and whether condemned data is waiting (shardvault.lifecycle.prune)."""
+        row = q("SELECT MAX(finished) FROM runs WHERE kind = 'prune' AND status = 'ok'")
+        if row and row[0][0] is not None:
+            yield GaugeMetricFamily(
+                "shardvault_prune_last_success_timestamp_seconds",
+                "When the last prune finished.",
+                value=float(row[0][0]),
+            )
+        facts = {
+            str(name): float(value) for name, value in q("SELECT name, value FROM facts WHERE name LIKE 'prune_%'")
+        }
+        if "prune_freed_bytes" in facts:
+            yield GaugeMetricFamily(
+                "shardvault_prune_freed_bytes",
+                "Bytes the last prune freed over every peer.",
+                value=facts["prune_freed_bytes"],
+            )
+        if "prune_sets_waiting" in facts:
+            yield GaugeMetricFamily(
+                "shardvault_prune_condemned_sets_waiting",
+                "Condemned sets whose deletion waits (grace period, or sessions still running).",
+                value=facts["prune_sets_waiting"],
+            )
+        if facts.get("prune_oldest_waiting_timestamp"):
+            yield GaugeMetricFamily(
+                "shardvault_prune_oldest_condemned_timestamp_seconds",
+                "When the oldest condemned set still waiting was written.",
+                value=facts["prune_oldest_waiting_timestamp"],
+            )
 
     def _drills(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
         rto = GaugeMetricFamily(

@@ -499,6 +499,7 @@ class Pruner:
 
     def run(self) -> PruneReport:
         repo, options = self.repo, self.options
+        started = time.time()
         if options.dry_run:
             repo.announce_sessions = False
         else:
@@ -545,8 +546,18 @@ class Pruner:
             if not self.report.index_files_before:
                 self.compact(g, set())
             self._clean_sessions(sessions)
-        repo.state.record_run("prune", "ok", time.time(), details=self.report.to_doc())
+            self._record([c for c in [*finished, *([new] if new else [])] if c not in ready], started)
         return self.report
+
+    def _record(self, waiting: list[CondemnedSet], started: float) -> None:
+        """The run and the facts metrics read (a condemned set waiting for days means a session blocks it)."""
+        state = self.repo.state
+        waiting = [c for c in waiting if any(w["set"] == c.id for w in self.report.waiting)]
+        state.record_run("prune", "ok", started, details=self.report.to_doc())
+        state.set_fact("prune_freed_bytes", float(sum(self.report.freed_bytes.values())))
+        state.set_fact("prune_sets_waiting", float(len(waiting)))
+        oldest = min((datetime.fromisoformat(c.marked).timestamp() for c in waiting), default=0.0)
+        state.set_fact("prune_oldest_waiting_timestamp", oldest)
 
 
 def _payload(record: PackRecord) -> int:
