@@ -852,6 +852,12 @@ def _render_repair(doc: dict[str, Any]) -> None:
         for snap in meta["after"]["snapshots_missing"]:
             click.echo(f"snapshot {snap[:8]} was committed (the state recorded it) but is on no peer: not repairable")
         click.echo(f"metadata: {meta['copies_written']} copies written, {meta['stray_deleted']} stray copies deleted")
+    for peer, lock in sorted(doc.get("object_lock", {}).items()):
+        failed = f"; incomplete: {lock['error']}" if lock["error"] else ""
+        click.echo(
+            f"peer {peer}: object lock ({lock['mode']}): retention of {lock['extended']} of {lock['objects']} "
+            f"object(s) extended to {lock['until']}{failed}"
+        )
     click.echo(
         f"repaired {doc['packs_repaired']} of {doc['packs']} packs: {doc['shards_rebuilt']} shard(s) rebuilt, "
         f"{doc['shards_relocated']} on another peer, {human(doc['bytes_written'])} written"

@@ -417,3 +417,90 @@ def test_a_policy_without_delete_is_the_same_named_refusal(iam_s3_server: str) -
     )
     assert "AccessDenied" in str(refused.value)
     assert store.load("snapshots/aa") == b"history"
+
+
+@pytest.mark.s3
+def test_repair_renews_lapsed_and_missing_retention(locked: tuple[Vault, Any, str]) -> None:
+    vault, client, bucket = locked
+    lapsed = sorted(_keys(client, bucket, "peer2/data/"))[0]
+    stripped = sorted(_keys(client, bucket, "peer2/index/"))[0]
+    past = datetime.now(UTC) - timedelta(hours=1)
+    client.put_object_retention(Bucket=bucket, Key=lapsed, Retention={"Mode": "GOVERNANCE", "RetainUntilDate": past})
+    client.put_object_retention(Bucket=bucket, Key=stripped, Retention={}, BypassGovernanceRetention=True)
+    untouched = sorted(_keys(client, bucket, "peer2/snapshots/"))[0]
+    before = client.head_object(Bucket=bucket, Key=untouched)["ObjectLockRetainUntilDate"]
+
+    result = vault.cli("repair", "--json")
+    assert result.exit_code == 0, result.output
+    renewed = json.loads(result.stdout)["object_lock"]
+    assert renewed["s2"]["extended"] == 2 and renewed["s0"]["extended"] == renewed["s1"]["extended"] == 0, renewed
+    now = datetime.now(UTC)
+    for key in (lapsed, stripped):
+        head = client.head_object(Bucket=bucket, Key=key)
+        assert head["ObjectLockMode"] == "GOVERNANCE"
+        assert (
+            now + timedelta(days=3) - timedelta(hours=1) < head["ObjectLockRetainUntilDate"] <= now + timedelta(days=3)
+        )
+    # Retained long enough already: no PutObjectRetention (a repair costs a HEAD per object, not a write).
+    assert client.head_object(Bucket=bucket, Key=untouched)["ObjectLockRetainUntilDate"] == before
+    doc = json.loads(vault.cli("check", "--json").stdout)
+    assert all(f["lapsed"] == f["missing"] == 0 for f in doc["object_lock"].values()), doc["object_lock"]
+
+
+@pytest.mark.s3
+def test_prune_on_locked_peers_keeps_what_is_retained_and_deletes_it_once_the_lock_lapses(
+    locked: tuple[Vault, Any, str],
+) -> None:
+    """Forget + prune: locked S3 copies are refused (kept for now), local ones freed; a later prune finishes."""
+    vault, client, bucket = locked
+    (vault.source / "large0.bin").write_bytes(os.urandom(700_000))
+    latest = _backup(vault)
+    result = vault.cli("forget", "--keep-last", "1")
+    assert result.exit_code == 0, result.output
+    result = vault.cli("prune", "--grace", "0", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    refused = [line for line in doc["refused"] if "(object lock)" in line]
+    assert refused and all("is retained until" in line for line in refused), doc["refused"]
+    assert not any(peer.startswith("s") for peer in doc["freed_bytes"]), doc["freed_bytes"]  # locked: nothing freed
+
+    # What prune means to delete is awaiting deletion: not a finding, and repair does not renew it.
+    check = json.loads(vault.cli("check", "--json").stdout)
+    assert check["object_lock"]["s0"]["awaiting_deletion"] > 0, check["object_lock"]
+    assert not check["damaged"]
+    _restore(vault, latest, vault.root / "kept")
+    assert_same_tree(vault.source, vault.root / "kept")
+
+    # The retention runs out (moved into the past here); the next prune deletes every version.
+    shards_before = set(_keys(client, bucket, "peer0/data/"))
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    for key in shards_before:
+        client.put_object_retention(Bucket=bucket, Key=key, Retention={"Mode": "GOVERNANCE", "RetainUntilDate": past})
+    result = vault.cli("repair", "--json")  # renews what is in use again, leaves the condemned alone
+    assert result.exit_code == 0, result.output
+    result = vault.cli("prune", "--grace", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["freed_bytes"].get("s0", 0) > 0, result.stdout
+    shards_after = set(_keys(client, bucket, "peer0/data/"))
+    assert shards_after < shards_before
+    for key in shards_before - shards_after:  # deleted by version id: no delete marker, no old version left
+        versions = client.list_object_versions(Bucket=bucket, Prefix=key)
+        assert not versions.get("Versions") and not versions.get("DeleteMarkers"), key
+    for key in shards_after:  # what is still in use was renewed by the repair
+        assert client.head_object(Bucket=bucket, Key=key)["ObjectLockRetainUntilDate"] > datetime.now(UTC)
+    _restore(vault, latest, vault.root / "kept2")
+    assert_same_tree(vault.source, vault.root / "kept2")
+    result = vault.cli("check", "--read-data")
+    assert result.exit_code == 0, result.output
+
+
+def test_prune_refuses_on_an_append_only_client_and_changes_nothing(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, append_only=True)
+    _backup(vault)
+    (vault.source / "more.bin").write_bytes(os.urandom(300_000))
+    _backup(vault)
+    before = peer_snapshot(vault.peers_dir)
+    result = vault.run("prune", "--grace", "0")
+    assert result.returncode == 16, result.stderr
+    _one_error_line(result.stderr, "Peer p0 refuses deletion (append-only in this client's configuration)", "prune")
+    assert peer_snapshot(vault.peers_dir) == before

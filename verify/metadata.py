@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from shardvault.errors import ObjectNotFoundError, PeerError, UnsupportedFormatError
+from shardvault.errors import DeletionRefusedError, ObjectNotFoundError, PeerError, UnsupportedFormatError
 from shardvault.repository import Repository
 from shardvault.repository.keys import verified_copy
 from shardvault.repository.metadata import (
@@ -388,6 +388,8 @@ def _delete_strays(repo: Repository, report: MetadataReport, healed: HealReport)
                 healed.stray_deleted += 1
             except ObjectNotFoundError:
                 continue  # gone meanwhile (another repair)
+            except DeletionRefusedError:
+                continue  # an object lock still runs: not a failure; check names the stray, a later repair retries
             except PeerError as exc:
                 healed.failed.append(f"{peer_name}:{name}: stray copy of a deleted object not removed: {exc}")
 

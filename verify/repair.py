@@ -44,6 +44,7 @@ from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, build_sha
 from shardvault.shards.peers import Peer
 from shardvault.state import ShardKey
 
+from .locks import LockRenewal, renew_locks
 from .metadata import HealReport, MetadataReport, audit, heal
 from .record import GOOD, Layout, ShardIssue, presence, record_pack_states
 
@@ -76,6 +77,7 @@ class RepairReport:
     duration_seconds: float = 0.0
     metadata: HealReport = field(default_factory=HealReport)
     metadata_after: MetadataReport = field(default_factory=MetadataReport)  # what is left after the heal
+    object_lock: dict[str, LockRenewal] = field(default_factory=dict)  # retention renewed per object-lock peer
 
     @property
     def complete(self) -> bool:
@@ -181,6 +183,7 @@ def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: Pr
     presence(repo, [])  # the state now describes the repaired repository
     record_pack_states(repo, repo.state.shard_rows())
     report.metadata_after = audit(repo)
+    report.object_lock = renew_locks(repo)  # S3 Object Lock: keep what is still in use undeletable
     report.duration_seconds = round(time.perf_counter() - start, 3)
     repo.state.record_run(
         "repair",

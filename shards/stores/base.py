@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from shardvault.errors import InvalidObjectNameError, ObjectNotFoundError
+from shardvault.errors import InvalidObjectNameError, ObjectNotFoundError, PeerError
 
 # Lower-case components of letters, digits, '.', '_' and '-', not starting with
 # a dot (so no '..', no hidden temp files), at most 8 deep and 255 long.
@@ -161,6 +161,10 @@ class PeerStore(ABC):
         """
         self.info(name)
         return None
+
+    def extend_retention(self, name: str, until: datetime) -> None:
+        """Keep the object undeletable until ``until`` (never shortens); only stores with retention can."""
+        raise PeerError(self.peer, f"{name}: this peer keeps no retention (object_lock is for S3 peers)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default has none."""

@@ -11,7 +11,8 @@ around any store in the manner of Kopia's storage wrappers:
 * ``delete(name)`` and ``delete_leftover(name)`` raise
   :class:`~shardvault.errors.PeerRefusesDeletionError` naming the peer, and
   change nothing;
-* reads, listings, ``create`` and ``probe`` are the inner store's.
+* reads, listings, ``create``, ``probe`` and the retention calls are the
+  inner store's (extending an S3 Object Lock only makes deletion harder).
 
 Every repository object has a random name written once (packs' shards, index
 files, snapshots, WAL records, keys), so backups work unchanged.  What cannot
@@ -101,6 +102,9 @@ class AppendOnlyStore(PeerStore):
 
     def retention(self, name: str) -> datetime | None:
         return self.inner.retention(name)
+
+    def extend_retention(self, name: str, until: datetime) -> None:
+        self.inner.extend_retention(name, until)  # lengthens a lock: neither a delete nor an overwrite
 
     def close(self) -> None:
         self.inner.close()

@@ -30,7 +30,9 @@ removes the key's versions by version id, older ones first and the current
 one last, so a refusal (retention still running: AccessDenied) leaves the
 object readable as it was, and raises PeerRefusesDeletionError naming the
 object and its retain-until date.  ``retention(name)`` reads the date back
-(HEAD; GetObjectRetention is not needed).
+(HEAD; GetObjectRetention is not needed) and ``extend_retention(name,
+until)`` moves it later (PutObjectRetention on the current version), which
+``repair`` does for everything still in use (:mod:`shardvault.verify.locks`).
 
 Leftovers: ``put_object`` is atomic and single-part, so a killed write leaves
 nothing; only ``create``'s ``.probe`` object can be left by a killed ``init``.
@@ -344,6 +346,16 @@ class S3Store(PeerStore):
         if not head.get("ObjectLockMode") or not isinstance(until, datetime):
             return None
         return until if until.tzinfo else until.replace(tzinfo=UTC)
+
+    def extend_retention(self, name: str, until: datetime) -> None:
+        key = self.prefix + validate_name(name)
+        if self.object_lock is None:
+            return super().extend_retention(name, until)  # raises: nothing to extend
+        retention = {"Mode": self.object_lock.value.upper(), "RetainUntilDate": until}
+        try:
+            self.client.put_object_retention(Bucket=self.bucket, Key=key, Retention=retention)
+        except Exception as exc:  # noqa: BLE001
+            self._raise(exc, name, writing=True)
 
     def _listing(self, prefix: str) -> Iterator[ItemInfo]:
         """Every key under the store's prefix + ``prefix``, as names relative to the store."""
