@@ -382,11 +382,12 @@ class Pipeline:
 
     def checkpoint(self) -> None:
         """One index file naming every stored pack not yet indexed (a rerun deduplicates against it)."""
-        with self.done_lock:
-            records, self.unindexed = self.unindexed, []
-        if not records:
-            return
+        records: list[PackRecord] = []
         try:
+            with self.done_lock:
+                records, self.unindexed = self.unindexed, []
+            if not records:
+                return
             self.repo.write_index(records)
         except BaseException:
             # Interrupted or failed: index them again next time (a pack named twice is harmless, the
