@@ -729,8 +729,9 @@ def _render_locks(findings: dict[str, Any]) -> None:
         head = f"peer {peer}: object lock ({lock.mode}, {lock.days} day(s))"
         if lock.error:
             click.echo(f"{head}: audit incomplete: {lock.error}")
+        waiting = f"; {lock.awaiting_deletion} no longer in use, left to lapse" if lock.awaiting_deletion else ""
         if not lock.exposed:
-            click.echo(f"{head}: all {lock.objects} object(s) retained")
+            click.echo(f"{head}: all {lock.objects - lock.awaiting_deletion} object(s) in use retained{waiting}")
             continue
         parts = []
         if lock.lapsed:
@@ -739,7 +740,8 @@ def _render_locks(findings: dict[str, Any]) -> None:
         if lock.missing:
             names = ", ".join(lock.missing_objects) + ", ..." * (lock.missing > 5)
             parts.append(f"{lock.missing} without retention ({names})")
-        click.echo(f"{head}: WARNING {lock.exposed} of {lock.objects} object(s) deletable now: {'; '.join(parts)}")
+        in_use = lock.objects - lock.awaiting_deletion
+        click.echo(f"{head}: WARNING {lock.exposed} of {in_use} object(s) in use deletable now: {'; '.join(parts)}")
 
 
 def _render_metadata(meta: Any) -> None:

@@ -323,11 +323,13 @@ def test_check_reports_lapsed_and_missing_retention_without_failing(locked: tupl
 
     text = vault.cli("check")
     assert text.exit_code == 0, text.output
+    in_use = s1["objects"] - s1["awaiting_deletion"]
     assert (
-        f"peer s1: object lock (governance, 3 day(s)): WARNING 2 of {s1['objects']} object(s) deletable now: "
+        f"peer s1: object lock (governance, 3 day(s)): WARNING 2 of {in_use} object(s) in use deletable now: "
         f"1 lapsed ({lapsed.removeprefix('peer1/')}); 1 without retention ({stripped.removeprefix('peer1/')})"
     ) in text.output
-    assert "peer s0: object lock (governance, 3 day(s)): all" in text.output
+    assert "peer s0: object lock (governance, 3 day(s)): all " in text.output
+    assert "object(s) in use retained" in text.output
 
 
 @pytest.mark.s3
@@ -504,3 +506,23 @@ def test_prune_refuses_on_an_append_only_client_and_changes_nothing(tmp_path: Pa
     assert result.returncode == 16, result.stderr
     _one_error_line(result.stderr, "Peer p0 refuses deletion (append-only in this client's configuration)", "prune")
     assert peer_snapshot(vault.peers_dir) == before
+
+
+@pytest.mark.s3
+def test_turning_object_lock_on_for_a_bucket_without_it_refuses_the_backup(s3_server: str, tmp_path: Path) -> None:
+    """A configuration that asks for a lock the bucket cannot give: exit 3, one line, no snapshot committed."""
+    bucket = f"plain-{secrets.token_hex(4)}"
+    vault = _lock_vault(tmp_path, s3_server, bucket)
+    unlocked = (
+        vault.config.read_text().replace('object_lock = "governance"\n', "").replace("object_lock_days = 3\n", "")
+    )
+    locked = vault.config.read_text()
+    vault.config.write_text(unlocked)
+    assert vault.cli("init").exit_code == 0
+    _backup(vault)
+    vault.config.write_text(locked)
+    (vault.source / "more.bin").write_bytes(os.urandom(300_000))
+    result = vault.run("backup", "src")
+    assert result.returncode == 3, result.stderr
+    _one_error_line(result.stderr, f"bucket '{bucket}' has no S3 Object Lock", 'object_lock = "governance"')
+    assert len(json.loads(vault.cli("snapshots", "--json").stdout)) == 1
