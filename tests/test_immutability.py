@@ -330,6 +330,11 @@ def test_check_reports_lapsed_and_missing_retention_without_failing(locked: tupl
     ) in text.output
     assert "peer s0: object lock (governance, 3 day(s)): all " in text.output
     assert "object(s) in use retained" in text.output
+    metrics = vault.cli("exporter", "--once")
+    assert metrics.exit_code == 0, metrics.output
+    assert 'shardvault_object_lock_exposed_objects{peer="s1"} 2.0' in metrics.output
+    assert 'shardvault_object_lock_exposed_objects{peer="s0"} 0.0' in metrics.output
+    assert 'shardvault_object_lock_exposed_objects{peer="p0"}' not in metrics.output  # local peers keep no lock
 
 
 @pytest.mark.s3

@@ -27,7 +27,9 @@ Session heartbeats (``sessions/``) are written without retention on purpose
 and are not asked about.  A lapsed or missing lock is a warning, not damage:
 nothing is lost or unreadable, so ``check``'s exit code does not change
 (exit 6 means damage).  The report gives counts and the first few names per
-peer, in the text output and under ``object_lock`` in ``check --json``.
+peer, in the text output and under ``object_lock`` in ``check --json``, and
+the metric ``shardvault_object_lock_exposed_objects{peer}`` gives the count
+of the last complete audit.
 
 Renewal (``repair``).  Every object in use (not awaiting deletion, not a
 heartbeat) whose retention ends within half of ``object_lock_days`` (or
@@ -154,6 +156,8 @@ def audit_locks(repo: Repository, now: datetime | None = None) -> dict[str, Lock
                         report.lapsed_objects.append(name)
         except PeerError as exc:
             report.error = str(exc)
+            continue  # partial counts: the metric keeps the last complete audit
+        repo.state.set_fact(f"object_lock_exposed:{config.name}", float(report.exposed))
     return findings
 
 

@@ -50,6 +50,7 @@ class StateCollector(Collector):
         yield from self._drills(q)
         yield from self._metadata(q)
         yield from self._prune(q)
+        yield from self._locks(q)
         damaged = GaugeMetricFamily(
             "shardvault_verification_damage_found",
             "1 if the last check or scrub of this kind found damage, else 0.",
@@ -282,6 +283,19 @@ class StateCollector(Collector):
                 "When the oldest condemned set still waiting was written.",
                 value=facts["prune_oldest_waiting_timestamp"],
             )
+
+    def _locks(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
+        """Objects in use that a client could delete now, per object-lock peer (shardvault.verify.locks)."""
+        exposed = GaugeMetricFamily(
+            "shardvault_object_lock_exposed_objects",
+            "Objects in use on an S3 Object Lock peer whose retention lapsed or is missing, as of the last check.",
+            labels=["peer"],
+        )
+        facts = {str(name): float(value) for name, value in q("SELECT name, value FROM facts")}
+        for peer in self.config.peers:
+            if peer.object_lock is not None and (value := facts.get(f"object_lock_exposed:{peer.name}")) is not None:
+                exposed.add_metric([peer.name], value)
+        yield exposed
 
     def _drills(self, q: Callable[..., list[tuple[Any, ...]]]) -> Iterator[Metric]:
         rto = GaugeMetricFamily(
