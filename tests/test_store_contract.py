@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from conftest import free_port
 from shardvault.errors import (
     InvalidObjectNameError,
     ObjectNotFoundError,
+    PeerError,
     PeerReadOnlyError,
     PeerUnavailableError,
 )
@@ -227,3 +229,13 @@ def test_local_create_makes_only_the_last_directory(tmp_path: Path) -> None:
     with pytest.raises(PeerUnavailableError, match=f"parent directory {tmp_path / 'mnt' / 'dsik3'} does not exist"):
         s.create()
     assert not (tmp_path / "mnt").exists()
+
+
+def test_retention_without_a_lock(store: PeerStore) -> None:
+    """A peer without object lock keeps no retention, and cannot be asked to extend one."""
+    store.store("index/a", b"1")
+    assert store.retention("index/a") is None
+    with pytest.raises(ObjectNotFoundError):
+        store.retention("index/absent")
+    with pytest.raises(PeerError, match="keeps no retention"):
+        store.extend_retention("index/a", datetime.now(UTC))
