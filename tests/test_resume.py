@@ -308,3 +308,44 @@ def test_a_torn_open_pack_is_dropped_not_indexed(vault: Vault) -> None:
     assert message.startswith("interrupted: 0 packs (0.0 MiB) checkpointed")
     assert _indexed(vault) == {}
     assert not any(vault.shards(i) for i in range(N))
+
+
+def test_an_interrupt_during_the_commit_says_the_snapshot_may_exist(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Everything is indexed by then, and the snapshot's own write may have landed: the message says so."""
+    from shardvault.backup import files, run
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "commit_snapshot", interrupted)
+    with vault.repo() as repo, pytest.raises(BackupInterruptedError) as caught:
+        files.run_backup(repo, repo.config.sources[0])
+    assert str(caught.value).endswith(
+        "checkpointed, but it came while the snapshot was written (`shardvault snapshots` shows if it was); "
+        "run the backup again to resume"
+    )
+    assert len(_indexed(vault)) >= 3  # the data and the tree: all indexed before the commit began
+
+
+def test_a_schedulers_cancellation_checkpoints_too_and_goes_on_unchanged(vault: Vault) -> None:
+    """Prefect cancels a flow run by raising TerminationSignal (a BaseException) in it: keep what is stored."""
+    from prefect.exceptions import TerminationSignal
+
+    ids: list[str] = []
+    with vault.repo() as repo, pytest.raises(TerminationSignal), BackupRun(repo) as run:
+        run.pipe.submit_stream(iter([random.Random(4).randbytes(100_000)]), ids)
+        run.pipe.drain(0)
+        raise TerminationSignal(signal.SIGTERM)
+    (record,) = _indexed(vault).values()
+    assert [e.chunk_id.hex() for e in record.entries] == ids
+
+
+def test_an_ordinary_failure_is_not_an_interruption(vault: Vault) -> None:
+    """A bug or a failed source is not Ctrl-C: it goes on as it was, and nothing is indexed on the way out."""
+    with vault.repo() as repo, pytest.raises(RuntimeError), BackupRun(repo) as run:
+        run.pipe.submit_stream(iter([random.Random(5).randbytes(100_000)]), [])
+        run.pipe.drain(0)
+        raise RuntimeError("a bug")
+    assert _indexed(vault) == {}

@@ -494,6 +494,7 @@ class BackupRun:
         self.stored = StoredPacks(repo)
         self.pipe = Pipeline(repo, self.stats, self.stored)
         self.spool = self.pipe.tree_spool()
+        self.committing = False  # everything is stored and indexed; the snapshot is being written
 
     def __enter__(self) -> BackupRun:
         return self
@@ -504,6 +505,8 @@ class BackupRun:
             if exc is not None and is_interruption(exc):
                 note = self.pipe.final_checkpoint()
                 settled = True
+                if self.committing:  # its write may have reached the peers: say so rather than guess
+                    note += ", but it came while the snapshot was written (`shardvault snapshots` shows if it was)"
                 if isinstance(exc, KeyboardInterrupt):
                     size = f"{self.pipe.checkpointed_bytes / MIB:.1f} MiB"
                     raise BackupInterruptedError(self.pipe.checkpointed_packs, size, note) from exc
@@ -555,6 +558,7 @@ class BackupRun:
         """Store the tree, flush every pack and index, then write the snapshot (the commit)."""
         self.pipe.drain(0)
         tree_ids = _store_tree(self.pipe, self.chunker, self.spool)
+        self.committing = True
         return commit_snapshot(
             self.repo,
             source,
