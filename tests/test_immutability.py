@@ -531,3 +531,24 @@ def test_turning_object_lock_on_for_a_bucket_without_it_refuses_the_backup(s3_se
     assert result.returncode == 3, result.stderr
     _one_error_line(result.stderr, f"bucket '{bucket}' has no S3 Object Lock", 'object_lock = "governance"')
     assert len(json.loads(vault.cli("snapshots", "--json").stdout)) == 1
+
+
+def test_reconfigure_and_store_level_rewrites_are_refused_on_an_append_only_repository(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path, append_only=True)
+    snapshot = _backup(vault)
+    before = peer_snapshot(vault.peers_dir)
+    vault.config.write_text(vault.config.read_text().replace("k = 4", "k = 3"))
+    result = vault.run("reconfigure")
+    assert result.returncode == 16, result.stderr
+    _one_error_line(result.stderr, "Peer p0 refuses to overwrite config (append-only", "trusted host")
+    vault.config.write_text(vault.config.read_text().replace("k = 3", "k = 4"))
+    with vault.repo() as repo:  # the repository's own peers are wrapped: every peer refuses
+        for peer in repo.peers:
+            with pytest.raises(PeerRefusesDeletionError):
+                peer.store.delete(f"snapshots/{snapshot}")
+            with pytest.raises(OverwriteRefusedError):
+                peer.store.store("config", b"rewritten")
+    after = peer_snapshot(vault.peers_dir)
+    assert {name: data for name, data in after.items() if "/sessions/" not in name} == {
+        name: data for name, data in before.items() if "/sessions/" not in name
+    }  # only the session heartbeats of the runs above were added

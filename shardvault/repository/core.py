@@ -34,6 +34,7 @@ from shardvault.errors import (
     NotEnoughPeersError,
     NotEnoughShardsError,
     ObjectNotFoundError,
+    OverwriteRefusedError,
     PeerError,
     PeerUnavailableError,
     RepositoryCorruptError,
@@ -47,7 +48,7 @@ from shardvault.failpoints import failpoint
 from shardvault.shards.dispersal import ShardProblem, get_pack, put_pack
 from shardvault.shards.erasure import DecodedPack
 from shardvault.shards.peers import Peer, PeerSet
-from shardvault.shards.stores import open_peer_store
+from shardvault.shards.stores import deletion_blockers, open_peer_store
 from shardvault.state import State
 from shardvault.tree import Entry, parse_lines
 
@@ -317,6 +318,10 @@ class Repository:
             "hostname": socket.gethostname(),
         }
         doc = self.doc | wanted | {"revision": revision + 1, "history": [*self.doc.get("history", []), change]}
+        blockers = deletion_blockers(self.peers)  # append-only peers: refused before any peer is rewritten
+        if blockers:
+            peer_name, why = blockers[0]
+            raise OverwriteRefusedError(peer_name, CONFIG_NAME, f"{why}; run reconfigure on a trusted host")
         data = seal_object(self.cipher, CONFIG_NAME, doc)
         written: list[str] = []
         errors: list[str] = []
