@@ -162,7 +162,7 @@ def test_orphans_and_leftovers_of_a_killed_backup_are_removed(tmp_path: Path) ->
         live = set(repo.index.packs)
     assert shard_packs(vault) - live, "the killed backup left no orphan shards: the test did not test"
     doc = json_of(ok(vault.cli("prune", "--grace", "0", "--json")))
-    assert doc["packs_orphaned"] > 0 and doc["deleted"]["leftovers"] >= 1, doc
+    assert doc["packs_orphaned"] > 0 and doc["deleted"]["leftovers"] >= 1, json.dumps(doc)
     with vault.repo() as repo:
         live = set(repo.index.packs)
     assert shard_packs(vault) <= live
