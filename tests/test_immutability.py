@@ -35,6 +35,7 @@ from conftest import (
     SMALL,
     Vault,
     assert_same_tree,
+    flip_bit,
     free_port,
     local_peers,
     make_tree,
@@ -552,3 +553,22 @@ def test_reconfigure_and_store_level_rewrites_are_refused_on_an_append_only_repo
     assert {name: data for name, data in after.items() if "/sessions/" not in name} == {
         name: data for name, data in before.items() if "/sessions/" not in name
     }  # only the session heartbeats of the runs above were added
+
+
+def test_repair_on_an_append_only_client_keeps_the_peer_up_and_a_trusted_host_finishes(tmp_path: Path) -> None:
+    """A corrupt copy cannot be replaced in place from an append-only client; the peer is not taken for down."""
+    vault = make_vault(tmp_path, append_only=True)
+    _backup(vault)
+    flip_bit(vault.shards(0)[0])
+    flip_bit(sorted((vault.peer(1) / "snapshots").iterdir())[0])
+    assert vault.run("check", "--read-data").returncode == 6
+    result = vault.run("repair", "--json")
+    assert result.returncode == 5, result.stderr  # the snapshot copy on p1 could not be rewritten: said, not hidden
+    doc = json.loads(result.stdout)
+    assert doc["shards_rebuilt"] == 1 and doc["peers_unreachable"] == {}, doc  # p0 refused an overwrite, not down
+    assert any("refuses to overwrite snapshots/" in line for line in doc["metadata"]["failed"]), doc["metadata"]
+    assert "down for this run" not in result.stderr
+    vault.config.write_text(vault.config.read_text().replace("append_only = true\n", ""))  # the trusted host
+    assert vault.run("repair").returncode == 0
+    result = vault.run("check", "--read-data")
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardvault.errors import DataLossError, PeerError, RepairIncompleteError, ShardvaultError
+from shardvault.errors import DataLossError, OverwriteRefusedError, PeerError, RepairIncompleteError, ShardvaultError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name
@@ -139,6 +139,8 @@ class Placer:
                     peer.store.store(name, data)
                     self.load[peer.name] += 1
                     return peer
+                except OverwriteRefusedError:
+                    break  # an append-only client cannot replace this peer's copy: the next candidate, peer stays up
                 except PeerError as exc:
                     if attempt == RETRIES - 1:
                         self.repo.peers.mark_down(peer, str(exc))
