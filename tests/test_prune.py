@@ -37,6 +37,20 @@ repo.close()
 """
 
 
+def hold_session(config: Path, kind: str, cwd: Path) -> subprocess.Popen[str]:
+    """A process (of this host) holding a session of ``kind`` until its stdin closes; returns once it holds it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(config), PASSWORD, kind],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=cwd,  # not the source tree: the installed package
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip(), "the holder announced no session"
+    return holder
+
+
 def other_host(vault: Vault, name: str = "host2") -> Vault:
     """The same repository configured on another machine: its own state directory."""
     text = vault.config.read_text().replace(str(vault.root / "state"), str(vault.root / f"state-{name}"))
@@ -176,16 +190,8 @@ def test_a_live_session_on_another_host_defers_deletion_until_it_ends(tmp_path: 
     vault = make_vault(tmp_path)
     kept_id, kept_tree = garbage_history(vault)
     host2 = other_host(vault)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(host2.config), PASSWORD, "backup"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
+    holder = hold_session(host2.config, "backup", tmp_path)
     try:
-        assert holder.stdout is not None
-        assert holder.stdout.readline().strip(), "the holder announced no session"
         packs = shard_packs(vault)
         doc = json_of(ok(vault.cli("prune", "--grace", "0", "--json")))
         assert doc["condemned"]["packs"] > 0 and doc["deleted"]["packs"] == 0, doc
@@ -210,15 +216,7 @@ def test_a_live_session_on_another_host_defers_deletion_until_it_ends(tmp_path: 
 def test_a_second_prune_is_refused_while_one_is_live_and_unlock_clears_a_killed_one(tmp_path: Path) -> None:
     vault = make_vault(tmp_path)
     ok(vault.cli("backup", "src"))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(vault.config), PASSWORD, "prune"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert holder.stdout is not None
-    assert holder.stdout.readline().strip(), "the holder announced no session"
+    holder = hold_session(vault.config, "prune", tmp_path)
     refused = vault.run("prune", "--grace", "0")
     assert refused.returncode == 16, refused.stderr
     assert "prune session" in refused.stderr and "shardvault unlock" in refused.stderr

@@ -50,6 +50,7 @@ from shardvault.errors import ConfigValueError, DeletionRefusedError, ObjectNotF
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
 from shardvault.repository.tombstones import DeletionReason, write_tombstone
+from shardvault.repository.wal import postgres_name
 from shardvault.shards.peers import Peer
 from shardvault.shards.stores.immutable import deletion_blockers
 from shardvault.walnames import WAL_NAME, segment_number
@@ -228,7 +229,7 @@ def _expire_wal(repo: Repository, source_plan: SourcePlan) -> None:
         return
     prefix = f"wal/{source_plan.source}/"
     for record in repo.list_meta(prefix):
-        wal_file = _postgres_name(record[len(prefix) :])
+        wal_file = postgres_name(record[len(prefix) :])
         if not WAL_NAME.match(wal_file) or wal_file.endswith(".history"):
             continue  # timeline history is small and every later timeline needs it
         number = segment_number(wal_file[:24])
@@ -238,15 +239,6 @@ def _expire_wal(repo: Repository, source_plan: SourcePlan) -> None:
         if all(timeline <= start_tli and segment < start_seg for start_tli, start_seg in starts):
             source_plan.wal_expired.append(wal_file)
             source_plan.wal_records.append(record)
-
-
-def _postgres_name(lower: str) -> str:
-    """A WAL record's file part (lower case) as PostgreSQL names the file: hex upper, suffixes lower."""
-    parts = lower.split(".")
-    parts[0] = parts[0].upper()
-    if len(parts) == 3:  # <segment>.<offset>.backup
-        parts[1] = parts[1].upper()
-    return ".".join(parts)
 
 
 def _delete_everywhere(repo: Repository, names: list[str], report: ForgetReport) -> None:

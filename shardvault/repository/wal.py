@@ -26,10 +26,10 @@ def record_name(source: str, wal_file: str) -> str:
 def archived(repo: Repository, source: PostgresSource) -> list[str]:
     """Names of the archived WAL files (upper case, as PostgreSQL names them), sorted."""
     prefix = f"wal/{source.name}/"
-    return sorted(_postgres_name(n[len(prefix) :]) for n in repo.list_meta(prefix))
+    return sorted(postgres_name(n[len(prefix) :]) for n in repo.list_meta(prefix))
 
 
-def _postgres_name(lower: str) -> str:
+def postgres_name(lower: str) -> str:
     """Object names are lower case; PostgreSQL's hex parts are upper case (suffixes stay lower)."""
     parts = lower.split(".")
     parts[0] = parts[0].upper()
