@@ -137,6 +137,25 @@ def test_forget_removes_exactly_those_snapshots_from_every_peer_and_the_rest_res
     assert _listed(vault) == ids[3:]
 
 
+def test_each_host_of_a_source_keeps_its_own_history(vault: Vault, tmp_path: Path) -> None:
+    """One source backed up from two hosts: --keep-last 1 keeps the newest of each (restic groups by host)."""
+    other = tmp_path / "other.toml"
+    text = vault.config.read_text().replace(str(tmp_path / "state"), str(tmp_path / "state-other"))
+    other.write_text(text.replace("[repository]\n", '[repository]\nhostname = "other-host"\n', 1))
+    host2 = Vault(vault.root, other, vault.peers_dir, vault.source)
+    ids = {}
+    for vault_, name in ((vault, "a1"), (host2, "b1"), (vault, "a2"), (host2, "b2")):
+        (vault.source / name).write_bytes(name.encode() * 1000)
+        result = vault_.cli("backup", "src", "--json")
+        assert result.exit_code == 0, result.output
+        ids[name] = json.loads(result.stdout)["snapshot"]["id"]
+    result = vault.cli("forget", "--keep-last", "1", "--json")
+    assert result.exit_code == 0, result.output
+    (src,) = json.loads(result.stdout)["sources"]
+    assert sorted(k["id"] for k in src["keep"]) == sorted([ids["a2"], ids["b2"]])
+    assert sorted(r["id"] for r in src["remove"]) == sorted([ids["a1"], ids["b1"]])
+
+
 def test_a_peer_down_during_forget_gets_its_stray_copy_removed_by_repair(vault: Vault, tmp_path: Path) -> None:
     ids = _history(vault, tmp_path, 2)
     vault.peer(5).rename(vault.peers_dir / "p5-away")

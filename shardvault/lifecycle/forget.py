@@ -136,8 +136,13 @@ def plan(
         if policy is None:
             continue
         mine = by_source.get(source, [])
-        decisions = apply_policy(mine, policy, now, tz) if mine else []
-        decisions = _keep_bases(decisions)
+        # Each host's history of a source is judged on its own, as restic groups by host and
+        # paths: keep-last 1 keeps the newest of every host backing the source up, whose next
+        # incremental leans on it (a backup's parent is its own host's newest snapshot).
+        decisions = []
+        for host in sorted({s.hostname for s in mine}):
+            decisions += apply_policy([s for s in mine if s.hostname == host], policy, now, tz)
+        decisions = _keep_bases(sorted(decisions, key=lambda d: (d.time, d.snapshot.id), reverse=True))
         source_plan = SourcePlan(
             source,
             policy,
