@@ -388,3 +388,44 @@ def test_prune_settings_are_checked(tmp_path: Path) -> None:
     assert result.returncode == 3 and "prune.grace" in result.stderr, result.stderr
     bad_flag = make_vault(tmp_path / "b").run("prune", "--grace", "yesterday")
     assert bad_flag.returncode == 2 and "yesterday" in bad_flag.stderr
+
+
+def test_check_is_not_fooled_by_a_write_or_a_deletion_made_while_it_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host's metadata write lands on the peers one by one, and a prune elsewhere deletes and
+    tombstones index files: a check whose listing caught either half-way reports no damage."""
+    from shardvault.verify import metadata as audit_module
+    from shardvault.verify.check import check
+
+    vault = make_vault(tmp_path)
+    for i in range(2):
+        (vault.source / f"new{i}").write_bytes(os.urandom(50_000))
+        ok(vault.cli("backup", "src"))
+    real = audit_module._list_peer
+    first_index = sorted(p.name for p in (vault.peer(0) / "index").iterdir())[0]
+
+    def listed_early(peer: Any) -> dict[str, int]:
+        found = real(peer)
+        if peer.name == "p3":  # listed before the other host's copy of the snapshot reached p3
+            for name in [n for n in found if n.startswith("snapshots/")][:1]:
+                del found[name]
+        return found
+
+    host2 = other_host(vault)
+    monkeypatch.setattr(audit_module, "_list_peer", listed_early)
+    with host2.repo() as repo:
+        report = check(repo)
+    assert not report.metadata.damaged, report.metadata.to_doc()
+
+    def listed_before_prune(peer: Any) -> dict[str, int]:
+        found = real(peer)
+        found[f"index/{first_index}"] = 1  # the prune deleted (and tombstoned) it after this listing
+        return found
+
+    ok(vault.cli("prune", "--grace", "0"))
+    assert not (vault.peer(0) / "index" / first_index).exists()
+    monkeypatch.setattr(audit_module, "_list_peer", listed_before_prune)
+    with other_host(vault, "host3").repo() as repo:
+        report = check(repo)
+    assert not report.metadata.damaged, report.metadata.to_doc()

@@ -154,6 +154,11 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
     bad_copies = {(p.name, p.peer) for p in repo.meta_problems if p.peer}
     todo = sorted(names)
     for done, name in enumerate(todo, 1):
+        if any(name not in listing for listing in listings.values()) and repo.is_deleted(name):
+            # Deleted on purpose since the peers were listed (a forget or prune on another host).
+            report.objects -= 1
+            report.copies_expected -= len(configured)
+            continue
         good = 0 if name in unreadable else _check_object(repo, name, listings, down, read, report, behind, bad_copies)
         report.copies_good += good
         if good == 0:
@@ -233,6 +238,13 @@ def _check_object(
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.UNREACHABLE.value, why))
             continue
         size = listings[peer.name].get(name)
+        if size is None:
+            # A second look before calling it missing: another host's writer may have been
+            # storing it while the peers were listed (its copies land one peer at a time).
+            try:
+                size = peer.store.info(name).size
+            except PeerError:
+                pass
         if size is None:
             behind[peer.name] += 1
             report.issues.append(MetadataIssue(name, peer.name, CopyProblem.MISSING.value, "object not on the peer"))
