@@ -46,12 +46,11 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shardvault.config import Config
-from shardvault.errors import ConfigValueError, DeletionRefusedError, ObjectNotFoundError, PeerError
+from shardvault.errors import ConfigValueError, DeletionRefusedError
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
 from shardvault.repository.tombstones import DeletionReason, write_tombstone
 from shardvault.repository.wal import postgres_name
-from shardvault.shards.peers import Peer
 from shardvault.shards.stores.immutable import deletion_blockers
 from shardvault.walnames import WAL_NAME, segment_number
 
@@ -182,8 +181,6 @@ def forget(
     if progress:
         progress(f"deleting {len(names)} object(s)")
     _delete_everywhere(repo, names, report)
-    for name in names:
-        repo.state.forget(name)
     repo.state.record_run(
         "forget",
         "ok" if not report.peers_missed else "degraded",
@@ -247,30 +244,12 @@ def _expire_wal(repo: Repository, source_plan: SourcePlan) -> None:
 
 
 def _delete_everywhere(repo: Repository, names: list[str], report: ForgetReport) -> None:
-    """Delete ``names`` on every reachable peer; a peer that fails keeps stray copies (repair removes them)."""
-
-    def on(peer: Peer) -> tuple[int, list[str]]:
-        count, refused = 0, []
-        for name in names:
-            try:
-                peer.store.delete(name)
-                count += 1
-            except ObjectNotFoundError:
-                continue  # never reached this peer, or another forget took it
-            except DeletionRefusedError as exc:  # kept for now (object lock): a stray copy, repair retries
-                refused.append(str(exc))
-        return count, refused
-
-    for peer_name, why in repo.peers.down().items():
-        report.peers_missed[peer_name] = why
-    for peer, future in [(p, repo.io.submit(on, p)) for p in repo.peers.up()]:
-        try:
-            report.deleted[peer.name], refused = future.result()
-            if refused:
-                report.peers_missed[peer.name] = f"{len(refused)} deletion(s) refused: {refused[0]}"
-        except PeerError as exc:
-            repo.peers.mark_down(peer, str(exc))
-            report.peers_missed[peer.name] = str(exc)
+    """Delete ``names`` everywhere; a peer that fails or refuses keeps stray copies (repair removes them)."""
+    outcome = repo.delete_everywhere(names)
+    report.deleted = outcome.deleted
+    report.peers_missed = dict(outcome.missed)
+    for peer, refused in outcome.refused.items():  # kept for now (object lock): a stray copy, repair retries
+        report.peers_missed[peer] = f"{len(refused)} deletion(s) refused: {refused[0]}"
 
 
 def configured_policies(config: Config) -> tuple[dict[str, RetentionPolicy | None], tzinfo]:

@@ -147,8 +147,7 @@ class Pruner:
         for info, state, _ in sessions.values():
             if state is Liveness.LIVE:
                 continue
-            for name in info.names:
-                self._delete_everywhere(name)
+            self._delete_everywhere(list(info.names))
             self.report.deleted["sessions"] += 1
 
     # -- gathering -----------------------------------------------------------------
@@ -297,9 +296,8 @@ class Pruner:
                     self.report.deleted["leftovers"] += 1
         # 4. The sets themselves.
         write_tombstone(self.repo, [c.name for c in sets], "prune")
-        for cset in sets:
-            self._delete_everywhere(cset.name)
-            self.report.deleted["condemned_sets"] += 1
+        self._delete_everywhere([c.name for c in sets])
+        self.report.deleted["condemned_sets"] += len(sets)
 
     def compact(self, g: Gathered, doomed: set[str]) -> None:
         """Rewrite the index as few files without ``doomed``; the old files are tombstoned, then deleted."""
@@ -317,9 +315,8 @@ class Pruner:
         # Readers that listed the old files and read them after this find them
         # gone and tombstoned, and list the index again (Repository.load_index).
         write_tombstone(self.repo, old, "prune")
-        for name in old:
-            self._delete_everywhere(name)
-            self.report.deleted["index_files"] += 1
+        self._delete_everywhere(old)
+        self.report.deleted["index_files"] += len(old)
         g.index_names = new_names
         self.report.index_files_after = len(new_names)
 
@@ -377,7 +374,7 @@ class Pruner:
         cset.sessions = sorted(sid for sid, (_, state, _) in sessions.items() if state is Liveness.LIVE and sid != own)
         self.repo.write_meta(cset.name, cset.to_doc())
         write_tombstone(self.repo, [pending.name], "prune")
-        self._delete_everywhere(pending.name)
+        self._delete_everywhere([pending.name])
         return cset
 
     def repack(
@@ -483,17 +480,13 @@ class Pruner:
         self.report.free(peer_name, size)
         return True
 
-    def _delete_everywhere(self, name: str) -> None:
-        for peer in self.repo.peers.up():
-            try:
-                size = peer.store.info(name).size
-                peer.store.delete(name)
-                self.report.free(peer.name, size)
-            except DeletionRefusedError as exc:
-                self.report.refused.append(str(exc))
-            except PeerError:
-                continue  # already gone there, or the peer is failing: a later prune retries
-        self.repo.state.forget(name)
+    def _delete_everywhere(self, names: list[str]) -> None:
+        """Metadata objects on every peer (a peer that is down or failing keeps strays a later run removes)."""
+        outcome = self.repo.delete_everywhere(names, measure=True)
+        for peer, size in outcome.freed.items():
+            self.report.free(peer, size)
+        for refused in outcome.refused.values():
+            self.report.refused.extend(refused)
 
     # -- the run -------------------------------------------------------------------
 
@@ -527,8 +520,7 @@ class Pruner:
         new = self.mark(g, held)
         if not options.dry_run and pending:
             write_tombstone(repo, [c.name for c in pending], "prune")
-            for cset in pending:
-                self._delete_everywhere(cset.name)
+            self._delete_everywhere([c.name for c in pending])
         condemned = held
         if new is not None and options.grace_seconds == 0 and not new.sessions:
             # Nobody else is here: what the new set names can go now.  Look

@@ -21,6 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from shardvault.errors import (
     AliasedPeersError,
     BlobNotFoundError,
     DataLossError,
+    DeletionRefusedError,
     ForeignRepositoryError,
     NotEnoughPeersError,
     NotEnoughShardsError,
@@ -472,6 +474,41 @@ class Repository:
         self._meta_problem(MetaProblem(name, "", "no peer holds an intact copy: " + "; ".join(failures)))
         raise RepositoryCorruptError(name, "; ".join(failures) or "no peer reachable")
 
+    def delete_everywhere(self, names: list[str], measure: bool = False) -> Deletion:
+        """Delete ``names`` on every reachable peer, in parallel: the one deletion path of forget, prune and sessions.
+
+        A peer that is down or fails keeps its copies (a tombstone, written
+        first by the caller, makes them strays that repair deletes); a peer
+        that refuses (append-only, object lock) keeps them for now.  With
+        ``measure`` each object's size is looked up first, to report the bytes freed.
+        """
+        outcome = Deletion()
+
+        def on(peer: Peer) -> None:
+            for name in names:
+                try:
+                    size = peer.store.info(name).size if measure else 0
+                    peer.store.delete(name)
+                except ObjectNotFoundError:
+                    continue  # never reached this peer, or deleted already
+                except DeletionRefusedError as exc:
+                    outcome.refused.setdefault(peer.name, []).append(str(exc))
+                    continue
+                with self._lock:
+                    outcome.deleted[peer.name] = outcome.deleted.get(peer.name, 0) + 1
+                    outcome.freed[peer.name] = outcome.freed.get(peer.name, 0) + size
+
+        outcome.missed.update(self.peers.down())
+        for peer, future in [(p, self.io.submit(on, p)) for p in self.peers.up()]:
+            try:
+                future.result()
+            except PeerError as exc:
+                self.peers.mark_down(peer, str(exc))
+                outcome.missed[peer.name] = str(exc)
+        for name in names:
+            self.state.forget(name)
+        return outcome
+
     def meta_exists(self, name: str) -> bool:
         """Whether any reachable peer holds the object (without reading it)."""
         for peer in self.peers.up():
@@ -766,6 +803,16 @@ class Repository:
         """The entries of a snapshot's tree, streamed from the repository."""
         reader = self.blob_reader(max_packs=2)
         return parse_lines(reader.read(bytes.fromhex(c)) for c in snapshot.tree)
+
+
+@dataclass
+class Deletion:
+    """What :meth:`Repository.delete_everywhere` did, per peer."""
+
+    deleted: dict[str, int] = field(default_factory=dict)  # objects deleted
+    freed: dict[str, int] = field(default_factory=dict)  # their bytes (when measured)
+    refused: dict[str, list[str]] = field(default_factory=dict)  # the peer refuses (append-only, object lock)
+    missed: dict[str, str] = field(default_factory=dict)  # down or failing: its copies stay (strays)
 
 
 class BlobReader:

@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from shardvault.errors import DeletionRefusedError, PeerError, RepositoryCorruptError, UnsupportedFormatError
+from shardvault.errors import PeerError, RepositoryCorruptError, UnsupportedFormatError
 
 if TYPE_CHECKING:
     from .core import Repository
@@ -192,16 +192,8 @@ class Session:
                     self.lost = True
 
     def _delete(self, names: list[str]) -> bool:
-        refused = False
-        for name in names:
-            for peer in self.repo.peers.up():
-                try:
-                    peer.store.delete(name)
-                except DeletionRefusedError:
-                    refused = True
-                except PeerError:
-                    pass  # a stale heartbeat left behind is cleaned by prune
-        return not refused
+        """Whether every peer that answered let them go (a heartbeat left behind is cleaned by prune)."""
+        return not self.repo.delete_everywhere(names).refused
 
     def end(self) -> None:
         self._stop.set()
@@ -293,11 +285,6 @@ def unlock(repo: Repository, stale_after: float, remove_all: bool = False) -> Un
             if repo.session is None or info.id != repo.session.id:
                 report.live.append(info.to_doc() | {"why": why})
             continue
-        for name in info.names:
-            for peer in repo.peers.up():
-                try:
-                    peer.store.delete(name)
-                except PeerError:
-                    pass
+        repo.delete_everywhere(list(info.names))
         report.removed.append(info.to_doc() | {"why": why if state is not Liveness.LIVE else "removed by --remove-all"})
     return report
