@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -552,3 +553,140 @@ def test_a_truncated_heartbeat_on_one_peer_does_not_hide_a_live_session(tmp_path
         holder.wait(timeout=60)
     finish(vault)
     settled(vault, {kept_id: kept_tree}, tmp_path)
+
+
+# -- unlock ----------------------------------------------------------------------------
+
+
+def foreign_session(vault: Vault, sid: str, heartbeat: str) -> None:
+    """A session object written by another machine (its clock says ``heartbeat``)."""
+    with vault.repo() as repo:
+        repo.announce_sessions = False
+        doc = {"version": 1, "id": sid, "kind": "backup", "hostname": "elsewhere", "pid": 4242, "boot_id": "x"}
+        doc |= {"process_start": 1, "started": heartbeat, "seq": 7, "heartbeat": heartbeat}
+        repo.write_meta(f"sessions/{sid}/0000000007", doc)
+
+
+def test_unlock_removes_dead_and_ended_sessions_and_a_foreign_one_only_after_stale_after_by_this_clock(
+    tmp_path: Path,
+) -> None:
+    vault = make_vault(tmp_path)
+    add_prune_settings(vault, stale_after="2s")
+    ok(vault.cli("backup", "src"))
+    live = hold_session(vault.config, "backup", tmp_path)
+    dead = hold_session(vault.config, "repair", tmp_path)
+    dead.kill()
+    dead.wait()
+    with vault.repo() as repo:
+        repo.announce_sessions = False
+        repo.write_meta("sessions/1234567812345678/end", {"version": 1, "id": "1234567812345678"})
+    foreign_session(vault, "aaaaaaaaaaaaaaaa", "2099-01-01T00:00:00+00:00")  # its clock runs ahead
+    foreign_session(vault, "bbbbbbbbbbbbbbbb", "1970-01-02T00:00:00+00:00")  # its clock runs behind
+    try:
+        first = json_of(ok(vault.run("unlock", "--json")))
+        assert sorted(s["kind"] for s in first["removed"]) == ["?", "repair"], first
+        assert sorted(s["hostname"] for s in first["live"]) == ["elsewhere", "elsewhere", socket.gethostname()], first
+        human = vault.run("unlock")
+        assert human.returncode == 0 and human.stderr.count("is live") == 3, human.stderr
+        assert all("--remove-all" in line for line in human.stderr.strip().splitlines()), human.stderr
+        time.sleep(2.5)  # this host's clock: the foreign heartbeats have not changed for stale_after
+        second = json_of(ok(vault.run("unlock", "--json")))
+        assert sorted(s["id"] for s in second["removed"]) == ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"], second
+        assert [s["kind"] for s in second["live"]] == ["backup"] and "running" in second["live"][0]["why"], second
+        forced = json_of(ok(vault.run("unlock", "--remove-all", "--json")))
+        assert [s["why"] for s in forced["removed"]] == ["removed by --remove-all"] and not forced["live"], forced
+        assert not objects(vault, "sessions") - {n for n in objects(vault, "sessions") if n.endswith("/end")}
+    finally:
+        assert live.stdin is not None
+        live.stdin.close()
+        live.wait(timeout=60)
+    ok(vault.run("unlock"))
+    assert not objects(vault, "sessions"), objects(vault, "sessions")
+    ok(vault.run("check"))
+
+
+# -- two prunes at once ------------------------------------------------------------------
+
+
+def test_two_prunes_started_together_on_two_hosts_at_most_one_goes_on(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path)
+    host2 = other_host(vault)
+    kept_tree = tmp_path / "kept"
+    ok(vault.cli("backup", "src"))
+    for round_ in range(3):
+        kept = more_garbage(vault, round_, kept_tree)
+        procs = [v.popen("prune", "--grace", "0", "--json") for v in (vault, host2)]
+        results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+        codes = sorted(code for code, _, _ in results)
+        assert codes in ([0, 0], [0, 16], [16, 16]), results
+        for code, out, errors in results:
+            if code == 16:
+                assert "prune session" in one_line(errors) and json.loads(out)["error"]["code"] == 16, errors
+        restore_matches(vault, kept, kept_tree, tmp_path / f"r{round_}")
+        finish(vault)
+        settled(vault, {kept: kept_tree}, tmp_path)
+
+
+# -- repacking a pack that is damaged ------------------------------------------------------
+
+
+def partly_used_history(vault: Vault, tmp: Path) -> tuple[str, Path]:
+    """Small files sharing packs, three in four deleted and forgotten: most packs are partly used."""
+    for path in vault.source.rglob("large*.bin"):
+        path.unlink()
+    ok(vault.cli("backup", "src"))
+    for i, path in enumerate(sorted(vault.source.rglob("*.txt"))):
+        if i % 4:
+            path.unlink()
+    kept = json_of(ok(vault.cli("backup", "src", "--json")))["snapshot"]["id"]
+    tree = tmp / "kept"
+    shutil.copytree(vault.source, tree, symlinks=True)
+    ok(vault.cli("forget", "--keep-last", "1"))
+    return str(kept), tree
+
+
+def a_partly_used_pack(vault: Vault, snapshot: str) -> tuple[str, list[Path]]:
+    """A data pack holding some of ``snapshot``'s chunks and some garbage, and its shard files."""
+    with vault.repo() as repo:
+        snap = next(s for s in repo.snapshots() if s.id == snapshot)
+        refs = {bytes.fromhex(c) for e in repo.iter_tree(snap) for c in e.chunks}
+        for record in repo.index.packs.values():
+            chunks = {e.chunk_id for e in record.entries}
+            if record.kind == 0 and chunks & refs and chunks - refs:
+                return record.id, sorted(p for p in vault.peers_dir.rglob(f"{record.id}.*"))
+    raise AssertionError("no partly used data pack")
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_repack_of_a_pack_below_k_loses_nothing_more_and_keeps_that_pack(tmp_path: Path, damage: str) -> None:
+    vault = make_vault(tmp_path)
+    kept_id, _ = partly_used_history(vault, tmp_path)
+    pack_id, shard_files = a_partly_used_pack(vault, kept_id)
+    assert len(shard_files) == 6
+    for path in shard_files[:3]:  # n - k + 1 = 3 shards: the pack is below k
+        if damage == "missing":
+            path.unlink()
+        else:
+            data = bytearray(path.read_bytes())
+            for offset in range(100, len(data), 997):
+                data[offset] ^= 0xFF
+            path.write_bytes(bytes(data))
+    survivors = {p: p.read_bytes() for p in shard_files[3:]}
+    before = vault.run("check", "--read-data")
+    assert before.returncode != 0, before.stdout
+    restore_before = vault.run("restore", kept_id, "--target", str(tmp_path / "before"))
+    doc = json_of(ok(vault.run("prune", "--grace", "0", "--max-unused", "0", "--json")))
+    assert doc["deleted"]["packs"] > 0, doc  # what no snapshot needs still goes
+    # The damaged pack holds the only copy of referenced chunks: it is neither repacked nor condemned.
+    assert {p: p.read_bytes() for p in survivors} == survivors
+    assert pack_id in index_packs(vault)
+    if damage == "missing":
+        assert doc["chunks_unrecoverable"] > 0, doc
+        human = vault.run("prune", "--grace", "0", "--max-unused", "0")
+        assert human.returncode == 0 and "no recoverable pack" in human.stderr, human.stderr
+    after = vault.run("check", "--read-data")
+    assert after.returncode == before.returncode, (before.stdout, after.stdout)
+    assert pack_id[:16] in after.stdout + after.stderr or "1 lost" in after.stdout, after.stdout
+    # A restore of the kept snapshot fares no worse than before the prune.
+    restore_after = vault.run("restore", kept_id, "--target", str(tmp_path / "after"))
+    assert restore_after.returncode == restore_before.returncode, restore_after.stderr
