@@ -43,6 +43,7 @@ from shardvault.errors import PeerError, ShardvaultError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name
+from shardvault.repository.sessions import SessionKind
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.shards.dispersal import read_shard as read_verified
 from shardvault.shards.format import ShardFormatError
@@ -121,6 +122,7 @@ ProgressFn = Callable[[int, int], None]
 
 
 def check(repo: Repository, read_data: bool = False, progress: ProgressFn | None = None) -> CheckReport:
+    repo.announce(SessionKind.VERIFY)
     report = CheckReport(read_data=read_data)
     started = time.time()
     present, listed = presence(repo, report.shard_issues)

@@ -32,6 +32,7 @@ from shardvault.errors import ConfigValueError, PeerError
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name, parse_shard_name
+from shardvault.repository.sessions import SessionKind
 from shardvault.shards.dispersal import ShardRecord, read_shard
 from shardvault.shards.format import ShardFormatError
 from shardvault.shards.peers import Peer
@@ -136,6 +137,7 @@ class _Mover:
 
 def drain(repo: Repository, name: str) -> MoveReport:
     peer = _peer(repo, name)
+    repo.announce(SessionKind.REPAIR)
     report = MoveReport(name, "drain")
     start = time.perf_counter()
     peer.store.probe()
@@ -199,6 +201,7 @@ def _held_by(repo: Repository, name: str) -> list[tuple[PackRecord, ShardRecord]
 
 
 def remove(repo: Repository, name: str) -> MoveReport:
+    repo.announce(SessionKind.REPAIR)
     report = MoveReport(name, "remove")
     start = time.perf_counter()
     for _ in range(DRAIN_ROUNDS):
@@ -217,6 +220,7 @@ def remove(repo: Repository, name: str) -> MoveReport:
 
 def add(repo: Repository, name: str) -> MoveReport:
     peer = _peer(repo, name)
+    repo.announce(SessionKind.REPAIR)
     report = MoveReport(name, "add")
     start = time.perf_counter()
     peer.store.probe()

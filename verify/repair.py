@@ -40,6 +40,7 @@ from shardvault.errors import DataLossError, OverwriteRefusedError, PeerError, R
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name
+from shardvault.repository.sessions import SessionKind
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, build_shards
 from shardvault.shards.peers import Peer
 from shardvault.state import ShardKey
@@ -152,6 +153,7 @@ class Placer:
 
 def repair(repo: Repository, exclude: frozenset[str] = frozenset(), progress: ProgressFn | None = None) -> RepairReport:
     """Rebuild what is missing or corrupt; relocate shards off ``exclude`` peers."""
+    repo.announce(SessionKind.REPAIR)  # before the index is read (docs/concurrency.md)
     report = RepairReport()
     started, start = time.time(), time.perf_counter()
     # Metadata first: an empty or replaced peer gets its identity and every object back

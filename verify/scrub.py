@@ -29,6 +29,7 @@ from shardvault.config import ScrubConfig
 from shardvault.repository import Repository
 from shardvault.repository.index import PackRecord
 from shardvault.repository.metadata import pack_name
+from shardvault.repository.sessions import SessionKind
 from shardvault.shards.dispersal import ShardProblemKind, ShardRecord, classify
 from shardvault.state import ShardKey
 
@@ -82,6 +83,7 @@ def scrub(
 ) -> ScrubReport:
     window = (window_days or settings.window_days) * DAY
     rate = (settings.rate_mib if rate_mib is None else rate_mib) * (1 << 20)
+    repo.announce(SessionKind.VERIFY)
     report = ScrubReport(window_days=window / DAY)
     started, start = clock(), time.perf_counter()
     state = repo.state

@@ -74,6 +74,7 @@ from shardvault.repository import Repository, random_pack_id
 from shardvault.repository.index import PackRecord, intact_shard_nums
 from shardvault.repository.metadata import new_id, pack_name
 from shardvault.repository.packs import KIND_DATA, KIND_TREE, PackWriter, seal_blob
+from shardvault.repository.sessions import SessionKind
 from shardvault.repository.snapshot import Snapshot, latest
 from shardvault.shards.dispersal import ShardRecord
 from shardvault.tree import FILE, Entry
@@ -486,6 +487,7 @@ class BackupRun:
         self.start_wall = datetime.now(UTC)
         self.start = time.perf_counter()
         repo.require_quorum()
+        repo.announce(SessionKind.BACKUP)  # before the index is read (docs/concurrency.md)
         self.repo = repo
         self.progress = progress
         rc = repo.config.repository

@@ -22,6 +22,7 @@ from shardvault.config import PostgresSource
 from shardvault.crypto import content_hash
 from shardvault.errors import SourceError, WalConflictError
 from shardvault.repository import Repository
+from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
 from shardvault.walnames import WAL_NAME
 
@@ -52,6 +53,7 @@ def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str])
             return False
         raise WalConflictError(source.name, name)
     started = time.time()
+    repo.announce(SessionKind.BACKUP)  # before the index is read (docs/concurrency.md)
     rc = repo.config.repository
     stats = BackupStats()
     chunks: list[str] = []

@@ -474,7 +474,7 @@ class Repository:
         self._meta_problem(MetaProblem(name, "", "no peer holds an intact copy: " + "; ".join(failures)))
         raise RepositoryCorruptError(name, "; ".join(failures) or "no peer reachable")
 
-    def delete_everywhere(self, names: list[str], measure: bool = False) -> Deletion:
+    def delete_everywhere(self, names: list[str], measure: bool = False, mark_down: bool = True) -> Deletion:
         """Delete ``names`` on every reachable peer, in parallel: the one deletion path of forget, prune and sessions.
 
         A peer that is down or fails keeps its copies (a tombstone, written
@@ -503,7 +503,8 @@ class Repository:
             try:
                 future.result()
             except PeerError as exc:
-                self.peers.mark_down(peer, str(exc))
+                if mark_down:
+                    self.peers.mark_down(peer, str(exc))
                 outcome.missed[peer.name] = str(exc)
         for name in names:
             self.state.forget(name)
@@ -521,7 +522,7 @@ class Repository:
                 self.peers.mark_down(peer, str(exc))
         return False
 
-    def write_meta(self, name: str, doc: dict[str, Any], cache: bool = True) -> None:
+    def write_meta(self, name: str, doc: dict[str, Any], cache: bool = True, mark_down: bool = True) -> None:
         """Store a sealed object on every reachable peer: the commit step of every writer.
 
         Committed means visible, and visible means committed (finding 9 of
@@ -534,11 +535,11 @@ class Repository:
         if self.session is not None and self.session.lost and not name.startswith(sessions.PREFIX):
             raise SessionLostError(self.session.stale_after / 2)
         data = seal_object(self.cipher, name, doc)
-        self.replicate(name, data)
+        self.replicate(name, data, mark_down)
         if cache:  # (sessions are not cached: they are rewritten, and beat on another thread)
             self.state.cache(name, data)
 
-    def replicate(self, name: str, data: bytes) -> None:
+    def replicate(self, name: str, data: bytes, mark_down: bool = True) -> None:
         """Store ``data`` as ``name`` on every reachable peer, with :meth:`write_meta`'s quorum and undo.
 
         The one path for metadata writes: sealed objects through
@@ -554,7 +555,8 @@ class Repository:
                 future.result()
                 acked.append(peer)
             except PeerError as exc:
-                self.peers.mark_down(peer, str(exc))
+                if mark_down:  # (a session's heartbeat does not take a peer out of the run's work)
+                    self.peers.mark_down(peer, str(exc))
                 errors.append(str(exc))
         quorum = self.config.repository.write_quorum
         if len(acked) < quorum:
@@ -618,9 +620,10 @@ class Repository:
     def announce(self, kind: sessions.SessionKind | None = None) -> None:
         """Tell pruning hosts this process is here, then read what they condemned (docs/concurrency.md).
 
-        Writers must be announced (a backup that cannot announce itself cannot
-        commit either); a reader on peers it cannot write to (a read-only
-        mount) goes on unannounced.
+        Writers (backup, repair, prune) must be announced: one that cannot
+        announce itself could not commit either.  Readers and verifiers go on
+        unannounced when too few peers take the session (a restore from
+        read-only mounts, a check while peers are down).
         """
         if self.session is None and self.announce_sessions:
             session = sessions.Session(self, kind or self.purpose, self.config.prune.stale_after_seconds)
@@ -628,7 +631,7 @@ class Repository:
                 session.start()
                 self.session = session
             except PeerError:
-                if session.kind not in (sessions.SessionKind.READ, sessions.SessionKind.RESTORE):
+                if session.kind not in sessions.UNANNOUNCED_OK:
                     raise
         self.condemned_sets = read_condemned(self)
         self._index = None

@@ -68,6 +68,10 @@ class SessionKind(StrEnum):
     READ = "read"  # anything else that reads the index
 
 
+# Kinds that may run without a session when the peers do not take one (they delete and commit nothing).
+UNANNOUNCED_OK = frozenset({SessionKind.READ, SessionKind.RESTORE, SessionKind.VERIFY})
+
+
 class Liveness(StrEnum):
     LIVE = "live"
     STALE = "stale"
@@ -177,7 +181,7 @@ class Session:
         with self._lock:
             self.seq += 1
             name = session_name(self.id, self.seq)
-            self.repo.write_meta(name, self._doc(), cache=False)
+            self.repo.write_meta(name, self._doc(), cache=False, mark_down=False)
             previous, self._written = self._written, [name]
         self._last_ok = time.monotonic()
         self._delete(previous)
@@ -193,7 +197,7 @@ class Session:
 
     def _delete(self, names: list[str]) -> bool:
         """Whether every peer that answered let them go (a heartbeat left behind is cleaned by prune)."""
-        return not self.repo.delete_everywhere(names).refused
+        return not self.repo.delete_everywhere(names, mark_down=False).refused
 
     def end(self) -> None:
         self._stop.set()
@@ -203,7 +207,8 @@ class Session:
             names, self._written = self._written, []
         if not self._delete(names):
             try:  # append-only: say we are done, the pruning host cleans up
-                self.repo.write_meta(f"{PREFIX}{self.id}/end", {"version": SESSION_VERSION, "id": self.id}, cache=False)
+                end = {"version": SESSION_VERSION, "id": self.id}
+                self.repo.write_meta(f"{PREFIX}{self.id}/end", end, cache=False, mark_down=False)
             except PeerError:
                 pass
 
