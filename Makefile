@@ -11,7 +11,7 @@ PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3)
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find shardvault shards verify restore flows -name '*.py' 2>/dev/null)
 
-.PHONY: setup run demo test lint bench bench-pg clean
+.PHONY: setup run demo test lint bench bench-lifecycle bench-pg clean
 
 # Every source file is a prerequisite: strict editable mode links files, so a
 # new module needs the (two-second) reinstall.
@@ -47,6 +47,11 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	scripts/apt-install restic
 	$(BIN)/python bench/run.py
+
+# Issue 9: opening a repository of 10,000 index files before and after prune's compaction; prune against restic's.
+bench-lifecycle: $(STAMP)
+	scripts/apt-install restic
+	$(BIN)/python bench/lifecycle.py
 
 bench-pg: $(STAMP)
 	$(BIN)/python bench/pg.py
