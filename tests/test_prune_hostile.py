@@ -47,6 +47,7 @@ from test_prune import (
 #       count               (never) and writes how many mutations it made to SV_COUNT_FILE at exit
 #       tombstone:PREFIX:N  right after the N-th tombstone naming a PREFIX object is written
 #       call:METHOD:N       right before the N-th call of Pruner.METHOD
+#       repo:METHOD:PREFIX:N  right before the N-th call of Repository.METHOD (whose name starts with PREFIX)
 #       stop:METHOD:N       (not a kill) stops itself (SIGSTOP) right before the N-th call of Pruner.METHOD
 DRIVER = r"""
 import atexit, os, socket, sys
@@ -92,6 +93,18 @@ if spec:
                     os._exit(137)
             return name
         prune_module.write_tombstone = tombstone
+    elif kind == "repo":
+        from shardvault.repository import Repository
+        method, _, rest = arg.partition(":")
+        prefix, _, nth = rest.rpartition(":")
+        real_repo = getattr(Repository, method)
+        def repo_call(self, *args, **kwargs):
+            if not prefix or (args and isinstance(args[0], str) and args[0].startswith(prefix)):
+                count[0] += 1
+                if count[0] == int(nth):
+                    os._exit(137)
+            return real_repo(self, *args, **kwargs)
+        setattr(Repository, method, repo_call)
     elif kind == "stop":
         method, _, nth = arg.partition(":")
         real_stopped = getattr(prune_module.Pruner, method)
@@ -271,6 +284,18 @@ def lean_on_garbage(vault: Vault, tmp: Path) -> Path:
     shutil.rmtree(vault.source)
     shutil.copytree(first_tree, vault.source, symlinks=True)
     return first_tree
+
+
+def let_go(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """Continue a process every time it stops at a failpoint, until it exits; its output."""
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if stopped(proc):
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+    if proc.poll() is None:
+        proc.kill()
+    return proc.communicate(timeout=60)
 
 
 def wait_stopped(proc: subprocess.Popen[str]) -> None:
@@ -804,3 +829,51 @@ def test_a_prune_of_another_host_frozen_past_stale_after_brings_back_no_deleted_
     assert check.returncode == 0, (check.stdout, check.stderr)
     assert index_packs(vault) <= shard_packs(vault), "the index names deleted packs again"
     settled(vault, {kept: kept_tree}, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        "repo:store_pack::1",  # repacking: before the first new pack
+        "repo:write_index::1",  # every new pack stored, not yet indexed
+        "repo:write_meta:condemned/:1",  # the new packs indexed, nothing condemned yet
+        "repo:write_meta:condemned/:2",  # the pending set written, not the final one
+    ],
+)
+def test_a_prune_killed_while_repacking_loses_nothing(tmp_path: Path, step: str) -> None:
+    vault = make_vault(tmp_path)
+    kept_id, kept_tree = partly_used_history(vault, tmp_path)
+    killed = driven(vault, "prune", "--grace", "0", "--max-unused", "0", SV_KILL_AT=step)
+    assert killed.returncode == 137, (step, killed)
+    restore_matches(vault, kept_id, kept_tree, tmp_path / "r1")
+    check = vault.run("check", "--read-data")
+    assert check.returncode == 0, (check.stdout, check.stderr)
+    doc = finish(vault)
+    assert doc["packs_partly_used"] == 0 or doc["repacked_packs"] > 0, doc
+    again = json_of(ok(vault.run("prune", "--grace", "0", "--max-unused", "0", "--dry-run", "--json")))
+    assert again["bytes_unused"] == 0 and again["packs_partly_used"] == 0, again
+    settled(vault, {kept_id: kept_tree}, tmp_path)
+
+
+def test_a_drain_frozen_after_reading_the_index_while_prune_condemns_and_compacts(tmp_path: Path) -> None:
+    vault = make_vault(tmp_path)
+    kept_id, kept_tree = garbage_history(vault)
+    host2 = other_host(vault)
+    host2.env |= {"SHARDVAULT_FAILPOINTS": "index-loaded", "SHARDVAULT_HEARTBEAT_SECONDS": "0.5"}
+    drain = host2.popen("peers", "drain", "p5")
+    wait_stopped(drain)
+    for _ in range(2):  # the drain's session holds deletion back; the index is compacted meanwhile
+        doc = json_of(ok(vault.run("prune", "--grace", "0", "--json")))
+        assert doc["deleted"]["packs"] == 0 and "repair session" in json.dumps(doc["waiting"]), doc
+    out, errors = let_go(drain)  # (it reads the index again after each round: the failpoint stops it again)
+    assert drain.returncode == 0, (out, errors)
+    assert not vault.shards(5), "the drain left shards on p5"
+    restore_matches(vault, kept_id, kept_tree, tmp_path / "r1")
+    doc = finish(vault)
+    assert doc["deleted"]["packs"] > 0, doc
+    assert not vault.shards(5)
+    restore_matches(vault, kept_id, kept_tree, tmp_path / "r2")
+    # A drained peer still configured leaves packs with two shards on one peer (degraded): nothing else.
+    check = vault.run("check", "--read-data")
+    assert check.returncode in (0, 6) and "LOST" not in check.stdout, (check.stdout, check.stderr)
+    assert "0 lost; shards missing: 0, corrupt: 0" in check.stdout, check.stdout
