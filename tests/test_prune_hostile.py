@@ -41,6 +41,7 @@ from test_prune import (
 
 # The console script, with two hooks for tests (environment variables):
 #   SV_HOSTNAME=name   this process believes it runs on host ``name``
+#   SV_HIDE=peer:prefix  that peer's listings leave out the names under prefix (a lying peer)
 #   SV_CLOCK=iso8601   prune's clock (the time it writes into condemned sets and compares them with)
 #   SV_KILL_AT=spec    the process dies (os._exit, as SIGKILL would leave it) at:
 #       mutation:N          right before its N-th store/delete on any peer
@@ -63,6 +64,16 @@ if clock:
         def now(cls, tz=None):
             return datetime_module.datetime.fromisoformat(clock)
     prune_module.datetime = Skewed
+hide = os.environ.get("SV_HIDE")
+if hide:
+    from shardvault.shards.stores.local import LocalStore
+    liar, _, hidden = hide.partition(":")
+    real_list = LocalStore.list
+    def lying_list(self, prefix=""):
+        for item in real_list(self, prefix):
+            if not (self.peer == liar and item.name.startswith(hidden)):
+                yield item
+    LocalStore.list = lying_list
 spec = os.environ.get("SV_KILL_AT", "")
 if spec:
     from shardvault.shards.stores.local import LocalStore
@@ -877,3 +888,42 @@ def test_a_drain_frozen_after_reading_the_index_while_prune_condemns_and_compact
     check = vault.run("check", "--read-data")
     assert check.returncode in (0, 6) and "LOST" not in check.stdout, (check.stdout, check.stderr)
     assert "0 lost; shards missing: 0, corrupt: 0" in check.stdout, check.stdout
+
+
+def test_a_peer_that_hides_the_condemned_sets_from_a_backup_while_another_is_down(tmp_path: Path) -> None:
+    """p5 is unplugged, p0 lists no condemned set: the backup still sees the set on p1-p4 (quorums meet)."""
+    vault = make_vault(tmp_path)
+    first_tree = lean_on_garbage(vault, tmp_path)
+    condemned = json_of(ok(vault.run("prune", "--json")))  # the default grace: the set waits
+    assert condemned["condemned"]["packs"] > 0, condemned
+    shutil.move(vault.peer(5), tmp_path / "p5-away")
+    host2 = other_host(vault)
+    out = driven(host2, "backup", "src", "--full", "--json", SV_HIDE="p0:condemned/")
+    assert out.returncode == 0, out.stderr
+    snapshot = json.loads(out.stdout)["snapshot"]["id"]
+    shutil.move(tmp_path / "p5-away", vault.peer(5))
+    ok(vault.run("repair"))  # p5 catches up on the metadata it missed
+    doc = json_of(ok(vault.run("prune", "--grace", "0", "--json")))
+    assert doc["deleted"]["packs"] > 0 and doc["kept_referenced"] == 0, doc  # the backup leaned on nothing condemned
+    finish(vault)
+    settled(vault, {snapshot: first_tree}, tmp_path)
+
+
+def test_a_junk_snapshot_name_planted_by_one_peer_makes_prune_refuse_without_changing_anything(tmp_path: Path) -> None:
+    """An object intact nowhere may be a snapshot whose every copy rotted: what it references is unknown."""
+    vault = make_vault(tmp_path)
+    kept_id, kept_tree = garbage_history(vault)
+    plant(vault, 2, "snapshots/" + "cd" * 32, os.urandom(500))
+    before = peer_snapshot(vault.peers_dir)
+    for args in ((), ("--json",)):
+        refused = vault.run("prune", "--grace", "0", *args)
+        assert refused.returncode == 8, (refused.returncode, refused.stderr)  # a repository error
+        line = refused.stderr.strip().splitlines()[-1]  # (after the warnings naming the bad copies)
+        assert line.startswith("shardvault: error: Prune refused: snapshots/" + "cd" * 32), line
+        assert "shardvault check" in line, line
+        if args:
+            assert json.loads(refused.stdout)["error"]["type"] == "PruneRefusedError", refused.stdout
+    assert peer_snapshot(vault.peers_dir) == before
+    (vault.peer(2) / "snapshots" / ("cd" * 32)).unlink()  # the operator removes the junk
+    finish(vault)
+    settled(vault, {kept_id: kept_tree}, tmp_path)
