@@ -970,3 +970,24 @@ def test_a_session_that_beats_while_prune_reads_it_still_holds_deletion_back(tmp
         holder.wait(timeout=60)
     finish(vault)
     settled(vault, {kept_id: kept_tree}, tmp_path)
+
+
+def test_a_peer_replaying_a_removed_foreign_session_blocks_prune_no_longer(tmp_path: Path) -> None:
+    """This host already watched that heartbeat go silent: a replayed copy is stale at once."""
+    vault = make_vault(tmp_path)
+    add_prune_settings(vault, stale_after="2s")
+    kept_id, kept_tree = garbage_history(vault)
+    foreign_session(vault, "cccccccccccccccc", "2026-01-01T00:00:00+00:00")
+    saved = (vault.peer(0) / "sessions/cccccccccccccccc/0000000007").read_bytes()
+    first = json_of(ok(vault.run("prune", "--grace", "0", "--json")))
+    assert first["deleted"]["packs"] == 0 and "elsewhere" in json.dumps(first["waiting"]), first
+    time.sleep(2.5)
+    second = json_of(ok(vault.run("prune", "--grace", "0", "--json")))
+    assert second["deleted"]["packs"] > 0 and second["deleted"]["sessions"] == 1, second
+    kept_id2 = more_garbage(vault, 1, kept_tree)
+    plant(vault, 0, "sessions/cccccccccccccccc/0000000007", saved)  # the hostile peer puts it back
+    third = json_of(ok(vault.run("prune", "--grace", "0", "--json")))
+    assert third["deleted"]["packs"] > 0 and not third["waiting"], third
+    assert not objects(vault, "sessions")
+    settled(vault, {kept_id2: kept_tree}, tmp_path)
+    assert kept_id != kept_id2
