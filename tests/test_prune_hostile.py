@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, Vault, make_vault, peer_snapshot
+from conftest import PASSWORD, Vault, assert_same_tree, make_vault, peer_snapshot
 from test_prune import (
     HOLDER,
     add_prune_settings,
@@ -991,3 +991,25 @@ def test_a_peer_replaying_a_removed_foreign_session_blocks_prune_no_longer(tmp_p
     assert not objects(vault, "sessions")
     settled(vault, {kept_id2: kept_tree}, tmp_path)
     assert kept_id != kept_id2
+
+
+def test_a_restore_frozen_after_reading_the_index_while_prune_repacks_what_it_reads(tmp_path: Path) -> None:
+    """The restore planned to read packs that the prune then repacks and condemns: they wait for it."""
+    vault = make_vault(tmp_path)
+    kept_id, kept_tree = partly_used_history(vault, tmp_path)
+    host2 = other_host(vault)
+    host2.env |= {"SHARDVAULT_FAILPOINTS": "index-loaded", "SHARDVAULT_HEARTBEAT_SECONDS": "0.5"}
+    target = tmp_path / "restored"
+    restore = host2.popen("restore", kept_id, "--target", str(target))
+    wait_stopped(restore)
+    doc = json_of(ok(vault.run("prune", "--grace", "0", "--max-unused", "0", "--json")))
+    assert doc["repacked_packs"] > 0 and doc["deleted"]["packs"] == 0, doc
+    # (restore announces itself as a "read" session: SessionKind.RESTORE is never used)
+    assert f"pid {restore.pid}" in json.dumps(doc["waiting"]), doc["waiting"]
+    out, errors = let_go(restore)
+    assert restore.returncode == 0, (out, errors)
+    restore_matches(vault, kept_id, kept_tree, tmp_path / "again")
+    shutil.rmtree(tmp_path / "again")
+    assert_same_tree(kept_tree, target)
+    finish(vault)
+    settled(vault, {kept_id: kept_tree}, tmp_path)
