@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -898,6 +899,13 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
             self.fail(str(exc), param, ctx)
 
 
+def _finite(value: float | None, param: click.Parameter) -> float | None:
+    """FloatRange lets 'nan' through (every comparison with it is false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number between 0 and 100", param=param)
+    return value
+
+
 def _render_prune(doc: dict[str, Any]) -> None:
     verb = "would" if doc["dry_run"] else "did"
     click.echo(
@@ -937,6 +945,7 @@ def _render_prune(doc: dict[str, Any]) -> None:
 @click.option(
     "--max-unused",
     type=click.FloatRange(0, 100),
+    callback=lambda ctx, param, value: _finite(value, param),
     help="Repack partly used packs until unused space is at most PERCENT of used space "
     "(default: [prune] max_unused, 5).",
 )

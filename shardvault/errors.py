@@ -384,7 +384,7 @@ class RepositoryBusyError(ShardvaultError):
 
 
 class SessionLostError(ShardvaultError):
-    """Not committed: this process could not renew its session on the peers for {0:.0f} s, so a prune elsewhere may take it for dead; run it again"""  # noqa: E501
+    """Stopped before committing or deleting anything more: this process could not renew its session on the peers (or was frozen) for over {0:.0f} s, so a prune elsewhere may have taken it for dead; run it again"""  # noqa: E501
 
     exit_code = 5
 

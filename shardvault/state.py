@@ -72,9 +72,9 @@ CREATE TABLE IF NOT EXISTS peers (
     bytes INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS sessions_seen (
-    session TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS observed (
+    key TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
     first_seen REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS facts (
@@ -226,14 +226,18 @@ class State:
         with self._conn() as db:
             db.execute("INSERT OR REPLACE INTO facts (name, value) VALUES (?, ?)", (name, value))
 
-    def observe_session(self, session: str, seq: int, now: float) -> float:
-        """When this host first saw ``session`` at heartbeat ``seq`` (now, if it is news): its own clock only."""
+    def observe(self, key: str, version: int, now: float) -> float:
+        """When this host first saw ``key`` at ``version`` (now, if it is news), by its own clock only.
+
+        Prune judges other hosts' sessions (a heartbeat unchanged for too long)
+        and condemned sets' grace this way, never by another host's clock.
+        """
         with self._conn() as db:
-            row = db.execute("SELECT seq, first_seen FROM sessions_seen WHERE session = ?", (session,)).fetchone()
-            if row is not None and int(row[0]) == seq:
+            row = db.execute("SELECT version, first_seen FROM observed WHERE key = ?", (key,)).fetchone()
+            if row is not None and int(row[0]) == version:
                 return float(row[1])
             db.execute(
-                "INSERT OR REPLACE INTO sessions_seen (session, seq, first_seen) VALUES (?, ?, ?)", (session, seq, now)
+                "INSERT OR REPLACE INTO observed (key, version, first_seen) VALUES (?, ?, ?)", (key, version, now)
             )
             return now
 

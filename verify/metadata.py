@@ -161,7 +161,14 @@ def audit(repo: Repository, read: bool = False, progress: Callable[[int, int], N
             continue
         good = 0 if name in unreadable else _check_object(repo, name, listings, down, read, report, behind, bad_copies)
         report.copies_good += good
-        if good == 0:
+        if good == 0 and kind_of(name) == "condemned":
+            # A condemned set intact nowhere condemns nothing (prune deletes only what a readable
+            # set names), so losing one loses nothing: junk a peer planted, for repair to delete.
+            report.stray[name] = sorted(peer for peer, listing in listings.items() if name in listing)
+            report.issues = [i for i in report.issues if i.object != name]
+            report.objects -= 1
+            report.copies_expected -= len(configured)
+        elif good == 0:
             report.lost.append(name)
         elif good < len(configured):
             report.under_replicated += 1

@@ -93,6 +93,7 @@ class PruneReport:
         }
     )
     kept_referenced: int = 0  # condemned packs a later snapshot turned out to need (kept)
+    kept_unverified: int = 0  # condemned packs kept because the other copy of a chunk did not read back
     freed_bytes: dict[str, int] = field(default_factory=dict)
     waiting: list[dict[str, Any]] = field(default_factory=list)
     index_files_before: int = 0
@@ -246,10 +247,12 @@ class Pruner:
     # -- phase two -----------------------------------------------------------------
 
     def ready(self, sets: list[CondemnedSet], sessions: Sessions) -> list[CondemnedSet]:
-        now = datetime.now(UTC)
+        now = time.time()
         ready = []
         for cset in sets:
-            age = (now - datetime.fromisoformat(cset.marked)).total_seconds()
+            # The grace runs from when *this host* first saw the set: the writing host's clock
+            # ('marked') may be years off either way.
+            age = now - self.repo.state.observe(cset.name, 0, now)
             blocking = [
                 sessions[s][0].describe() for s in cset.sessions if s in sessions and sessions[s][1] is Liveness.LIVE
             ]
@@ -267,10 +270,11 @@ class Pruner:
         if not sets:
             return
         condemned = set().union(*(c.packs for c in sets))
-        needed, _, _ = self.needed_packs(g, condemned | condemned_elsewhere)
+        needed, _, keepers = self.needed_packs(g, condemned | condemned_elsewhere)
         keep = condemned & needed
         self.report.kept_referenced += len(keep)
         doomed = (condemned - needed) & (set(g.index.packs) | {pid for pid, _ in g.listing})
+        doomed -= self._unverified_keepers(g, doomed, keepers)
         # 1. The index without the doomed packs, before any shard goes: a crash
         #    after this leaves orphans (the next prune takes them), never a pack
         #    the index names but the peers lack.
@@ -298,6 +302,40 @@ class Pruner:
         write_tombstone(self.repo, [c.name for c in sets], "prune")
         self._delete_everywhere([c.name for c in sets])
         self.report.deleted["condemned_sets"] += len(sets)
+
+    def _unverified_keepers(self, g: Gathered, doomed: set[str], keepers: dict[bytes, str]) -> set[str]:
+        """Doomed packs that must stay: the copy kept instead of theirs does not read back.
+
+        The keeper of a chunk is chosen by the listing (shards present with
+        their sizes); before the last other copy goes, the keeper's blob is
+        read, decrypted and hashed, so silent rot in the kept copy never
+        costs the intact one.
+        """
+        holders: dict[bytes, set[str]] = {}
+        wanted: dict[str, set[bytes]] = {}
+        for pack_id in doomed:
+            record = g.index.packs.get(pack_id)
+            for entry in record.entries if record else ():
+                keeper = keepers.get(entry.chunk_id)
+                if keeper is not None and keeper not in doomed:
+                    holders.setdefault(entry.chunk_id, set()).add(pack_id)
+                    wanted.setdefault(keeper, set()).add(entry.chunk_id)
+        saved: set[str] = set()
+        for keeper, chunks in wanted.items():
+            record = g.index.packs[keeper]
+            bad = set(chunks)
+            try:
+                decoded = self.repo.fetch_pack(record)
+                for entry in record.entries:
+                    if entry.chunk_id in bad:
+                        self.repo.open_blob(entry.chunk_id, decoded, entry.offset, entry.length, entry.raw_length)
+                        bad.discard(entry.chunk_id)
+            except ShardvaultError as exc:
+                self.progress(f"pack {keeper[:16]} does not read back ({exc}): its duplicates are kept")
+            for chunk in bad:
+                saved |= holders[chunk]
+        self.report.kept_unverified += len(saved)
+        return saved
 
     def compact(self, g: Gathered, doomed: set[str]) -> None:
         """Rewrite the index as few files without ``doomed``; the old files are tombstoned, then deleted."""
@@ -373,6 +411,7 @@ class Pruner:
         own = self.repo.session.id if self.repo.session else ""
         cset.sessions = sorted(sid for sid, (_, state, _) in sessions.items() if state is Liveness.LIVE and sid != own)
         self.repo.write_meta(cset.name, cset.to_doc())
+        self.repo.state.observe(cset.name, 0, time.time())  # its grace starts now, by this host's clock
         write_tombstone(self.repo, [pending.name], "prune")
         self._delete_everywhere([pending.name])
         return cset
@@ -454,6 +493,7 @@ class Pruner:
     # -- deleting ------------------------------------------------------------------
 
     def _delete_on(self, peer_name: str, name: str, size: int) -> bool:
+        self.repo.check_session()  # frozen past stale_after: another prune may have acted on a newer view
         peer = self.repo.peers.get(peer_name)
         if peer is None or self.repo.peers.is_down(peer_name):
             return False
@@ -548,7 +588,8 @@ class Pruner:
         state.record_run("prune", "ok", started, details=self.report.to_doc())
         state.set_fact("prune_freed_bytes", float(sum(self.report.freed_bytes.values())))
         state.set_fact("prune_sets_waiting", float(len(waiting)))
-        oldest = min((datetime.fromisoformat(c.marked).timestamp() for c in waiting), default=0.0)
+        now = time.time()
+        oldest = min((state.observe(c.name, 0, now) for c in waiting), default=0.0)
         state.set_fact("prune_oldest_waiting_timestamp", oldest)
 
 

@@ -474,6 +474,11 @@ class Repository:
         self._meta_problem(MetaProblem(name, "", "no peer holds an intact copy: " + "; ".join(failures)))
         raise RepositoryCorruptError(name, "; ".join(failures) or "no peer reachable")
 
+    def check_session(self) -> None:
+        """Before a commit or a deletion: refuse if a pruning host may have taken this process for dead."""
+        if self.session is not None and self.session.expired():
+            raise SessionLostError(self.session.stale_after / 2)
+
     def delete_everywhere(self, names: list[str], measure: bool = False, mark_down: bool = True) -> Deletion:
         """Delete ``names`` on every reachable peer, in parallel: the one deletion path of forget, prune and sessions.
 
@@ -482,6 +487,8 @@ class Repository:
         that refuses (append-only, object lock) keeps them for now.  With
         ``measure`` each object's size is looked up first, to report the bytes freed.
         """
+        if not all(name.startswith(sessions.PREFIX) for name in names):
+            self.check_session()
         outcome = Deletion()
 
         def on(peer: Peer) -> None:
@@ -532,8 +539,8 @@ class Repository:
         fewer copies; then it *is* committed and the write returns normally
         (check reports the missing copies, repair re-replicates them).
         """
-        if self.session is not None and self.session.lost and not name.startswith(sessions.PREFIX):
-            raise SessionLostError(self.session.stale_after / 2)
+        if not name.startswith(sessions.PREFIX):
+            self.check_session()
         data = seal_object(self.cipher, name, doc)
         self.replicate(name, data, mark_down)
         if cache:  # (sessions are not cached: they are rewritten, and beat on another thread)

@@ -177,7 +177,18 @@ class Session:
         self._thread = threading.Thread(target=self._run, name="sv-session", daemon=True)
         self._thread.start()
 
+    def expired(self) -> bool:
+        """Whether a pruning host may have taken this session for dead (then nothing may be committed or deleted).
+
+        Also true after the whole process was frozen (SIGSTOP, a paused VM) for
+        half of ``stale_after``: its heartbeat thread was frozen too.
+        """
+        if not self.lost and time.monotonic() - self._last_ok > self.stale_after / 2:
+            self.lost = True  # sticky: a later heartbeat cannot undo what a prune may have done meanwhile
+        return self.lost
+
     def _beat(self) -> None:
+        self.expired()  # a gap since the last heartbeat is judged before this one hides it
         with self._lock:
             self.seq += 1
             name = session_name(self.id, self.seq)
@@ -187,13 +198,12 @@ class Session:
         self._delete(previous)
 
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        # At least four heartbeats per stale_after, so a live session never looks silent for half of it.
+        while not self._stop.wait(min(HEARTBEAT_SECONDS, self.stale_after / 4)):
             try:
                 self._beat()
             except PeerError:
-                # Half of stale_after without a heartbeat: a pruning host may soon take us for dead.
-                if time.monotonic() - self._last_ok > self.stale_after / 2:
-                    self.lost = True
+                self.expired()  # half of stale_after without a heartbeat: a pruning host may take us for dead
 
     def _delete(self, names: list[str]) -> bool:
         """Whether every peer that answered let them go (a heartbeat left behind is cleaned by prune)."""
@@ -265,7 +275,7 @@ def liveness(repo: Repository, info: SessionInfo, stale_after: float, now: float
             return Liveness.STALE, f"process {info.pid} is gone (the pid now belongs to another process)"
         return Liveness.LIVE, f"process {info.pid} is running"
     now = time.time() if now is None else now
-    first_seen = repo.state.observe_session(info.id, info.seq, now)
+    first_seen = repo.state.observe(f"{PREFIX}{info.id}", info.seq, now)
     quiet = now - first_seen
     if quiet >= stale_after:
         return Liveness.STALE, f"no heartbeat for {quiet:.0f} s (observed by this host)"
