@@ -12,8 +12,9 @@
    Then, before and after ``shardvault prune --grace 0`` (which has nothing
    to delete, since every pack is referenced, and compacts the index into
    files of 2,000 pack records): ``snapshots`` (opens the repository),
-   an unchanged ``backup`` of the small source (loads the index) and
-   ``check`` (loads the index and every WAL record), each with a cold cache
+   an unchanged ``backup`` of the small source (loads the index),
+   ``check`` (loads the index and every WAL record) and ``wal-push`` of one
+   more segment (loads the index), each with a cold cache
    (a fresh state directory per run, as on a new host) and a warm one.
 
 2. **Prune against restic.**  The same history in both tools: back up a
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from run import BIN, PASSWORD, WORK, fresh, median, timed, write_random
@@ -118,6 +120,7 @@ def push_wal(config: str, first: int, step: int, count: int) -> None:
     from shardvault.backup.wal import push
     from shardvault.config import PostgresSource, load_config
     from shardvault.repository import Repository
+    from shardvault.repository.sessions import SessionKind
 
     cfg = load_config(config)
     source = cfg.source("db")
@@ -125,6 +128,11 @@ def push_wal(config: str, first: int, step: int, count: int) -> None:
     spool = Path(config).parent / f"wal-{first}"
     spool.mkdir(exist_ok=True)
     with Repository.open(cfg, PASSWORD) as repo:
+        # push() announces a session each call, and announcing drops the loaded index (for a
+        # process per segment, as archive_command runs it, that is the one load anyway).  This
+        # builder is one long process with nothing pruning: announce once, keep the index.
+        repo.announce(SessionKind.BACKUP)
+        repo.announce = lambda kind=None: None  # type: ignore[method-assign]
         for i in range(first, first + step * count, step):
             segment = spool / f"00000001{i >> 8:08X}{i & 0xFF:08X}"
             segment.write_bytes(os.urandom(WAL_BYTES))
@@ -160,9 +168,26 @@ def index_files(base: Path) -> int:
     return sum(1 for _ in (base / "peers" / "p0" / "index").iterdir())
 
 
-def measure_open(base: Path, sources: dict[str, tuple[str, str]], repeat: int, label: str) -> dict[str, float]:
+def measure_open(
+    base: Path, sources: dict[str, tuple[str, str]], repeat: int, label: str, history: int
+) -> dict[str, float]:
     """Median seconds of each command, cold (a fresh state directory per run) and warm."""
-    commands = {"snapshots": ["snapshots"], "unchanged backup": ["backup", "small"], "check": ["check"]}
+    spool = base / "segments"
+    spool.mkdir(exist_ok=True)
+
+    def segment() -> list[str]:
+        """``wal-push`` of the next 4 KiB segment (no gap: check reports one), a new process as archive_command runs."""
+        number = history + sum(1 for _ in spool.iterdir())
+        path = spool / f"00000001{number >> 8:08X}{number & 0xFF:08X}"
+        path.write_bytes(os.urandom(WAL_BYTES))
+        return ["wal-push", "--source", "db", str(path)]
+
+    commands: dict[str, Callable[[], list[str]]] = {
+        "snapshots": lambda: ["snapshots"],
+        "unchanged backup": lambda: ["backup", "small"],
+        "check": lambda: ["check"],
+        "wal-push": segment,
+    }
     result: dict[str, float] = {}
     warm_state = base / f"warm-{label}"
     shutil.rmtree(warm_state, ignore_errors=True)
@@ -174,14 +199,14 @@ def measure_open(base: Path, sources: dict[str, tuple[str, str]], repeat: int, l
             shutil.rmtree(state, ignore_errors=True)
             cold_cfg = sv_config(base, state, sources, name=f"cold-{label}-{i}.toml")
             settle()
-            cold.append(timed([str(BIN / "shardvault"), "--config", str(cold_cfg), *args], env())[0])
+            cold.append(timed([str(BIN / "shardvault"), "--config", str(cold_cfg), *args()], env())[0])
             shutil.rmtree(state)
             cold_cfg.unlink()
-        timed([str(BIN / "shardvault"), "--config", str(warm_cfg), *args], env())  # fills the cache
+        timed([str(BIN / "shardvault"), "--config", str(warm_cfg), *args()], env())  # fills the cache
         warm = []
         for _ in range(repeat):
             settle()
-            warm.append(timed([str(BIN / "shardvault"), "--config", str(warm_cfg), *args], env())[0])
+            warm.append(timed([str(BIN / "shardvault"), "--config", str(warm_cfg), *args()], env())[0])
         result[f"{name}, cold cache"] = median(cold)
         result[f"{name}, warm cache"] = median(warm)
         print(f"  {label}: {name}: cold {median(cold):.2f} s, warm {median(warm):.2f} s", flush=True)
@@ -196,7 +221,7 @@ def index_benchmark(files: int, repeat: int) -> None:
     sources = {"db": ("postgres", "host=/nonexistent"), "small": ("files", str(small))}
     cfg = build_index_history(base, files, sources)
     before_files = index_files(base)
-    before = measure_open(base, sources, repeat, "before")
+    before = measure_open(base, sources, repeat, "before", files)
     settle()
     seconds, report = timed_json([str(BIN / "shardvault"), "--config", str(cfg), "prune", "--grace", "0", "--json"])
     after_files = index_files(base)
@@ -206,7 +231,7 @@ def index_benchmark(files: int, repeat: int) -> None:
         f"deleted {report['deleted']}",
         flush=True,
     )
-    after = measure_open(base, sources, repeat, "after")
+    after = measure_open(base, sources, repeat, "after", files)
     print(f"\n4-of-6, 6 local peers; median of {repeat} runs; sync before every run")
     print(f"{'command':<32}{f'{before_files} index files':>20}{f'{after_files} index files':>20}{'after/before':>14}")
     for name in before:
