@@ -230,18 +230,31 @@ def list_sessions(repo: Repository) -> list[SessionInfo]:
         by_id.setdefault(name.split("/")[1], []).append(name)
     sessions = []
     for sid, names in sorted(by_id.items()):
-        beats = sorted(n for n in names if not n.endswith("/end"))
         doc: dict[str, Any] | None = None
-        for name in reversed(beats):  # the newest readable heartbeat
-            try:
-                doc = repo.read_meta(name, cache=False)
+        junk: set[str] = set()
+        for _ in range(3):
+            vanished = False
+            for name in sorted((n for n in names if not n.endswith("/end")), reverse=True):  # newest first
+                try:
+                    doc = repo.read_meta(name, cache=False)
+                    break
+                except (RepositoryCorruptError, UnsupportedFormatError):
+                    if repo.meta_exists(name):
+                        junk.add(name)  # there, yet no copy authenticates: planted, never a heartbeat
+                    else:
+                        vanished = True  # replaced by the writer's next heartbeat since the listing
+            if doc is not None or not vanished:
                 break
-            except (RepositoryCorruptError, UnsupportedFormatError):
-                continue  # deleted meanwhile (the next beat replaced it), or junk
-        ended = len(beats) < len(names)
-        if doc is None and not ended:
-            continue  # nothing readable: a session that just ended, or a planted name
-        doc = doc or {}
+            # A live writer replaced what was listed: list its objects again rather than
+            # take it for ended (a session missed here would not hold deletion back).
+            names = repo.list_meta(f"{PREFIX}{sid}/")
+        if not names:
+            continue  # its objects are gone: it ended
+        # Only an end marker and junk left: nothing live (prune removes them).  A heartbeat
+        # that kept vanishing under our reads: a live writer of an unknown host, judged by observation.
+        ended = doc is None and not vanished
+        ended = ended or any(n.endswith("/end") for n in names)
+        doc = doc or {"seq": len(names)}
         sessions.append(
             SessionInfo(
                 id=sid,
