@@ -331,14 +331,14 @@ def stopped(proc: subprocess.Popen[str]) -> bool:
     return stat[stat.rindex(")") + 2] == "T"
 
 
-@pytest.mark.parametrize("round_", range(6))
+@pytest.mark.parametrize("round_", range(4))
 def test_prune_during_a_backup_on_another_host_breaks_neither(tmp_path: Path, round_: int) -> None:
     """The backup leans on data that only garbage packs hold, while a prune with no grace runs.
 
-    Rounds 0-3 freeze the backup at a failpoint (shardvault.failpoints): just
+    Rounds 0-1 freeze the backup at a failpoint (shardvault.failpoints): just
     after it read the index, or just before it commits, with its references
     chosen; the prune runs to the end meanwhile, then the backup goes on.
-    Those are the worst moments, made certain.  Rounds 4-5 let both run
+    Those are the worst moments, made certain.  Rounds 2-3 let both run
     freely with a random offset.  Whatever the order, both exit 0, the new
     snapshot restores byte for byte and check --read-data is clean.
     """
@@ -356,8 +356,8 @@ def test_prune_during_a_backup_on_another_host_breaks_neither(tmp_path: Path, ro
     shutil.copytree(first_tree, vault.source, symlinks=True)
     host2 = other_host(vault)
     host2.env["SHARDVAULT_HEARTBEAT_SECONDS"] = "0.5"
-    if round_ < 4:
-        host2.env["SHARDVAULT_FAILPOINTS"] = ["index-loaded", "commit"][round_ % 2]
+    if round_ < 2:
+        host2.env["SHARDVAULT_FAILPOINTS"] = ["index-loaded", "commit"][round_]
         backup = host2.popen("backup", "src", "--full", "--json")
         deadline = time.monotonic() + 120
         while not stopped(backup) and time.monotonic() < deadline:

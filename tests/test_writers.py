@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from conftest import SMALL, Vault, assert_same_tree, local_peers, make_tree, write_config
 
-ROUNDS = 5
+ROUNDS = 3
 WAIT = 300.0
 
 
