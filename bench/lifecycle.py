@@ -25,7 +25,9 @@
    then ``shardvault prune --grace 0 --max-unused 5`` against ``restic
    prune`` (its default ``--max-unused 5%``).  Repository sizes before and
    after; afterwards both restore the kept snapshot, compared to v2 with
-   ``diff -r``, and both pass ``check --read-data``.
+   ``diff -r``, and both pass ``check --read-data``.  A second history
+   backs up v3 (only the half of v1 that v2 keeps) instead of v2, so that
+   half of the repository is garbage.
 
     .venv/bin/python bench/lifecycle.py [--index-files N] [--repeat R]
 
@@ -264,29 +266,32 @@ def copy_entries(entries: list[Path], target: Path) -> None:
             shutil.copy2(p, target / p.name, follow_symlinks=False)
 
 
-def build_corpora() -> tuple[Path, Path]:
-    """v1 and v2 (see the module docstring); what v2 keeps is hard-linked, so it is unchanged to both tools."""
-    v1, v2 = HERE / "v1", HERE / "v2"
-    if (HERE / ".corpora-complete").exists():
-        return v1, v2
-    for d in (v1, v2, HERE / "corpus"):
+def build_corpora() -> tuple[Path, Path, Path]:
+    """v1, v2 and v3 (see the module docstring); what v2 and v3 keep is hard-linked: unchanged to both tools."""
+    v1, v2, v3 = HERE / "v1", HERE / "v2", HERE / "v3"
+    if (HERE / ".corpora-complete-3").exists():
+        return v1, v2, v3
+    for d in (v1, v2, v3, HERE / "corpus"):
         shutil.rmtree(d, ignore_errors=True)
     half_a, half_b = split_include()
     (v2 / "random").mkdir(parents=True)
+    (v3 / "random").mkdir(parents=True)
     for i in range(16):
         write_random(v1 / "random" / f"{i:02d}.bin", 8)
         if i % 2:
-            write_random(v2 / "random" / f"{i:02d}.bin", 8)  # replaced
+            write_random(v2 / "random" / f"{i:02d}.bin", 8)  # replaced in v2, gone from v3
         else:
             os.link(v1 / "random" / f"{i:02d}.bin", v2 / "random" / f"{i:02d}.bin")
+            os.link(v1 / "random" / f"{i:02d}.bin", v3 / "random" / f"{i:02d}.bin")
     shutil.copytree(
         "/usr/lib/python3.11", v1 / "python3.11", symlinks=True, ignore=shutil.ignore_patterns("site-packages")
     )
     shutil.copytree(v1 / "python3.11", v2 / "python3.11", symlinks=True, copy_function=os.link)
+    shutil.copytree(v1 / "python3.11", v3 / "python3.11", symlinks=True, copy_function=os.link)
     copy_entries(half_a, v1 / "include-a")
     copy_entries(half_b, v2 / "include-b")
-    (HERE / ".corpora-complete").write_text("")
-    return v1, v2
+    (HERE / ".corpora-complete-3").write_text("")
+    return v1, v2, v3
 
 
 class History:
@@ -337,10 +342,8 @@ class History:
         shutil.rmtree(r_out)
 
 
-def prune_benchmark(repeat: int) -> None:
-    v1, v2 = build_corpora()
-    v1_size, v2_size = tree_size(v1), tree_size(v2)
-    print(f"corpus: v1 {mib(v1_size)}, v2 {mib(v2_size)} (v2 replaces half of v1)", flush=True)
+def prune_benchmark(repeat: int, v1: Path, v2: Path, what: str) -> None:
+    print(f"\ncorpus: v1 {mib(tree_size(v1))}, then {v2.name} {mib(tree_size(v2))} ({what})", flush=True)
     history = History()
     sv_times: list[float] = []
     r_times: list[float] = []
@@ -381,7 +384,7 @@ def prune_benchmark(repeat: int) -> None:
         )
     f = figures[0]
     t_sv, t_r = median(sv_times), median(r_times)
-    print(f"\nprune of the history (v1, v2, v1 forgotten); median of {repeat} runs, alternating who goes first")
+    print(f"\nprune of the history (v1, {v2.name}, v1 forgotten); median of {repeat} runs, alternating who goes first")
     print(f"{'':<34}{'shardvault':>16}{'restic':>16}{'ratio':>8}")
     print(f"{'prune':<34}{t_sv:>14.2f} s{t_r:>14.2f} s{t_sv / t_r:>8.2f}")
     print(f"{'stored before (all peers)':<34}{mib(f['sv_before']):>16}{mib(f['r_before']):>16}")
@@ -420,7 +423,9 @@ def main() -> None:
     if args.only != "prune":
         index_benchmark(args.index_files, args.repeat)
     if args.only != "index":
-        prune_benchmark(args.repeat)
+        v1, v2, v3 = build_corpora()
+        prune_benchmark(args.repeat, v1, v2, "v2 replaces half of v1: half of v1 is garbage, a third of the whole")
+        prune_benchmark(args.repeat, v1, v3, "v3 is the half of v1 that v2 keeps: about half of all is garbage")
     print(f"load average at the end {os.getloadavg()[0]:.1f} (other processes make every figure noisier)")
 
 
