@@ -4,7 +4,8 @@
    index holds ``--index-files`` (10,000) index files, built as the issue
    describes them piling up: one ``wal-push`` each.  Two child processes
    (two writers with their own state directories, as two hosts would be)
-   call the library's :func:`shardvault.backup.wal.push` in a loop on
+   announce their session once and call the library's
+   :func:`shardvault.backup.wal.push` in a loop on
    4 KiB WAL files of random bytes, so every push stores one real pack
    (6 shards), one index file naming it and one WAL record referencing its
    chunk; fsync is off while building (the measurements use a config with
