@@ -94,17 +94,25 @@ class PruneReport:
     )
     kept_referenced: int = 0  # condemned packs a later snapshot turned out to need (kept)
     kept_unverified: int = 0  # condemned packs kept because the other copy of a chunk did not read back
-    freed_bytes: dict[str, int] = field(default_factory=dict)
+    deleted_bytes: dict[str, int] = field(default_factory=dict)  # per peer: what was deleted
+    written_bytes: dict[str, int] = field(default_factory=dict)  # per peer: the repacked packs' new shards
     waiting: list[dict[str, Any]] = field(default_factory=list)
     index_files_before: int = 0
     index_files_after: int = 0
     refused: list[str] = field(default_factory=list)  # deletions a peer refused (object lock): retried next run
 
     def free(self, peer: str, size: int) -> None:
-        self.freed_bytes[peer] = self.freed_bytes.get(peer, 0) + size
+        self.deleted_bytes[peer] = self.deleted_bytes.get(peer, 0) + size
+
+    @property
+    def freed_bytes(self) -> dict[str, int]:
+        """Per peer, what the run gave back: deleted minus what repacking wrote."""
+        peers = set(self.deleted_bytes) | set(self.written_bytes)
+        return {p: self.deleted_bytes.get(p, 0) - self.written_bytes.get(p, 0) for p in sorted(peers)}
 
     def to_doc(self) -> dict[str, Any]:
-        return dict(self.__dict__) | {"freed_total": sum(self.freed_bytes.values())}
+        freed = self.freed_bytes
+        return dict(self.__dict__) | {"freed_bytes": freed, "freed_total": sum(freed.values())}
 
 
 @dataclass
@@ -157,21 +165,19 @@ class Pruner:
         repo = self.repo
         self.progress("reading snapshots and the index")
         snapshots = {s.id: s for s in repo.snapshots()}
-        # An object intact nowhere: what it references is unknown (a planted junk name is no snapshot).
-        lost = [p for p in repo.meta_problems if not p.peer and kind_of(p.name) in ("snapshot", "wal")]
+        repo._index = None
+        index = repo.index  # read afresh: every index file (condemned packs are in it, flagged)
+        wal = [n for n in repo.list_meta("wal/") if n not in self._wal_refs]
+        for name, doc in repo._read_all(wal):  # WAL records are immutable: each read once per run
+            self._wal_refs[name] = {bytes.fromhex(c) for c in doc.get("chunks", [])}
+        # An object intact nowhere: what a snapshot or WAL record references is unknown, and an index
+        # file's packs would look like orphans (a planted junk name is neither).
+        lost = [p for p in repo.meta_problems if not p.peer and kind_of(p.name) in ("snapshot", "wal", "index")]
         if lost:
             raise PruneRefusedError(
                 f"{lost[0].name} cannot be read ({lost[0].detail}), so what it references is unknown; "
                 "run 'shardvault check' and 'shardvault repair' first"
             )
-        deleted = repo.deleted_names
-        index_names = [n for n in repo.list_meta("index/") if n not in deleted]
-        index = Index()
-        for name, doc in repo._read_all(index_names):
-            try:
-                index.add_doc(name, doc)
-            except (KeyError, ValueError, TypeError, IndexError) as exc:
-                raise PruneRefusedError(f"{name} cannot be parsed ({exc!r}); run 'shardvault check' first") from None
         self.progress("listing every peer")
         listing = repo.list_shards()
         leftovers: set[tuple[str, str]] = set()
@@ -186,14 +192,9 @@ class Pruner:
             if sid not in self._refs_by_snapshot:
                 self._refs_by_snapshot[sid] = self._snapshot_refs(snapshot)
             refs |= self._refs_by_snapshot[sid]
-        for name in repo.list_meta("wal/"):
-            if name in deleted:
-                continue
-            if name not in self._wal_refs:
-                doc = repo.read_meta(name)
-                self._wal_refs[name] = {bytes.fromhex(c) for c in doc.get("chunks", [])}
-            refs |= self._wal_refs[name]
-        return Gathered(snapshots, index, index_names, listing, leftovers, refs)
+        for name in repo.list_meta("wal/"):  # (forget may have expired some since: only the listed count)
+            refs |= self._wal_refs.get(name, set())
+        return Gathered(snapshots, index, sorted(index.files), listing, leftovers, refs)
 
     def _snapshot_refs(self, snapshot: Snapshot) -> set[bytes]:
         refs = {bytes.fromhex(c) for c in snapshot.tree}
@@ -480,6 +481,9 @@ class Pruner:
             self.report.repacked_bytes += sum(len(b[1]) for b in blobs)
         for kind in list(writers):
             seal(kind)
+        for record in new_records:
+            for shard in record.shards:
+                self.report.written_bytes[shard.peer] = self.report.written_bytes.get(shard.peer, 0) + shard.size
         if new_records:
             self.repo.write_index(new_records)
             for record in new_records:

@@ -131,6 +131,7 @@ class Repository:
         self.session: sessions.Session | None = None
         self.purpose = sessions.SessionKind.READ
         self.announce_sessions = True
+        self._announced = False
         self.condemned_sets: list[CondemnedSet] = []
 
     # -- opening -------------------------------------------------------------------
@@ -632,7 +633,10 @@ class Repository:
         unannounced when too few peers take the session (a restore from
         read-only mounts, a check while peers are down).
         """
-        if self.session is None and self.announce_sessions:
+        if self._announced:
+            return  # once per run: the index stays loaded (a reload per call would be quadratic)
+        self._announced = True
+        if self.announce_sessions:
             session = sessions.Session(self, kind or self.purpose, self.config.prune.stale_after_seconds)
             try:
                 session.start()
