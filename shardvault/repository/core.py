@@ -633,19 +633,25 @@ class Repository:
         unannounced when too few peers take the session (a restore from
         read-only mounts, a check while peers are down).
         """
-        if self._announced:
-            return  # once per run: the index stays loaded (a reload per call would be quadratic)
-        self._announced = True
-        if self.announce_sessions:
-            session = sessions.Session(self, kind or self.purpose, self.config.prune.stale_after_seconds)
+        kind = kind or self.purpose
+        started = False
+        if (
+            self.session is None
+            and self.announce_sessions
+            and (not self._announced or kind not in sessions.UNANNOUNCED_OK)
+        ):
+            session = sessions.Session(self, kind, self.config.prune.stale_after_seconds)
             try:
                 session.start()
-                self.session = session
+                self.session, started = session, True
             except PeerError:
-                if session.kind not in sessions.UNANNOUNCED_OK:
+                if kind not in sessions.UNANNOUNCED_OK:
                     raise
-        self.condemned_sets = read_condemned(self)
-        self._index = None
+        if started or not self._announced:
+            # Once per run, or again when a session began only now: what was read before it is not covered.
+            self._announced = True
+            self.condemned_sets = read_condemned(self)
+            self._index = None
 
     def load_index(self) -> Index:
         index = Index(condemned_packs(self.condemned_sets))
