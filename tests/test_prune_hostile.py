@@ -275,9 +275,7 @@ def test_a_prune_killed_at_any_step_leaves_a_repository_the_next_prune_finishes(
     total = int(counter.read_text())
     assert total > 20, total
     kept = more_garbage(vault, 100, kept_tree)
-    steps = [
-        f"mutation:{n}" for n in sorted({7, total // 2, total * 9 // 10})
-    ] + NAMED_STEPS
+    steps = [f"mutation:{n}" for n in sorted({7, total // 2, total * 9 // 10})] + NAMED_STEPS
     for round_, step in enumerate(steps, start=1):
         killed = driven(vault, "prune", "--grace", "0", "--max-unused", "0", SV_KILL_AT=step)
         # (A run of this round's garbage may make fewer mutations than the counted one: then it ends.)
