@@ -88,3 +88,24 @@ def test_heartbeats_replace_each_other(tmp_path: Path, monkeypatch: pytest.Monke
         assert repo.session.seq >= 4
         names = {p.name for p in vault.peer(0).glob(f"sessions/{repo.session.id}/*")}
         assert len(names) <= 2  # the newest (and at most the one being replaced)
+
+
+def test_a_writer_whose_session_was_removed_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its heartbeat was removed (unlock --remove-all, or a prune that took it for dead), as restic's lock can go."""
+    import time
+
+    monkeypatch.setattr(sessions_module, "HEARTBEAT_SECONDS", 0.05)
+    vault = make_vault(tmp_path)
+    with vault.repo() as repo:
+        repo.announce(SessionKind.BACKUP)
+        assert repo.session is not None
+        for path in vault.peers_dir.glob(f"*/sessions/{repo.session.id}/*"):
+            path.unlink()
+        deadline = time.monotonic() + 10
+        while not repo.session.lost and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert repo.session.lost
+        time.sleep(0.2)
+        assert not list(vault.peers_dir.glob(f"*/sessions/{repo.session.id}/*"))  # it stopped beating
+        with pytest.raises(SessionLostError):
+            repo.write_meta("snapshots/" + "cd" * 32, {"version": 1})

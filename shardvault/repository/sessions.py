@@ -189,6 +189,12 @@ class Session:
 
     def _beat(self) -> None:
         self.expired()  # a gap since the last heartbeat is judged before this one hides it
+        if self._written and not self.repo.meta_exists(self._written[0]):
+            # Someone removed our heartbeat (`unlock --remove-all`, or a prune that took us for
+            # dead): what we lean on may be deleted, so commit nothing, as restic does when its lock goes.
+            self.lost = True
+        if self.lost:
+            return  # and stop beating: the removal stands
         with self._lock:
             self.seq += 1
             name = session_name(self.id, self.seq)
