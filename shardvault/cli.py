@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -355,6 +356,94 @@ def snapshots(ctx: Context, source: str | None, as_json: bool) -> None:
             f"  {s.hostname}"
         )
     click.echo(f"{len(snaps)} snapshot(s)")
+
+
+# -- browsing (issue 10): trees only, never data packs -----------------------------------
+
+
+@main.command(name="ls")
+@click.argument("snapshot")
+@click.argument("path", default="")
+@click.option("--source", help="Source of the snapshot (needed for 'latest' with several sources).")
+@click.option("--recursive", "-r", is_flag=True, help="Everything below PATH, not only its children.")
+@click.option("--long", "-l", "long_", is_flag=True, help="Mode, owner, size and mtime, as ls -l.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def ls_cmd(
+    ctx: Context, snapshot: str, path: str, source: str | None, recursive: bool, long_: bool, as_json: bool
+) -> None:
+    """List a snapshot's entries below PATH (reads the tree only, never file data)."""
+    from shardvault.restore.browse import entry_doc, ls
+
+    with ctx.repository() as repo:
+        snap = repo.resolve_snapshot(snapshot, source)
+        entries = ls(repo, snap, path, recursive)
+    if as_json:
+        emit_json({"snapshot": snap.id, "path": path, "entries": [entry_doc(e) for e in entries]})
+        return
+    for entry in entries:
+        name = entry.path + ("/" if entry.type == "d" else "")
+        if entry.target is not None:
+            name += f" -> {entry.target}"
+        if long_:
+            doc = entry_doc(entry)
+            kind = {"file": "-", "dir": "d", "symlink": "l"}.get(doc["type"], "?")
+            mode = kind + stat.filemode(entry.mode)[1:]
+            click.echo(f"{mode} {entry.uid:>6} {entry.gid:>6} {entry.size:>12} {doc['mtime'][:19]} {name}")
+        else:
+            click.echo(name)
+
+
+@main.command(name="find")
+@click.argument("pattern")
+@click.option("--source", help="Only this source's snapshots.")
+@click.option("--newest", type=click.IntRange(min=1), help="Only the N newest snapshots.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def find_cmd(ctx: Context, pattern: str, source: str | None, newest: int | None, as_json: bool) -> None:
+    """Which snapshots hold a path matching PATTERN (a glob; with a '/', over the whole path)."""
+    from shardvault.restore.browse import entry_doc, find
+
+    with ctx.repository() as repo:
+        found = [
+            {"snapshot": snap.id, "source": snap.source, "time": snap.finished} | entry_doc(entry)
+            for snap, entry in find(repo, pattern, source, newest)
+        ]
+    if as_json:
+        emit_json({"pattern": pattern, "matches": found})
+        return
+    for m in found:
+        click.echo(f"{m['snapshot'][:8]}  {m['time'][:19]}  {m['size']:>12}  {m['mtime'][:19]}  {m['path']}")
+    click.echo(f"{len(found)} match(es)")
+
+
+@main.command(name="diff")
+@click.argument("old")
+@click.argument("new")
+@click.option("--source", help="Source of the snapshots (needed for 'latest' with several sources).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@pass_ctx
+@handle_errors
+def diff_cmd(ctx: Context, old: str, new: str, source: str | None, as_json: bool) -> None:
+    """What changed from snapshot OLD to NEW: added (+), removed (-), changed (M), metadata only (U)."""
+    from shardvault.restore.browse import diff
+
+    with ctx.repository() as repo:
+        result = diff(repo, repo.resolve_snapshot(old, source), repo.resolve_snapshot(new, source))
+    doc = result.to_doc()
+    if as_json:
+        emit_json(doc)
+        return
+    for mark, key in (("+", "added"), ("-", "removed"), ("M", "changed"), ("U", "metadata")):
+        for path in doc[key]:
+            click.echo(f"{mark}    {path}")
+    stats = doc["stats"]
+    click.echo(
+        f"added {stats['added']}, removed {stats['removed']}, changed {stats['changed']}, "
+        f"metadata only {stats['metadata']}"
+    )
 
 
 _KEEP_COUNTS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")

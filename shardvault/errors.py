@@ -97,6 +97,12 @@ class BackupInterruptedError(ShardvaultError):
 # [restore]
 
 
+class PathNotInSnapshotError(ShardvaultError):
+    """Path {0!r} is not in snapshot {1}"""
+
+    exit_code = 8
+
+
 class LatestNeedsSourceError(ShardvaultError):
     """'latest' is ambiguous: the repository holds snapshots of {0} sources ({1}); pass --source NAME"""
 

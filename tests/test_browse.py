@@ -1,0 +1,126 @@
+"""Browsing snapshots (issue 10): ls, find and diff read trees only, never data packs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Vault, make_vault
+
+from shardvault.repository.packs import KIND_DATA
+
+
+def snap_id(vault: Vault) -> str:
+    result = vault.cli("backup", "src", "--json")
+    assert result.exit_code == 0, result.output
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return str(doc["snapshot"]["id"])
+
+
+def json_of(vault: Vault, *args: str) -> Any:
+    result = vault.cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[Vault, str, str]:
+    """Two snapshots: between them a file added, one removed, one changed, one chmod-ed only."""
+    vault = make_vault(tmp_path)
+    first = snap_id(vault)
+    (vault.source / "dir0" / "added.txt").write_bytes(b"new")
+    (vault.source / "dir1" / "private").unlink()
+    (vault.source / "dir0" / "file0.txt").write_bytes(b"changed content")
+    os.chmod(vault.source / "dir2" / "file2.txt", 0o600)
+    second = snap_id(vault)
+    return vault, first, second
+
+
+def test_ls_lists_children_or_everything_below_a_path(history: tuple[Vault, str, str]) -> None:
+    vault, first, _ = history
+    top = [e["path"] for e in json_of(vault, "ls", first)["entries"]]
+    assert "dir0" in top and "large0.bin" in top
+    assert all("/" not in p for p in top) and "." not in top
+    dir1 = json_of(vault, "ls", first, "dir1")["entries"]
+    now = {str(p.relative_to(vault.source)) for p in (vault.source / "dir1").iterdir()}
+    assert {e["path"] for e in dir1} == now | {"dir1/private"}  # (removed from the source after the first)
+    private = next(e for e in dir1 if e["path"] == "dir1/private")
+    assert private["mode"] == "0600" and private["size"] == 6 and private["type"] == "file"
+    everything = json_of(vault, "ls", first, "/dir1/", "--recursive")["entries"]
+    assert {e["path"] for e in everything} > {e["path"] for e in dir1}
+    assert all(e["path"].startswith("dir1/") for e in everything)
+    one = json_of(vault, "ls", first, "dir1/private")["entries"]
+    assert [e["path"] for e in one] == ["dir1/private"]
+    link = json_of(vault, "ls", first, "link-rel")["entries"][0]
+    assert link["type"] == "symlink" and link["target"] == "dir0/file0.txt"
+    long = vault.cli("ls", first, "dir1", "--long")
+    assert long.exit_code == 0 and "-rw------- " in long.output and "dir1/sub0/" in long.output
+
+
+def test_ls_of_a_missing_path_is_exit_8_in_one_line(history: tuple[Vault, str, str]) -> None:
+    vault, _, second = history
+    result = vault.run("ls", second, "dir1/private")  # removed before the second snapshot
+    assert result.returncode == 8 and "'dir1/private' is not in snapshot" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    as_json = vault.run("ls", second, "nowhere", "--json")
+    assert as_json.returncode == 8 and json.loads(as_json.stdout)["error"]["code"] == 8
+
+
+def test_ls_find_and_diff_read_no_data_pack(history: tuple[Vault, str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardvault.repository import Repository
+
+    vault, first, second = history
+    kinds: list[int] = []
+    real = Repository.fetch_pack
+
+    def counting(self: Repository, record: Any) -> Any:
+        kinds.append(record.kind)
+        return real(self, record)
+
+    monkeypatch.setattr(Repository, "fetch_pack", counting)
+    json_of(vault, "ls", first, "--recursive")
+    json_of(vault, "find", "*.txt")
+    json_of(vault, "diff", first, second)
+    assert kinds and KIND_DATA not in kinds, kinds  # tree packs only
+
+
+@pytest.mark.parametrize(
+    ("pattern", "newest", "expected"),
+    [
+        ("private", None, {("first", "dir1/private")}),
+        ("added.txt", None, {("second", "dir0/added.txt")}),
+        ("file0.txt", None, {("first", "dir0/file0.txt"), ("second", "dir0/file0.txt")}),
+        ("file0.txt", 1, {("second", "dir0/file0.txt")}),
+        ("dir1/priv*", None, {("first", "dir1/private")}),
+        ("priv", None, set()),
+        ("large?.bin", 1, {("second", f"large{i}.bin") for i in range(3)}),
+    ],
+)
+def test_find_names_the_snapshots_that_hold_a_match(
+    history: tuple[Vault, str, str], pattern: str, newest: int | None, expected: set[tuple[str, str]]
+) -> None:
+    vault, first, second = history
+    names = {first: "first", second: "second"}
+    args = ["find", pattern] + (["--newest", str(newest)] if newest else [])
+    found = json_of(vault, *args)["matches"]
+    assert {(names[m["snapshot"]], m["path"]) for m in found} == expected
+    assert all(m["source"] == "src" and "size" in m and "mtime" in m for m in found)
+
+
+def test_diff_says_what_was_added_removed_changed_and_touched(history: tuple[Vault, str, str]) -> None:
+    vault, first, second = history
+    doc = json_of(vault, "diff", first, second)
+    assert doc["added"] == ["dir0/added.txt"]
+    assert doc["removed"] == ["dir1/private"]
+    assert doc["changed"] == ["dir0/file0.txt"]
+    assert "dir2/file2.txt" in doc["metadata"] and "dir0/file0.txt" not in doc["metadata"]
+    assert doc["stats"]["added"] == 1 and doc["stats"]["removed"] == 1
+    back = json_of(vault, "diff", second, first)
+    assert back["added"] == ["dir1/private"] and back["removed"] == ["dir0/added.txt"]
+    same = json_of(vault, "diff", first, first)
+    assert not (same["added"] or same["removed"] or same["changed"] or same["metadata"])
+    human = vault.cli("diff", first, second)
+    assert "+    dir0/added.txt" in human.output and "-    dir1/private" in human.output
