@@ -419,6 +419,22 @@ def find_cmd(ctx: Context, pattern: str, source: str | None, newest: int | None,
     click.echo(f"{len(found)} match(es)")
 
 
+@main.command(name="dump")
+@click.argument("snapshot")
+@click.argument("path")
+@click.option("--source", help="Source of the snapshot (needed for 'latest' with several sources).")
+@pass_ctx
+@handle_errors
+def dump_cmd(ctx: Context, snapshot: str, path: str, source: str | None) -> None:
+    """Write one file of a snapshot to stdout; a directory (or / for all) as a tar stream."""
+    from shardvault.restore.dump import dump as write_dump
+
+    with ctx.repository() as repo:
+        out = sys.stdout.buffer
+        write_dump(repo, repo.resolve_snapshot(snapshot, source), path, out)
+        out.flush()
+
+
 @main.command(name="diff")
 @click.argument("old")
 @click.argument("new")
