@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -58,6 +58,7 @@ from shardvault.shards.erasure import DecodedPack
 from shardvault.tree import DIR, FILE, SYMLINK, Entry
 
 from .safepath import Existing, SafeTarget, safe_parts, target_error
+from .select import Selection
 
 WORKERS = 4  # files written at once
 WINDOW = 64  # files handed out ahead of the slowest one
@@ -182,9 +183,11 @@ class FileRestorer:
         target: Path,
         progress: ProgressFn | None = None,
         overwrite: Overwrite = Overwrite.NEVER,
+        selection: Selection | None = None,
     ) -> None:
         self.repo = repo
         self.snapshot = snapshot
+        self.selection = selection or Selection()
         self.target = target
         self.overwrite = overwrite
         self.progress = progress
@@ -193,6 +196,11 @@ class FileRestorer:
         self.lost: dict[str, str] = {}
         self.pack_order: list[str] = []
         self.pack_uses: Counter[str] = Counter()
+
+    def _entries(self) -> Iterator[Entry]:
+        """The snapshot's tree as this restore writes it (selected and re-rooted, see restore.select)."""
+        tree = self.repo.iter_tree(self.snapshot)
+        return tree if self.selection.everything else self.selection.apply(tree, self.snapshot.short_id)
 
     # -- 1. plan -------------------------------------------------------------------
 
@@ -218,7 +226,7 @@ class FileRestorer:
             )
         order: dict[str, int] = {}  # packs in the order the restore first needs them
         root_seen = False
-        for entry in self.repo.iter_tree(self.snapshot):
+        for entry in self._entries():
             entry_parts(entry, root_seen)
             root_seen = root_seen or entry.path == "."
             for c in entry.chunks:
@@ -239,11 +247,7 @@ class FileRestorer:
     def _lost_message(self, failed: list[str] | None = None) -> str:
         packs = ", ".join(f"pack {p[:16]} ({why})" for p, why in sorted(self.lost.items()))
         if failed is None:
-            failed = [
-                e.path
-                for e in self.repo.iter_tree(self.snapshot)
-                if any(self._pack_of(c) in self.lost for c in e.chunks)
-            ]
+            failed = [e.path for e in self._entries() if any(self._pack_of(c) in self.lost for c in e.chunks)]
         first = f"; first: {failed[0]}" if failed else ""
         return f"{len(self.lost)} pack(s) lost: {packs}; {len(failed)} file(s) cannot be restored{first}"
 
@@ -259,7 +263,7 @@ class FileRestorer:
             return  # the common case costs no second pass over the tree
         conflicts: set[tuple[str, ...]] = set()
         first = ""
-        for entry in self.repo.iter_tree(self.snapshot):
+        for entry in self._entries():
             parts = safe_parts(entry.path)
             found = target.existing(parts)
             if found is None:
@@ -398,7 +402,7 @@ class FileRestorer:
         try:
             with SafeTarget(self.target, replace_files=self.overwrite is not Overwrite.NEVER) as target:
                 self.check_target(target)
-                for entry in self.repo.iter_tree(self.snapshot):
+                for entry in self._entries():
                     parts = safe_parts(entry.path)
                     try:
                         if entry.type == DIR:
@@ -499,6 +503,26 @@ def restore_files(
     target: Path,
     progress: ProgressFn | None = None,
     overwrite: Overwrite = Overwrite.NEVER,
+    selection: Selection | None = None,
 ) -> RestoreStats:
-    """Restore a files snapshot under ``target``; what is already there is kept unless ``overwrite`` allows."""
-    return FileRestorer(repo, snapshot, target, progress, overwrite).run()
+    """Restore a files snapshot (or the ``selection`` of it) under ``target``; existing paths per ``overwrite``."""
+    return FileRestorer(repo, snapshot, target, progress, overwrite, selection).run()
+
+
+def plan_restore(repo: Repository, snapshot: Snapshot, selection: Selection | None = None) -> dict[str, Any]:
+    """What a restore would write and fetch (``--dry-run``): counts, bytes, and the packs' shards to read."""
+    restorer = FileRestorer(repo, snapshot, Path("."), selection=selection)
+    restorer.plan()
+    kinds = {FILE: "files", DIR: "dirs", SYMLINK: "symlinks"}
+    doc: dict[str, Any] = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "paths": []}
+    for entry in restorer._entries():
+        if entry.path == ".":
+            continue
+        doc[kinds.get(entry.type, "files")] += 1
+        doc["bytes"] += entry.size if entry.type == FILE else 0
+        doc["paths"].append(entry.path)
+    records = [repo.index.packs[p] for p in restorer.pack_order]
+    doc["packs"] = len(records)
+    # k shards of each pack are read, the fastest peers first: about k/n of what the pack's shards hold.
+    doc["fetch_bytes"] = sum(sum(s.size for s in r.shards) * r.k // max(len(r.shards), 1) for r in records)
+    return doc

@@ -618,6 +618,10 @@ def forget(
     show_default=True,
     help="--target: what to do with paths already there (never: refuse before writing anything).",
 )
+@click.option("--include", multiple=True, help="Only paths matching this glob (repeatable; see README).")
+@click.option("--exclude", multiple=True, help="Not the paths matching this glob (repeatable).")
+@click.option("--path", "subtree", default="", help="Restore only this subtree, as the target itself.")
+@click.option("--dry-run", is_flag=True, help="Say what would be written and fetched; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
@@ -636,15 +640,24 @@ def restore(
     start_server: bool,
     port: int,
     overwrite: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    subtree: str,
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target, --database or --to-bucket."""
     from dataclasses import asdict
 
-    from shardvault.restore.files import Overwrite, RestoreStats, restore_files
+    from shardvault.restore.files import Overwrite, RestoreStats, plan_restore, restore_files
+    from shardvault.restore.select import Selection
+
+    selection = Selection(include, exclude, subtree)
 
     with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
         snap = repo.resolve_snapshot(snapshot, source)
+        if (dry_run or not selection.everything) and (snap.source_type == "postgres" or to_bucket):
+            raise click.UsageError("--include, --exclude, --path and --dry-run restore files into --target only")
         if snap.source_type == "postgres":
             doc = _restore_postgres(ctx, repo, snap, target, to_time, to_lsn, database, start_server, port)
             if as_json:
@@ -672,6 +685,18 @@ def restore(
                     f"{human(result.bytes)}; {len(result.deleted)} object(s) not in the snapshot removed"
                 )
             return
+        if dry_run:
+            plan = plan_restore(repo, snap, selection)
+            if as_json:
+                emit_json({"snapshot": snap.id, "dry_run": True} | plan)
+            else:
+                for path in plan["paths"]:
+                    click.echo(path)
+                click.echo(
+                    f"would restore {plan['files']} files, {plan['dirs']} dirs, {plan['symlinks']} symlinks, "
+                    f"{human(plan['bytes'])}; would fetch {plan['packs']} pack(s), about {human(plan['fetch_bytes'])}"
+                )
+            return
         if target is None:
             raise click.UsageError("--target is required")
 
@@ -679,7 +704,7 @@ def restore(
             update(info=f"{stats.files} files, {human(stats.bytes)}  {path[-40:]}")
 
         try:
-            stats = restore_files(repo, snap, target, on_progress, Overwrite(overwrite))
+            stats = restore_files(repo, snap, target, on_progress, Overwrite(overwrite), selection)
         except ShardvaultError:
             report_bad_shards([p.to_doc() for p in repo.take_problems()])
             raise

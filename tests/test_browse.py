@@ -161,3 +161,57 @@ def test_dump_of_a_directory_is_a_tar_that_extracts_to_the_same_tree(
         source = vault.source / path.strip("/") if path.strip("/") else vault.source
         extracted = where / path.strip("/") if path.strip("/") else where
         assert_same_tree(source, extracted)
+
+
+def tree_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.parametrize(
+    ("args", "wanted"),
+    [
+        (["--include", "*.bin"], lambda p: p.endswith(".bin")),
+        (["--include", "dir1"], lambda p: p.startswith("dir1/")),
+        (["--exclude", "dir1", "--exclude", "*.bin"], lambda p: not p.startswith("dir1/") and not p.endswith(".bin")),
+        (["--include", "dir0/*", "--exclude", "file1*"], lambda p: p.startswith("dir0/") and "/file1" not in p),
+        (["--include", "dir0/sub0/*.txt"], lambda p: p.startswith("dir0/sub0/") and p.endswith(".txt")),
+    ],
+)
+def test_include_and_exclude_restore_exactly_the_selected_set(
+    history: tuple[Vault, str, str], tmp_path: Path, args: list[str], wanted: Any
+) -> None:
+    vault, _, second = history
+    target = tmp_path / "out"
+    result = vault.cli("restore", second, "--target", str(target), *args)
+    assert result.exit_code == 0, result.output
+    expected = {p for p in tree_files(vault.source) if wanted(p)}
+    assert expected and tree_files(target) == expected
+    for path in expected:
+        assert (target / path).read_bytes() == (vault.source / path).read_bytes() or (target / path).is_symlink()
+
+
+def test_path_restores_one_subtree_as_the_target(history: tuple[Vault, str, str], tmp_path: Path) -> None:
+    vault, _, second = history
+    target = tmp_path / "sub"
+    result = vault.cli("restore", second, "--target", str(target), "--path", "/dir2/")
+    assert result.exit_code == 0, result.output
+    assert_same_tree(vault.source / "dir2", target)
+    one = tmp_path / "one"
+    assert vault.cli("restore", second, "--target", str(one), "--path", "large2.bin").exit_code == 0
+    assert tree_files(one) == {"large2.bin"}
+    missing = vault.run("restore", second, "--target", str(tmp_path / "none"), "--path", "dir1/private")
+    assert missing.returncode == 8 and "is not in snapshot" in missing.stderr
+
+
+def test_dry_run_writes_nothing_and_says_what_it_would_fetch(history: tuple[Vault, str, str], tmp_path: Path) -> None:
+    vault, _, second = history
+    target = tmp_path / "never"
+    whole = json_of(vault, "restore", second, "--target", str(target), "--dry-run")
+    assert not target.exists()
+    files = [p for p in vault.source.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert whole["dry_run"] is True and whole["files"] == len(files)
+    assert whole["bytes"] == sum(p.stat().st_size for p in files)
+    small = json_of(vault, "restore", second, "--dry-run", "--include", "file2*.txt")
+    assert 0 < small["files"] < whole["files"] and small["packs"] < whole["packs"]
+    assert 0 < small["fetch_bytes"] < whole["fetch_bytes"]
+    assert all(p.split("/")[-1].startswith("file2") or "/" not in p or p.count("/") < 3 for p in small["paths"])
