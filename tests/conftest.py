@@ -218,23 +218,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    """moto's standalone S3 server, a real HTTP server on 127.0.0.1."""
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """moto's standalone S3 server on 127.0.0.1, once it answers: the process and its endpoint."""
     port = free_port()
-    log = open(os.devnull, "wb")  # noqa: SIM115
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while True:
         try:
             urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
+            return proc, endpoint
         except OSError:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's standalone S3 server, a real HTTP server on 127.0.0.1."""
+    proc, endpoint = start_moto()
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     try:
@@ -242,7 +251,6 @@ def s3_server() -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
-        log.close()
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)

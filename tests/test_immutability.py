@@ -19,8 +19,6 @@ import json
 import os
 import secrets
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,11 +34,11 @@ from conftest import (
     Vault,
     assert_same_tree,
     flip_bit,
-    free_port,
     local_peers,
     make_tree,
     make_vault,
     peer_snapshot,
+    start_moto,
     write_config,
 )
 
@@ -369,25 +367,7 @@ def test_an_s3_peer_on_a_bucket_that_lost_its_lock_config_refuses_unlocked_write
 @pytest.fixture
 def iam_s3_server() -> Iterator[str]:
     """A moto server that enforces IAM policies after its first few (setup) requests."""
-    port = free_port()
-    env = os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    proc = subprocess.Popen(
-        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.1)
+    proc, endpoint = start_moto(os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
         yield endpoint
     finally:

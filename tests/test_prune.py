@@ -326,6 +326,20 @@ def test_a_reader_that_listed_the_index_before_a_compaction_still_reads_it(tmp_p
         assert not [p for p in repo.meta_problems if p.name.startswith("index/")]
 
 
+def lean_on_garbage(vault: Vault, tmp: Path) -> Path:
+    """Two backups, the first forgotten, and the source put back to the first: a backup now leans on garbage."""
+    first_tree = tmp / "first"
+    ok(vault.cli("backup", "src"))
+    shutil.copytree(vault.source, first_tree, symlinks=True)
+    for path in sorted(vault.source.rglob("large*.bin")):
+        path.write_bytes(os.urandom(2 << 20))
+    ok(vault.cli("backup", "src"))
+    ok(vault.cli("forget", "--keep-last", "1"))
+    shutil.rmtree(vault.source)
+    shutil.copytree(first_tree, vault.source, symlinks=True)
+    return first_tree
+
+
 def stopped(proc: subprocess.Popen[str]) -> bool:
     """Whether the process stopped itself at a failpoint (state T in /proc)."""
     try:
@@ -348,16 +362,8 @@ def test_prune_during_a_backup_on_another_host_breaks_neither(tmp_path: Path, ro
     """
     rng = random.Random(round_)
     vault = make_vault(tmp_path)
-    first_tree = tmp_path / "first"
-    ok(vault.cli("backup", "src"))
-    shutil.copytree(vault.source, first_tree, symlinks=True)
-    for path in sorted(vault.source.rglob("large*.bin")):
-        path.write_bytes(os.urandom(2 << 20))
-    ok(vault.cli("backup", "src"))
-    ok(vault.cli("forget", "--keep-last", "1"))
-    # The source goes back to what only the forgotten snapshot held: a backup leans on garbage.
-    shutil.rmtree(vault.source)
-    shutil.copytree(first_tree, vault.source, symlinks=True)
+    # The source goes back to what only a forgotten snapshot held: a backup leans on garbage.
+    first_tree = lean_on_garbage(vault, tmp_path)
     host2 = other_host(vault)
     host2.env["SHARDVAULT_HEARTBEAT_SECONDS"] = "0.5"
     if round_ < 2:

@@ -33,6 +33,7 @@ from test_prune import (
     garbage_history,
     hold_session,
     json_of,
+    lean_on_garbage,
     ok,
     other_host,
     restore_matches,
@@ -291,20 +292,6 @@ def test_a_prune_killed_at_any_step_leaves_a_repository_the_next_prune_finishes(
 
 
 # -- a writer of another host, frozen longer than stale_after ---------------------------
-
-
-def lean_on_garbage(vault: Vault, tmp: Path) -> Path:
-    """Two backups, the first forgotten, and the source put back to the first: a backup now leans on garbage."""
-    first_tree = tmp / "first"
-    ok(vault.cli("backup", "src"))
-    shutil.copytree(vault.source, first_tree, symlinks=True)
-    for path in sorted(vault.source.rglob("large*.bin")):
-        path.write_bytes(os.urandom(2 << 20))
-    ok(vault.cli("backup", "src"))
-    ok(vault.cli("forget", "--keep-last", "1"))
-    shutil.rmtree(vault.source)
-    shutil.copytree(first_tree, vault.source, symlinks=True)
-    return first_tree
 
 
 def let_go(proc: subprocess.Popen[str]) -> tuple[str, str]:
