@@ -5,12 +5,18 @@ Every chunk is authenticated and checked against its id as it is read
 recorded at backup once it has been written out: a mismatch raises
 :class:`~shardvault.errors.DataLossError` (the stream then ends short, and
 the exit code says so).  The tar stream (POSIX pax) holds directories,
-files and symlinks with their modes, owners and mtimes, named as in the
-snapshot (``dir1/file``), so extracting it recreates the dumped directory.
+files, symlinks, hard links (a later name of an inode links to the first
+one in the stream), FIFOs and device nodes, with their modes, owners (ids
+and names), atimes and mtimes in nanoseconds and extended attributes
+(``SCHILY.xattr.*``, which GNU tar restores with ``--xattrs``), named as in
+the snapshot (``dir1/file``), so extracting it recreates the dumped
+directory.  A sparse file's holes come out as zeros (its content is whole).
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import tarfile
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -19,15 +25,45 @@ from shardvault.crypto import new_content_hasher
 from shardvault.errors import DataLossError, PathNotInSnapshotError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.snapshot import Snapshot
-from shardvault.tree import DIR, FILE, SYMLINK, Entry
+from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry, link_key
 
 from .browse import ROOT, normalise
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(n: int) -> Iterator[bytes]:
+    while n > 0:
+        yield _ZEROS[: min(n, len(_ZEROS))]
+        n -= len(_ZEROS)
+
+
+def _logical(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
+    """The file's content as a reader sees it: a sparse file's holes as zeros between its extents."""
+    chunks = (reader.read(bytes.fromhex(chunk)) for chunk in entry.chunks)
+    if entry.extents is None:
+        yield from chunks
+        return
+    position = 0
+    pending: bytes | bytearray = b""
+    for offset, length in entry.extents:
+        yield from _zeros(offset - position)
+        left = length
+        while left:
+            if not pending:
+                pending = next(chunks, b"")
+                if not pending:
+                    raise DataLossError(f"{entry.path}: fewer data than its recorded extents hold")
+            piece, pending = pending[:left], pending[left:]
+            left -= len(piece)
+            yield piece
+        position = offset + length
+    yield from _zeros(entry.size - position)
 
 
 def _content(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
     hasher = new_content_hasher()
-    for chunk in entry.chunks:
-        data = reader.read(bytes.fromhex(chunk))
+    for data in _logical(reader, entry):
         hasher.update(data)
         yield data
     if entry.hash is not None and hasher.hexdigest() != entry.hash:
@@ -53,17 +89,36 @@ class _Stream:
         return data
 
 
-def _tarinfo(entry: Entry) -> tarfile.TarInfo:
+_NODES = {FIFO: tarfile.FIFOTYPE, CHAR_DEVICE: tarfile.CHRTYPE, BLOCK_DEVICE: tarfile.BLKTYPE}
+
+
+def _pax_time(ns: int) -> str:
+    seconds, nanos = divmod(ns, 10**9)
+    return f"{seconds}.{nanos:09d}"  # exact: GNU tar restores nanoseconds
+
+
+def _tarinfo(entry: Entry, first_name: str | None) -> tarfile.TarInfo:
+    """The tar header of an entry; ``first_name`` makes it a hard link to an earlier member."""
     info = tarfile.TarInfo(entry.path)
     info.mode = entry.mode & 0o7777
     info.uid, info.gid = entry.uid, entry.gid
+    info.uname, info.gname = entry.user or "", entry.group or ""
     info.mtime = entry.mtime_ns // 10**9
-    seconds, nanos = divmod(entry.mtime_ns, 10**9)
-    info.pax_headers = {"mtime": f"{seconds}.{nanos:09d}"}  # exact: GNU tar restores nanoseconds
-    if entry.type == DIR:
+    info.pax_headers = {"mtime": _pax_time(entry.mtime_ns)}
+    if entry.atime_ns:
+        info.pax_headers["atime"] = _pax_time(entry.atime_ns)
+    for name, value in (entry.xattrs or {}).items():
+        # Binary values travel as they are (tarfile marks the header hdrcharset=BINARY).
+        info.pax_headers[f"SCHILY.xattr.{name}"] = base64.b64decode(value).decode("utf-8", "surrogateescape")
+    if first_name is not None:
+        info.type, info.linkname = tarfile.LNKTYPE, first_name
+    elif entry.type == DIR:
         info.type = tarfile.DIRTYPE
     elif entry.type == SYMLINK:
         info.type, info.linkname = tarfile.SYMTYPE, entry.target or ""
+    elif entry.type in _NODES:
+        info.type = _NODES[entry.type]
+        info.devmajor, info.devminor = os.major(entry.rdev), os.minor(entry.rdev)
     else:
         info.type, info.size = tarfile.REGTYPE, entry.size
     return info
@@ -76,6 +131,7 @@ def dump(repo: Repository, snapshot: Snapshot, path: str, out: BinaryIO) -> int:
     tar: tarfile.TarFile | None = None
     written = 0
     found = not wanted
+    first_names: dict[tuple[int, int], str] = {}  # hard links: the name an inode was first written under
     for entry in repo.iter_tree(snapshot):
         inside = not wanted or entry.path == wanted or entry.path.startswith(wanted + "/")
         if entry.path == ROOT or not inside:
@@ -88,8 +144,10 @@ def dump(repo: Repository, snapshot: Snapshot, path: str, out: BinaryIO) -> int:
             return written
         if tar is None:
             tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed below
-        info = _tarinfo(entry)
-        tar.addfile(info, _Stream(_content(reader, entry)) if entry.type == FILE else None)
+        key = link_key(entry)
+        first = first_names.setdefault(key, entry.path) if key is not None else entry.path
+        info = _tarinfo(entry, first if first != entry.path else None)
+        tar.addfile(info, _Stream(_content(reader, entry)) if info.type == tarfile.REGTYPE else None)
         written += info.size
     if not found:
         raise PathNotInSnapshotError(path, snapshot.short_id)

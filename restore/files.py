@@ -16,8 +16,16 @@
    and renames it into place only if its BLAKE3 hash matches the one recorded
    at backup, so a file that cannot be read completely never appears under
    its name.
-3. **Finish.**  Directory permissions and times are applied last (children
-   change a directory's mtime).  Bad shards met on the way are reported.
+3. **Finish.**  Hard links are made once every file is written (the second
+   name of an inode is linked to the first one restored, within the
+   restored set), then inode flags, then directory owners, permissions and
+   times, deepest first (children change a directory's mtime), the target's
+   own last.  Bad shards met on the way are reported.
+
+Every entry gets back what :mod:`.inode` restores (owner by name, extended
+attributes and ACLs, mode, atime and mtime in ns, flags); a sparse file is
+written extent by extent and truncated to its size, so its holes stay holes.
+FIFOs are recreated, device nodes as root (a note otherwise).
 
 A failure of the target (full, read-only, not a directory) is a
 :class:`RestoreTargetError` (exit 12) wherever it happens, main thread or
@@ -51,12 +59,15 @@ from shardvault.errors import (
     TargetNotEmptyError,
     UnsafePathError,
 )
+from shardvault.progress import Totals
 from shardvault.repository import Repository
 from shardvault.repository.index import intact_shard_nums
 from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.erasure import DecodedPack
-from shardvault.tree import DIR, FILE, SYMLINK, Entry
+from shardvault.sources.inode import proc_path
+from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, link_key
 
+from .inode import MetadataOptions, apply, apply_flags
 from .safepath import Existing, SafeTarget, safe_parts, target_error
 from .select import Selection
 
@@ -88,10 +99,16 @@ class RestoreStats:
     files_overwritten: int = 0  # files and symlinks that replaced something already there
     dirs: int = 0
     symlinks: int = 0
+    special_files: int = 0  # FIFOs and device nodes
+    hardlinks: int = 0  # files restored as another name of a file already restored (counted in files too)
     bytes: int = 0
+    bytes_written: int = 0  # as the workers write, for progress (``bytes`` counts finished files)
     duration_seconds: float = 0.0
+    # What the restore has to do in all (from its plan), for progress.
+    totals: Totals = field(default_factory=Totals)
     failed_files: list[str] = field(default_factory=list)
     bad_shards: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the target refused besides content (see .inode)
 
 
 ProgressFn = Callable[[RestoreStats, str], None]
@@ -160,7 +177,50 @@ def _create_unnamed(dir_fd: int) -> tuple[int, str | None]:
     return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), name
 
 
-_KIND_NAMES = {DIR: "directory", FILE: "file", SYMLINK: "symlink"}
+_KIND_NAMES = {DIR: "directory", FILE: "file", SYMLINK: "symlink", FIFO: "FIFO", "c": "device", "b": "device"}
+_NODE_TYPES = {FIFO: stat.S_IFIFO, "c": stat.S_IFCHR, BLOCK_DEVICE: stat.S_IFBLK}
+_OPEN_NODE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO opens without a writer
+
+
+class _SparseWriter:
+    """Writes a sparse file's chunks into its data extents, leaving the holes unwritten."""
+
+    def __init__(self, fd: int, entry: Entry, hasher: Any) -> None:
+        self.fd, self.size, self.hasher = fd, entry.size, hasher
+        self.extents = list(entry.extents or [])
+        self.index = 0  # the extent being filled
+        self.used = 0  # bytes of it written
+        self.position = 0  # where the content hashed so far ends
+
+    def write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            if self.index >= len(self.extents):
+                raise DataLossError("more data than the file's recorded extents hold")
+            offset, length = self.extents[self.index]
+            if self.used == 0:
+                _hash_zeros(self.hasher, offset - self.position)
+            piece = view[: length - self.used]
+            written = os.pwrite(self.fd, piece, offset + self.used)
+            self.hasher.update(piece[:written])
+            self.used += written
+            self.position = offset + self.used
+            view = view[written:]
+            if self.used == length:
+                self.index, self.used = self.index + 1, 0
+
+    def finish(self) -> None:
+        _hash_zeros(self.hasher, self.size - self.position)
+        os.ftruncate(self.fd, self.size)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _hash_zeros(hasher: Any, n: int) -> None:
+    while n > 0:
+        hasher.update(_ZEROS[: min(n, len(_ZEROS))])
+        n -= len(_ZEROS)
 
 
 def entry_parts(entry: Entry, root_seen: bool) -> list[str]:
@@ -184,8 +244,10 @@ class FileRestorer:
         progress: ProgressFn | None = None,
         overwrite: Overwrite = Overwrite.NEVER,
         selection: Selection | None = None,
+        metadata: MetadataOptions | None = None,
     ) -> None:
         self.repo = repo
+        self.metadata = metadata or MetadataOptions()
         self.snapshot = snapshot
         self.selection = selection or Selection()
         self.target = target
@@ -196,6 +258,9 @@ class FileRestorer:
         self.lost: dict[str, str] = {}
         self.pack_order: list[str] = []
         self.pack_uses: Counter[str] = Counter()
+        self.first_names: dict[tuple[int, int], Entry] = {}  # hard links: the inode's first restored name
+        self.links: list[tuple[Entry, Entry]] = []  # (a later name, the first name) to link at the end
+        self.flagged: list[Entry] = []  # entries whose inode flags are set at the end
 
     def _entries(self) -> Iterator[Entry]:
         """The snapshot's tree as this restore writes it (selected and re-rooted, see restore.select)."""
@@ -226,14 +291,24 @@ class FileRestorer:
             )
         order: dict[str, int] = {}  # packs in the order the restore first needs them
         root_seen = False
+        linked: set[tuple[int, int]] = set()
         for entry in self._entries():
             entry_parts(entry, root_seen)
             root_seen = root_seen or entry.path == "."
+            key = link_key(entry)
+            if key in linked:
+                continue  # a later name of an inode: linked, not read
+            if key is not None:
+                linked.add(key)
+            if entry.type == FILE:
+                self.stats.totals.files += 1
+                self.stats.totals.bytes += entry.size
             for c in entry.chunks:
                 pack_id = self._pack_of(c)
                 order.setdefault(pack_id, len(order))
                 self.pack_uses[pack_id] += 1
         self.pack_order = list(order)
+        self.stats.totals.complete = True
         check_packs(set(order))
         if self.lost:
             raise DataLossError(self._lost_message())
@@ -328,6 +403,7 @@ class FileRestorer:
             if self.overwrite is Overwrite.IF_CHANGED and self._unchanged(entry, name, dir_fd):
                 for chunk in entry.chunks:  # the plan counted these reads: release their packs
                     cache.used(self.repo.index.blobs[bytes.fromhex(chunk)].pack_id)
+                self.stats.bytes_written += entry.size  # done, for progress
                 return 0, _Outcome.UNCHANGED
             return self._write_file(cache, entry, name, dir_fd)
         except OSError as exc:  # reads raise ShardvaultErrors only: this is the target failing
@@ -347,20 +423,25 @@ class FileRestorer:
         fd, tmp = _create_unnamed(dir_fd)
         try:
             hasher = new_content_hasher()
+            sparse = _SparseWriter(fd, entry, hasher) if entry.extents is not None else None
             size = 0
             for chunk in entry.chunks:
                 data = self._read_chunk(cache, chunk)
-                hasher.update(data)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                if sparse is not None:
+                    sparse.write(data)
+                else:
+                    hasher.update(data)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 size += len(data)
+                self.stats.bytes_written += len(data)
+            if sparse is not None:
+                sparse.finish()
+                size = entry.size
             if hasher.hexdigest() != entry.hash:
                 raise DataLossError(f"{entry.path}: content hash differs from the one recorded at backup")
-            if self.is_root:
-                os.fchown(fd, entry.uid, entry.gid)
-            os.fchmod(fd, entry.mode)
-            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            apply(entry, fd, self.metadata, self.is_root, self.stats.notes.append)
             if tmp is None:
                 try:
                     os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd, follow_symlinks=True)
@@ -411,6 +492,10 @@ class FileRestorer:
                             self.stats.dirs += 1
                         elif entry.type == SYMLINK:
                             self._symlink(target, entry, parts)
+                        elif entry.type in SPECIAL:
+                            self._node(target, entry, parts)
+                        elif entry.type == FILE and self._later_link(entry):
+                            pass  # linked once every file is written
                         elif entry.type == FILE:
                             # The worker gets its own descriptor: the target's cache may close its copy.
                             dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
@@ -425,6 +510,10 @@ class FileRestorer:
                         self.progress(self.stats, entry.path)
                 while pending:
                     self._account(*pending.popleft())
+                for entry, first in self.links:
+                    self._link(target, entry, first)
+                for entry in self.flagged:
+                    self._file_flags(target, entry)
                 for entry in reversed(dirs):
                     try:
                         self._dir_metadata(target, entry)
@@ -451,6 +540,8 @@ class FileRestorer:
             return
         self.stats.bytes += size
         self.stats.files += 1
+        if entry.flags:
+            self.flagged.append(entry)
         if outcome is _Outcome.UNCHANGED:
             self.stats.files_skipped_unchanged += 1
         elif outcome is _Outcome.OVERWRITTEN:
@@ -475,9 +566,7 @@ class FileRestorer:
         # The link is created, never followed: its target may point anywhere.
         os.symlink(entry.target or "", tmp, dir_fd=fd)
         try:
-            if self.is_root:
-                os.chown(tmp, entry.uid, entry.gid, dir_fd=fd, follow_symlinks=False)
-            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=fd, follow_symlinks=False)
+            apply(entry, proc_path(fd, tmp), self.metadata, self.is_root, self.stats.notes.append)
             replaced = self._replacing(fd, parts[-1], entry) is _Outcome.OVERWRITTEN
             self._rename_into_place(fd, tmp, parts[-1], entry.path)
         except BaseException:
@@ -486,15 +575,89 @@ class FileRestorer:
         self.stats.symlinks += 1
         self.stats.files_overwritten += replaced
 
+    def _node(self, target: SafeTarget, entry: Entry, parts: list[str]) -> None:
+        """Recreate a FIFO, or a device node as root, under a temporary name renamed into place."""
+        if entry.type != FIFO and not self.is_root:
+            self.stats.notes.append(f"{entry.path}: device node not created (needs root)")
+            return
+        fd = target.dir_fd(parts[:-1], create=True, shown=entry.path)
+        tmp = _named_temp()
+        os.mknod(tmp, 0o600 | _NODE_TYPES[entry.type], entry.rdev, dir_fd=fd)
+        try:
+            if entry.type == FIFO:  # by a descriptor; a device is not opened (opening one can act)
+                node = os.open(tmp, _OPEN_NODE, dir_fd=fd)
+                try:
+                    apply(entry, node, self.metadata, self.is_root, self.stats.notes.append)
+                finally:
+                    os.close(node)
+            else:
+                apply(entry, proc_path(fd, tmp), self.metadata, self.is_root, self.stats.notes.append)
+            replaced = self._replacing(fd, parts[-1], entry) is _Outcome.OVERWRITTEN
+            self._rename_into_place(fd, tmp, parts[-1], entry.path)
+        except BaseException:
+            os.unlink(tmp, dir_fd=fd)
+            raise
+        self.stats.special_files += 1
+        self.stats.files_overwritten += replaced
+        if entry.flags and entry.type == FIFO:
+            self.flagged.append(entry)
+
+    def _later_link(self, entry: Entry) -> bool:
+        """Whether ``entry`` is another name of an inode already restored (then noted for linking)."""
+        key = link_key(entry)
+        if key is None:
+            return False
+        first = self.first_names.setdefault(key, entry)
+        if first is entry:
+            return False
+        self.links.append((entry, first))
+        return True
+
+    def _link(self, target: SafeTarget, entry: Entry, first: Entry) -> None:
+        """Make ``entry`` another name of the file restored as ``first`` (a temporary name, renamed into place)."""
+        if first.path in self.stats.failed_files:
+            self.stats.failed_files.append(entry.path)
+            return
+        parts, first_parts = safe_parts(entry.path), safe_parts(first.path)
+        try:
+            src = os.dup(target.dir_fd(first_parts[:-1], shown=first.path))
+            try:
+                dst = target.dir_fd(parts[:-1], create=True, shown=entry.path)
+                tmp = _named_temp()
+                os.link(first_parts[-1], tmp, src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+                try:
+                    replaced = self._replacing(dst, parts[-1], entry) is _Outcome.OVERWRITTEN
+                    self._rename_into_place(dst, tmp, parts[-1], entry.path)
+                finally:  # a rename onto another name of the same inode does nothing: the temporary stays
+                    try:
+                        os.unlink(tmp, dir_fd=dst)
+                    except FileNotFoundError:
+                        pass
+            finally:
+                os.close(src)
+        except OSError as exc:
+            raise target_error(exc, self.target / entry.path) from None
+        self.stats.files += 1
+        self.stats.hardlinks += 1
+        self.stats.files_overwritten += replaced
+
+    def _file_flags(self, target: SafeTarget, entry: Entry) -> None:
+        parts = safe_parts(entry.path)
+        try:
+            fd = os.open(parts[-1], _OPEN_NODE, dir_fd=target.dir_fd(parts[:-1], shown=entry.path))
+            try:
+                apply_flags(entry, fd, self.stats.notes.append)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise target_error(exc, self.target / entry.path) from None
+
     def _dir_metadata(self, target: SafeTarget, entry: Entry) -> None:
         parts = safe_parts(entry.path)
-        if not parts:
-            return  # the target's own mode and owner are the operator's choice
-        fd = target.dir_fd(parts, shown=entry.path)
-        if self.is_root:
-            os.fchown(fd, entry.uid, entry.gid)
-        os.fchmod(fd, entry.mode)
-        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        # The target's own too (restic's way): a restore of "/" gives it the root's mode and times.
+        fd = target.dir_fd(parts, shown=entry.path) if parts else target.root_fd
+        apply(entry, fd, self.metadata, self.is_root, self.stats.notes.append)
+        apply_flags(entry, fd, self.stats.notes.append)
 
 
 def restore_files(
@@ -504,9 +667,10 @@ def restore_files(
     progress: ProgressFn | None = None,
     overwrite: Overwrite = Overwrite.NEVER,
     selection: Selection | None = None,
+    metadata: MetadataOptions | None = None,
 ) -> RestoreStats:
     """Restore a files snapshot (or the ``selection`` of it) under ``target``; existing paths per ``overwrite``."""
-    return FileRestorer(repo, snapshot, target, progress, overwrite, selection).run()
+    return FileRestorer(repo, snapshot, target, progress, overwrite, selection, metadata).run()
 
 
 def plan_restore(repo: Repository, snapshot: Snapshot, selection: Selection | None = None) -> dict[str, Any]:
@@ -514,11 +678,11 @@ def plan_restore(repo: Repository, snapshot: Snapshot, selection: Selection | No
     restorer = FileRestorer(repo, snapshot, Path("."), selection=selection)
     restorer.plan()
     kinds = {FILE: "files", DIR: "dirs", SYMLINK: "symlinks"}
-    doc: dict[str, Any] = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0, "paths": []}
+    doc: dict[str, Any] = {"files": 0, "dirs": 0, "symlinks": 0, "special_files": 0, "bytes": 0, "paths": []}
     for entry in restorer._entries():
         if entry.path == ".":
             continue
-        doc[kinds.get(entry.type, "files")] += 1
+        doc[kinds.get(entry.type, "special_files")] += 1
         doc["bytes"] += entry.size if entry.type == FILE else 0
         doc["paths"].append(entry.path)
     records = [repo.index.packs[p] for p in restorer.pack_order]

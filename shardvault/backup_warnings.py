@@ -20,12 +20,13 @@ class WarningKind(enum.Enum):
     REPLACED = "replaced"  # the entry listed is not what was opened (swapped, renamed, a symlink now)
     VANISHED = "vanished"  # deleted between listing and reading: the snapshot is consistent without it
     DEGRADED_PACK = "degraded_pack"
+    UNREADABLE_METADATA = "unreadable_metadata"  # extended attributes or flags: the content is in
     PARENT_UNREADABLE = "parent_unreadable"  # the parent's tree is (partly) lost: those files are read again
 
 
 # Kinds that leave source data out of the snapshot: the run "saved, but incomplete" (exit 11).
 INCOMPLETE: frozenset[WarningKind] = frozenset(
-    {WarningKind.UNREADABLE_FILE, WarningKind.UNREADABLE_DIR, WarningKind.REPLACED}
+    {WarningKind.UNREADABLE_FILE, WarningKind.UNREADABLE_DIR, WarningKind.REPLACED, WarningKind.UNREADABLE_METADATA}
 )
 
 

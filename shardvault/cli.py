@@ -9,6 +9,7 @@ An expected failure (:class:`ShardvaultError`) prints one line,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -26,7 +27,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shardvault.config import BucketSource, Config, PostgresSource, load_config, read_password
+from shardvault.config import BucketSource, Config, FilesSource, PostgresSource, load_config, read_password
 from shardvault.durations import parse_duration
 from shardvault.errors import (
     BackupIncompleteError,
@@ -34,6 +35,7 @@ from shardvault.errors import (
     DamageFoundError,
     ShardvaultError,
 )
+from shardvault.progress import Done, ProgressMeter, Totals, Watch, line_interval, progress_line, shorten_path, summary
 from shardvault.repository import Repository
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -205,6 +207,100 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable[..., None
         yield update
 
 
+S = TypeVar("S")
+
+
+@contextmanager
+def _ticking(tick: Callable[[], None], every: float) -> Iterator[None]:
+    """Call ``tick`` every ``every`` seconds in a thread until the block ends, and never after.
+
+    The lock makes the end a barrier: once the block has left, no tick is
+    running or will run, so nothing is drawn after the command's own output
+    (nor after its error).
+    """
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def loop() -> None:
+        while not stop.wait(every):
+            with lock:
+                if stop.is_set():
+                    return
+                tick()
+
+    thread = threading.Thread(target=loop, name="sv-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with lock:
+            stop.set()
+        thread.join()
+
+
+@contextmanager
+def job_progress(
+    enabled: bool, label: str, counts: Callable[[S], tuple[Done, Totals]]
+) -> Iterator[Callable[[S, str], None] | None]:
+    """Progress of a backup or restore on stderr: files and bytes out of their totals, rate, ETA.
+
+    Yields the callback to hand the library, or None when disabled
+    (``--json``), so the library does no progress work at all (a backup
+    then runs no scanner).  On a terminal a live rich line with the current
+    path; elsewhere (cron, Prefect, CI) one plain line every
+    ``SHARDVAULT_PROGRESS_INTERVAL`` seconds (5 by default), the first
+    only once that much time has passed, so short runs print nothing extra.
+    """
+    if not enabled:
+        yield None
+        return
+    watch = Watch(counts)
+    meter = ProgressMeter()
+    if err.is_terminal:
+        with Progress(
+            TextColumn("{task.description}", style="bold", markup=False),
+            BarColumn(),
+            TextColumn("{task.fields[info]}", markup=False),  # markup off: "[scanning]" is text, not a style
+            TextColumn("{task.fields[path]}", style="dim", markup=False),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(label, total=None, info="", path="")
+
+            def draw() -> None:
+                reading = watch.reading(meter)
+                if reading is None:
+                    return
+                complete = reading.totals.complete and reading.totals.bytes > 0
+                bar.update(
+                    task,
+                    total=reading.totals.bytes if complete else None,  # no total: a pulsing bar while scanning
+                    completed=reading.done.bytes,
+                    info=summary(reading),
+                    path=shorten_path(reading.path, 40),
+                )
+
+            with _ticking(draw, 0.5):
+                yield watch
+        return
+    interval = line_interval(os.environ)
+    due = meter.clock() + interval
+
+    def write_line() -> None:
+        nonlocal due
+        reading = watch.reading(meter)  # sampled on every tick, printed when due: the rate needs the samples
+        if reading is None or meter.clock() < due:
+            return
+        due = meter.clock() + interval
+        sys.stderr.write(progress_line(label, reading) + "\n")  # plain text: no rich, so no escape codes in a log
+        sys.stderr.flush()
+
+    # Sampled twice per line at least, so the first line already has a rate.
+    with _ticking(write_line, min(interval / 2, 1.0)):
+        yield watch
+
+
 pass_ctx = click.make_pass_decorator(Context)
 
 
@@ -294,21 +390,26 @@ def reconfigure(ctx: Context, as_json: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.option("--full", is_flag=True, help="Re-read every file instead of skipping unchanged ones.")
+@click.option("--no-xattrs", is_flag=True, help="Files: do not record extended attributes (nor ACLs).")
+@click.option("--no-acls", is_flag=True, help="Files: do not record POSIX ACLs.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
-def backup(ctx: Context, source: str, full: bool, as_json: bool) -> None:
+def backup(ctx: Context, source: str, full: bool, no_xattrs: bool, no_acls: bool, as_json: bool) -> None:
     """Back up SOURCE (incremental unless --full)."""
     from shardvault.backup import BackupStats, backup_source
 
     source_config = ctx.config.source(source)
-    with stop_signals(), ctx.repository() as repo, progress_bar(not as_json, f"backup {source}") as update:
+    if (no_xattrs or no_acls) and isinstance(source_config, FilesSource):
+        source_config = dataclasses.replace(
+            source_config, xattrs=source_config.xattrs and not no_xattrs, acls=source_config.acls and not no_acls
+        )
 
-        def on_progress(stats: BackupStats, path: str) -> None:
-            update(
-                info=f"{stats.files} files, {human(stats.bytes_read)} read, {human(stats.bytes_new)} new  {path[-40:]}"
-            )
+    def counts(stats: BackupStats) -> tuple[Done, Totals]:
+        # Unchanged files count as done: their content is not read again, but the totals include it.
+        return Done(stats.files, stats.bytes_read + stats.bytes_unchanged), stats.totals
 
+    with stop_signals(), ctx.repository() as repo, job_progress(not as_json, f"backup {source}", counts) as on_progress:
         result = backup_source(repo, source_config, full, progress=on_progress)
     s, snap = result.stats, result.snapshot
     if as_json:
@@ -622,6 +723,9 @@ def forget(
 @click.option("--exclude", multiple=True, help="Not the paths matching this glob (repeatable).")
 @click.option("--path", "subtree", default="", help="Restore only this subtree, as the target itself.")
 @click.option("--dry-run", is_flag=True, help="Say what would be written and fetched; write nothing.")
+@click.option("--no-xattrs", is_flag=True, help="--target: do not restore extended attributes (nor ACLs).")
+@click.option("--no-acls", is_flag=True, help="--target: do not restore POSIX ACLs.")
+@click.option("--numeric-owner", is_flag=True, help="--target, as root: owners by the recorded ids, not by name.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @pass_ctx
 @handle_errors
@@ -644,17 +748,24 @@ def restore(
     exclude: tuple[str, ...],
     subtree: str,
     dry_run: bool,
+    no_xattrs: bool,
+    no_acls: bool,
+    numeric_owner: bool,
     as_json: bool,
 ) -> None:
     """Restore SNAPSHOT (an id, a unique prefix, or 'latest') into --target, --database or --to-bucket."""
     from dataclasses import asdict
 
     from shardvault.restore.files import Overwrite, RestoreStats, plan_restore, restore_files
+    from shardvault.restore.inode import MetadataOptions
     from shardvault.restore.select import Selection
 
     selection = Selection(include, exclude, subtree)
 
-    with ctx.repository() as repo, progress_bar(not as_json, "restore") as update:
+    def counts(stats: RestoreStats) -> tuple[Done, Totals]:
+        return Done(stats.files, stats.bytes_written), stats.totals  # bytes_written moves during a long file
+
+    with ctx.repository() as repo, job_progress(not as_json, "restore", counts) as on_progress:
         snap = repo.resolve_snapshot(snapshot, source)
         if (dry_run or not selection.everything) and (snap.source_type == "postgres" or to_bucket):
             raise click.UsageError("--include, --exclude, --path and --dry-run restore files into --target only")
@@ -699,12 +810,9 @@ def restore(
             return
         if target is None:
             raise click.UsageError("--target is required")
-
-        def on_progress(stats: RestoreStats, path: str) -> None:
-            update(info=f"{stats.files} files, {human(stats.bytes)}  {path[-40:]}")
-
         try:
-            stats = restore_files(repo, snap, target, on_progress, Overwrite(overwrite), selection)
+            metadata = MetadataOptions(xattrs=not no_xattrs, acls=not no_acls, numeric_owner=numeric_owner)
+            stats = restore_files(repo, snap, target, on_progress, Overwrite(overwrite), selection, metadata)
         except ShardvaultError:
             report_bad_shards([p.to_doc() for p in repo.take_problems()])
             raise
@@ -712,9 +820,15 @@ def restore(
         emit_json({"snapshot": snap.id, "target": str(target)} | asdict(stats))
         return
     report_bad_shards(stats.bad_shards)
+    for note in stats.notes[:20]:  # what the target refused besides content: the content is all there
+        warn(note)
+    if len(stats.notes) > 20:
+        warn(f"... and {len(stats.notes) - 20} more (--json lists them all)")
+    specials = f", {stats.special_files} special files" if stats.special_files else ""
+    links = f" ({stats.hardlinks} as hard links)" if stats.hardlinks else ""
     click.echo(
-        f"restored snapshot {snap.short_id} to {target}: {stats.files} files, {stats.dirs} dirs, "
-        f"{stats.symlinks} symlinks, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; "
+        f"restored snapshot {snap.short_id} to {target}: {stats.files} files{links}, {stats.dirs} dirs, "
+        f"{stats.symlinks} symlinks{specials}, {human(stats.bytes)} in {stats.duration_seconds:.2f} s; "
         f"{stats.files_skipped_unchanged} unchanged, {stats.files_overwritten} overwritten; "
         "every file matches its hash"
     )

@@ -146,7 +146,7 @@ _SOURCE_COMMON_KEYS = frozenset(
 # The keys each kind of source accepts (besides the common ones): a key of another
 # kind (a dsn on a files source) is a mistake about what is backed up, so it is refused.
 SOURCE_KEYS: dict[SourceKind, frozenset[str]] = {
-    SourceKind.FILES: frozenset({"path", "exclude"}),
+    SourceKind.FILES: frozenset({"path", "exclude", "xattrs", "acls"}),
     SourceKind.POSTGRES: frozenset({"dsn", "mode", "bin_dir"}),
     SourceKind.BUCKET: frozenset({"endpoint", "bucket", "prefix", "region", "profile"}),
 }
@@ -179,6 +179,8 @@ class SourceConfig:
 class FilesSource(SourceConfig):
     path: Path = Path("/")  # the tree
     exclude: tuple[str, ...] = ()
+    xattrs: bool = True  # record extended attributes (ACLs among them)
+    acls: bool = True  # record POSIX ACLs (system.posix_acl_*); only with xattrs
 
 
 @dataclass(frozen=True)
@@ -658,7 +660,10 @@ def _files_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) ->
     if not all(isinstance(e, str) for e in exclude):
         raise r.fail("exclude", "must be a list of glob strings")
     tree = _resolve(path.parent, r.get("path", str, required=True))
-    return FilesSource(name, SourceKind.FILES, rpo, interval, path=tree, exclude=tuple(exclude))
+    xattrs, acls = r.get("xattrs", bool, default=True), r.get("acls", bool, default=True)
+    return FilesSource(
+        name, SourceKind.FILES, rpo, interval, path=tree, exclude=tuple(exclude), xattrs=xattrs, acls=acls
+    )
 
 
 def _postgres_source(r: _Reader, path: Path, name: str, rpo: int, interval: int) -> SourceConfig:

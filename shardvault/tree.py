@@ -10,12 +10,29 @@ packs, so reading a tree never fetches file data), and the snapshot names its
 chunk ids.  Entry keys::
 
     p  path relative to the source root, '/'-separated ("." for the root)
-    t  type: "f" file, "d" directory, "l" symlink
-    m  permission bits     u, g  uid, gid     mt  mtime in ns   ct  ctime in ns
-    s  size                i   inode          c   chunk ids (hex), files only
-    h  BLAKE3 of the content (hex), files only      l  link target, symlinks only
+    t  type: "f" file, "d" directory, "l" symlink, "p" FIFO,
+       "c" character device, "b" block device
+    m  permission bits (with setuid, setgid, sticky)
+    u, g  uid, gid     mt  mtime in ns   ct  ctime in ns
+    s  size (logical)  i   inode          c   chunk ids (hex), files only
+    h  BLAKE3 of the content (hex), files only (holes hash as zeros)
+    l  link target, symlinks only
     cw 1 when the file changed while it was read (absent otherwise): its
        content may be torn, so the next incremental backup reads it again
+
+Optional keys (absent when empty), added in the same format version: a
+reader that ignores them restores the content and the keys above::
+
+    at  atime in ns             un, gn  owner's user and group names
+    n   link count, when > 1 (not for directories); with
+    dv  the device number: entries with the same (dv, i) are one inode,
+        restored as hard links
+    rd  device number of a character or block device
+    sp  data extents of a sparse file, [[offset, length], ...] in order:
+        the chunks hold those bytes only, everything else is a hole
+    xa  extended attributes, {name: base64 value}; POSIX ACLs are the
+        system.posix_acl_access and system.posix_acl_default attributes
+    fl  inode flags (Linux ``chattr``: FS_IOC_GETFLAGS), the settable ones
 """
 
 from __future__ import annotations
@@ -28,6 +45,10 @@ from typing import Any
 FILE = "f"
 DIR = "d"
 SYMLINK = "l"
+FIFO = "p"
+CHAR_DEVICE = "c"
+BLOCK_DEVICE = "b"
+SPECIAL = frozenset({FIFO, CHAR_DEVICE, BLOCK_DEVICE})  # recreated, not read
 
 
 @dataclass
@@ -47,6 +68,15 @@ class Entry:
     skip: bool = field(default=False, compare=False)  # unreadable during backup: left out of the tree
     meta: dict[str, Any] | None = None  # bucket objects: etag, content type, user metadata
     changed: bool = False  # changed while read: never "unchanged" for the next run
+    atime_ns: int = 0
+    user: str | None = None
+    group: str | None = None
+    nlink: int = 1
+    dev: int = 0  # recorded only with nlink > 1
+    rdev: int = 0
+    extents: list[tuple[int, int]] | None = None  # data extents of a sparse file
+    xattrs: dict[str, str] | None = None
+    flags: int = 0
 
     def to_line(self) -> bytes:
         doc: dict[str, Any] = {
@@ -67,6 +97,19 @@ class Entry:
             doc["x"] = self.meta
         if self.changed:
             doc["cw"] = 1
+        optional = {
+            "at": self.atime_ns,
+            "un": self.user,
+            "gn": self.group,
+            "n": self.nlink if self.nlink > 1 else 0,
+            "dv": self.dev if self.nlink > 1 else 0,
+            "rd": self.rdev,
+            "xa": self.xattrs,
+            "fl": self.flags,
+        }
+        doc.update((key, value) for key, value in optional.items() if value)
+        if self.extents is not None:  # [] too: a file that is one hole
+            doc["sp"] = [list(extent) for extent in self.extents]
         # ASCII escapes keep undecodable file names (surrogate escapes) intact.
         return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
@@ -87,6 +130,15 @@ class Entry:
             target=doc.get("l"),
             meta=doc.get("x"),
             changed=bool(doc.get("cw", 0)),
+            atime_ns=int(doc.get("at", 0)),
+            user=doc.get("un"),
+            group=doc.get("gn"),
+            nlink=int(doc.get("n", 1)),
+            dev=int(doc.get("dv", 0)),
+            rdev=int(doc.get("rd", 0)),
+            extents=[(int(o), int(n)) for o, n in doc["sp"]] if "sp" in doc else None,
+            xattrs={str(k): str(v) for k, v in doc["xa"].items()} if "xa" in doc else None,
+            flags=int(doc.get("fl", 0)),
         )
 
     def unchanged_since(self, old: Entry) -> bool:
@@ -100,6 +152,11 @@ class Entry:
             and old.hash is not None
             and not old.changed
         )
+
+
+def link_key(entry: Entry) -> tuple[int, int] | None:
+    """The inode a hard-linked file shares with its other names, or None."""
+    return (entry.dev, entry.inode) if entry.type == FILE and entry.nlink > 1 else None
 
 
 def path_key(path: str) -> tuple[str, ...]:

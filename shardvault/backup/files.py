@@ -4,20 +4,29 @@ The walk (by directory handles, :mod:`shardvault.sources.files`) is merged
 with the parent snapshot's tree in one pass; a file whose size, mtime, ctime
 and inode match its previous version, and whose chunks are all still stored
 recoverably, is not read again (restic's rule).  Everything else is read
-through its handle into the run's pipeline (:mod:`.run`).
+through its handle into the run's pipeline (:mod:`.run`); a sparse file
+extent by extent, so its holes cost neither reading nor storage.  Hard links
+need nothing here: the second name of an inode is an unchanged file with
+the same content (deduplicated), and its ``(dv, i)`` tells a restore to link
+it.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 
+import blake3
+
 from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.config import FilesSource
+from shardvault.crypto import new_content_hasher
 from shardvault.repository import Repository
-from shardvault.sources.files import ReplacedError, SourceItem, open_file, walk
-from shardvault.tree import DIR, FILE, Entry, path_key
+from shardvault.sources.files import ReplacedError, SourceItem, WalkOptions, count, open_file, walk
+from shardvault.sources.inode import data_extents, is_sparse, read_flags
+from shardvault.tree import DIR, FILE, SYMLINK, Entry, path_key
 
 from .run import BackupResult, BackupRun, ProgressFn
 
@@ -26,31 +35,79 @@ def _same_content_stat(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_size, a.st_mtime_ns, a.st_ctime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns, b.st_ino)
 
 
+class _Range:
+    """One data extent of an open file, readable from its start (the chunker's input for a sparse file)."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd, self.offset, self.left = fd, offset, length
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        n = os.preadv(self.fd, [buffer[: min(len(buffer), self.left)]], self.offset) if self.left else 0
+        self.offset += n
+        self.left -= n
+        return n
+
+
+def _sparse_chunks(
+    fd: int, size: int, extents: list[tuple[int, int]], run: BackupRun, hasher: blake3.blake3
+) -> Iterator[bytes]:
+    """The chunks of each data extent (cut extent by extent); ``hasher`` sees the content, holes as zeros."""
+    position = 0
+    for offset, length in extents:
+        _hash_zeros(hasher, offset - position)
+        for chunk in run.chunker.chunks(_Range(fd, offset, length)):
+            hasher.update(chunk)
+            yield chunk
+        position = offset + length
+    _hash_zeros(hasher, size - position)
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _hash_zeros(hasher: blake3.blake3, n: int) -> None:
+    while n > 0:
+        hasher.update(_ZEROS[: min(n, len(_ZEROS))])
+        n -= len(_ZEROS)
+
+
 def _read_file(run: BackupRun, item: SourceItem) -> None:
     """Read one file through its handle; a file that changed while read is stored, marked and named.
 
     The entry keeps the stat taken when the file was opened (not the one
     after the read) and carries the ``changed`` mark, so the next
     incremental run reads it again instead of trusting a torn copy forever.
+    A sparse file is read extent by extent: its holes are recorded, not read.
     """
     entry, stats, chunker = item.entry, run.stats, run.chunker
     with open_file(item) as f:
-        before = os.fstat(f.fileno())
+        fd = f.fileno()
+        before = os.fstat(fd)
+        entry.flags = read_flags(fd)
+        extents = data_extents(fd, before.st_size) if is_sparse(before) else None
+        if extents == [(0, before.st_size)]:
+            extents = None  # few blocks for another reason (inline data, compression): not sparse
         read_before = stats.bytes_read
-        if before.st_size < chunker.min_size:
-            data = f.read()
-            chunks: Iterator[bytes] = iter([data] if data else [])
-        else:
-            chunks = chunker.chunks(f)
         entry.chunks = []
-        content_hash = run.pipe.submit_stream(chunks, entry.chunks)
-        after = os.fstat(f.fileno())
+        if extents is not None:
+            hasher = new_content_hasher()
+            run.pipe.submit_stream(_sparse_chunks(fd, before.st_size, extents, run, hasher), entry.chunks)
+            content_hash = hasher.hexdigest()
+        else:
+            if before.st_size < chunker.min_size:
+                data = f.read()
+                chunks: Iterator[bytes] = iter([data] if data else [])
+            else:
+                chunks = chunker.chunks(f)
+            content_hash = run.pipe.submit_stream(chunks, entry.chunks)
+        after = os.fstat(fd)
     length = stats.bytes_read - read_before
-    entry.hash = content_hash
+    expected = before.st_size if extents is None else sum(n for _, n in extents)
+    entry.hash, entry.extents = content_hash, extents
     entry.mtime_ns, entry.ctime_ns, entry.inode = before.st_mtime_ns, before.st_ctime_ns, before.st_ino
-    entry.size = length  # what the snapshot holds
+    entry.size = length if extents is None else before.st_size  # what the snapshot holds
     # Timestamps can be coarser than the writes: a length that disagrees with either stat is a change too.
-    if not _same_content_stat(before, after) or length != before.st_size or length != after.st_size:
+    if not _same_content_stat(before, after) or length != expected or before.st_size != after.st_size:
         entry.changed = True
         stats.changed_while_read.append(item.path)
         stats.warn(
@@ -62,56 +119,72 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
         )
 
 
+def _back_up_file(run: BackupRun, item: SourceItem, previous: Entry | None) -> None:
+    """Reuse the previous version of an unchanged file, or read it; what cannot be read is skipped and named."""
+    entry, stats = item.entry, run.stats
+    stats.files += 1
+    if previous is not None and entry.unchanged_since(previous) and run.all_stored(previous.chunks):
+        # What only reading tells (holes, flags) is the previous run's: chattr changes ctime too.
+        entry.chunks, entry.hash = list(previous.chunks), previous.hash
+        entry.extents, entry.flags = previous.extents, previous.flags
+        stats.files_unchanged += 1
+        stats.bytes_unchanged += entry.size
+    else:
+        try:
+            _read_file(run, item)
+            stats.files_read += 1
+        except ReplacedError as exc:
+            stats.warn(BackupWarning(item.path, WarningKind.REPLACED, str(exc)))
+            entry.skip = True
+        except FileNotFoundError:
+            stats.warn(BackupWarning(item.path, WarningKind.VANISHED, "vanished while the backup ran"))
+            entry.skip = True
+        except OSError as exc:
+            stats.warn(BackupWarning(item.path, WarningKind.UNREADABLE_FILE, f"cannot read: {exc.strerror or exc}"))
+            entry.skip = True
+    if not entry.skip:
+        stats.bytes_total += entry.size
+
+
 def run_backup(
     repo: Repository, source: FilesSource, full: bool = False, progress: ProgressFn | None = None
 ) -> BackupResult:
     """Back up one files source and commit its snapshot."""
-    with BackupRun(repo, progress) as run:
-        stats = run.stats
-        parent = run.parent(source.name, "files")
-        old_entries: Iterator[Entry] = iter(()) if full else run.previous_entries(parent)
-        old = next(old_entries, None)
-        last_report = 0.0
-        for item in walk(source.path, source.exclude, stats.warn):
-            entry = item.entry
-            key = path_key(entry.path)
-            while old is not None and path_key(old.path) < key:
-                old = next(old_entries, None)
-            previous = old if old is not None and old.path == entry.path else None
-            if entry.type == FILE:
-                stats.files += 1
-                if previous is not None and entry.unchanged_since(previous) and run.all_stored(previous.chunks):
-                    entry.chunks, entry.hash = list(previous.chunks), previous.hash
-                    stats.files_unchanged += 1
+    options = WalkOptions(source.exclude, source.xattrs, source.acls)
+    stop_scan = threading.Event()
+    try:
+        with BackupRun(repo, progress) as run:
+            stats = run.stats
+            if progress is not None:  # totals for the progress display, counted ahead of the walk
+                args = (source.path, source.exclude, stats.totals, stop_scan)
+                threading.Thread(target=count, args=args, daemon=True).start()
+            parent = run.parent(source.name, "files")
+            old_entries: Iterator[Entry] = iter(()) if full else run.previous_entries(parent)
+            old = next(old_entries, None)
+            last_report = 0.0
+            for item in walk(source.path, options, stats.warn):
+                entry = item.entry
+                key = path_key(entry.path)
+                while old is not None and path_key(old.path) < key:
+                    old = next(old_entries, None)
+                if entry.type == FILE:
+                    _back_up_file(run, item, old if old is not None and old.path == entry.path else None)
+                elif entry.type == DIR:
+                    stats.dirs += 1
+                elif entry.type == SYMLINK:
+                    stats.symlinks += 1
                 else:
-                    try:
-                        _read_file(run, item)
-                        stats.files_read += 1
-                    except ReplacedError as exc:
-                        stats.warn(BackupWarning(item.path, WarningKind.REPLACED, str(exc)))
-                        entry.skip = True
-                    except FileNotFoundError:
-                        stats.warn(BackupWarning(item.path, WarningKind.VANISHED, "vanished while the backup ran"))
-                        entry.skip = True
-                    except OSError as exc:
-                        stats.warn(
-                            BackupWarning(item.path, WarningKind.UNREADABLE_FILE, f"cannot read: {exc.strerror or exc}")
-                        )
-                        entry.skip = True
-                if not entry.skip:
-                    stats.bytes_total += entry.size
-            elif entry.type == DIR:
-                stats.dirs += 1
-            else:
-                stats.symlinks += 1
-            run.pipe.submit_entry(entry)
-            if progress and (now := time.perf_counter()) - last_report > 0.2:
-                last_report = now
-                progress(stats, entry.path)
-        return run.commit(
-            source=source.name,
-            source_type="files",
-            path=str(source.path),
-            kind="incremental" if parent is not None and not full else "full",
-            parent=parent.id if parent else None,
-        )
+                    stats.special_files += 1
+                run.pipe.submit_entry(entry)
+                if progress and (now := time.perf_counter()) - last_report > 0.2:
+                    last_report = now
+                    progress(stats, entry.path)
+            return run.commit(
+                source=source.name,
+                source_type="files",
+                path=str(source.path),
+                kind="incremental" if parent is not None and not full else "full",
+                parent=parent.id if parent else None,
+            )
+    finally:
+        stop_scan.set()

@@ -70,6 +70,7 @@ from shardvault.backup_warnings import INCOMPLETE, BackupWarning, WarningKind
 from shardvault.chunker import Chunker, Readable
 from shardvault.crypto import new_content_hasher
 from shardvault.errors import BackupInterruptedError, ConfigError, PeerError, ShardvaultError
+from shardvault.progress import Totals
 from shardvault.repository import Repository, random_pack_id
 from shardvault.repository.index import PackRecord, intact_shard_nums
 from shardvault.repository.metadata import new_id, pack_name
@@ -97,9 +98,11 @@ class BackupStats:
     files: int = 0
     dirs: int = 0
     symlinks: int = 0
+    special_files: int = 0  # FIFOs and device nodes (recorded, not read)
     files_read: int = 0
     files_unchanged: int = 0
     bytes_total: int = 0
+    bytes_unchanged: int = 0  # content of unchanged files, not read again
     bytes_read: int = 0
     chunks_new: int = 0
     bytes_new: int = 0
@@ -114,6 +117,8 @@ class BackupStats:
     failed_peers: list[str] = field(default_factory=list)
     changed_while_read: list[str] = field(default_factory=list)
     warnings: list[BackupWarning] = field(default_factory=list)
+    # What the run has to do in all, for progress (filled by a scanner when progress is shown).
+    totals: Totals = field(default_factory=Totals)
 
     def warn(self, warning: BackupWarning) -> None:
         self.warnings.append(warning)
@@ -125,7 +130,7 @@ class BackupStats:
 
     def to_doc(self) -> dict[str, Any]:
         """The JSON form: ``warnings`` stays a list of messages; ``warning_details`` has the kinds."""
-        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warnings"}
+        doc = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("warnings", "totals")}
         doc["failed_peers"] = list(self.failed_peers)
         doc["changed_while_read"] = list(self.changed_while_read)
         return doc | {

@@ -3,8 +3,14 @@
 The walk yields the root (".") and then every entry depth-first with names
 sorted at each level: the order :func:`shardvault.tree.path_key` defines, so
 it can be merged with the previous snapshot's tree in one pass.  Like restic,
-an unreadable entry is a warning, not the end of the backup; special files
-(devices, FIFOs, sockets) are skipped with a warning.
+an unreadable entry is a warning, not the end of the backup.  FIFOs and
+device nodes are recorded (not read) and recreated by a restore as root, as
+restic and Borg do; sockets are skipped with a note (the program that
+listens on one creates it).  Each entry carries what
+:mod:`shardvault.sources.inode` reads besides its stat: extended attributes
+and ACLs (unless turned off), inode flags of directories (files get theirs
+when they are read), owner names, and the link count and device of hard
+links.
 
 The walk never follows a path twice.  Each directory is opened once, relative
 to its parent's descriptor with ``O_NOFOLLOW``, and checked with ``fstat``
@@ -21,13 +27,17 @@ import fnmatch
 import io
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.errors import SourceError
-from shardvault.tree import DIR, FILE, SYMLINK, Entry
+from shardvault.progress import Totals
+from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry
+
+from .inode import group_name, proc_path, read_flags, read_xattrs, user_name
 
 _NOATIME = getattr(os, "O_NOATIME", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -60,15 +70,31 @@ class SourceItem:
     dev: int = 0
 
 
+_KINDS = {
+    stat.S_IFREG: FILE,
+    stat.S_IFDIR: DIR,
+    stat.S_IFLNK: SYMLINK,
+    stat.S_IFIFO: FIFO,
+    stat.S_IFCHR: CHAR_DEVICE,
+    stat.S_IFBLK: BLOCK_DEVICE,
+}
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    """What the walk records besides the stat (a files source's ``xattrs`` and ``acls``)."""
+
+    exclude: tuple[str, ...] = ()
+    xattrs: bool = True
+    acls: bool = True
+
+
 def entry_from_stat(rel: str, st: os.stat_result, target: str | None = None) -> Entry | None:
-    if stat.S_ISREG(st.st_mode):
-        kind = FILE
-    elif stat.S_ISDIR(st.st_mode):
-        kind = DIR
-    elif stat.S_ISLNK(st.st_mode):
-        kind = SYMLINK
-    else:
+    """The tree entry for a stat; None for what is not recorded (sockets)."""
+    kind = _KINDS.get(stat.S_IFMT(st.st_mode))
+    if kind is None:
         return None
+    linked = kind != DIR and st.st_nlink > 1
     return Entry(
         path=rel,
         type=kind,
@@ -80,20 +106,29 @@ def entry_from_stat(rel: str, st: os.stat_result, target: str | None = None) -> 
         size=st.st_size if kind == FILE else 0,
         inode=st.st_ino,
         target=target,
+        atime_ns=st.st_atime_ns,
+        user=user_name(st.st_uid),
+        group=group_name(st.st_gid),
+        nlink=st.st_nlink if linked else 1,
+        dev=st.st_dev if linked else 0,
+        rdev=st.st_rdev if kind in (CHAR_DEVICE, BLOCK_DEVICE) else 0,
     )
 
 
 def refresh_entry(entry: Entry, st: os.stat_result) -> None:
     """Describe ``entry`` by the stat of what was actually opened."""
-    entry.mode, entry.uid, entry.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
-    entry.mtime_ns, entry.ctime_ns, entry.size, entry.inode = st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+    fresh = entry_from_stat(entry.path, st)
+    assert fresh is not None and fresh.type == FILE
+    for name in ("mode", "uid", "gid", "mtime_ns", "ctime_ns", "size", "inode", "atime_ns", "user", "group"):
+        setattr(entry, name, getattr(fresh, name))
+    entry.nlink, entry.dev = fresh.nlink, fresh.dev
 
 
 def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(root: Path, exclude: tuple[str, ...] = (), warn: Warn = lambda _: None) -> Iterator[SourceItem]:
+def walk(root: Path, options: WalkOptions = WalkOptions(), warn: Warn = lambda _: None) -> Iterator[SourceItem]:
     """Yield the items of the tree under ``root`` (which must be a directory, not a symlink to one)."""
     try:
         fd = os.open(root, _DIR_FLAGS)
@@ -105,19 +140,31 @@ def walk(root: Path, exclude: tuple[str, ...] = (), warn: Warn = lambda _: None)
         st = os.fstat(fd)
         top = entry_from_stat(".", st)
         assert top is not None
+        _describe_open(top, fd, options, str(root), warn)
         yield SourceItem(top, str(root), dev=st.st_dev)
-        yield from _walk_dir(fd, str(root), "", exclude, warn)
+        yield from _walk_dir(fd, str(root), "", options, warn)
     finally:
         os.close(fd)
 
 
-def _walk_dir(fd: int, abs_dir: str, rel_dir: str, exclude: tuple[str, ...], warn: Warn) -> Iterator[SourceItem]:
+def _describe_open(entry: Entry, fd: int, options: WalkOptions, path: str, warn: Warn) -> None:
+    """Add what only an open directory tells: its flags and extended attributes."""
+    try:
+        entry.flags = read_flags(fd)
+        if options.xattrs:
+            entry.xattrs = read_xattrs(fd, options.acls)
+    except OSError as exc:
+        warn(BackupWarning(path, WarningKind.UNREADABLE_METADATA, f"cannot read its attributes: {exc.strerror}"))
+
+
+def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn) -> Iterator[SourceItem]:
     try:
         with os.scandir(fd) as it:
             names = sorted(e.name for e in it)
     except OSError as exc:
         warn(BackupWarning(abs_dir, WarningKind.UNREADABLE_DIR, f"cannot list: {exc.strerror}"))
         return
+    exclude = options.exclude
     for name in names:
         rel = f"{rel_dir}{name}"
         if exclude and _excluded(rel, name, exclude):
@@ -134,10 +181,19 @@ def _walk_dir(fd: int, abs_dir: str, rel_dir: str, exclude: tuple[str, ...], war
             continue
         entry = entry_from_stat(rel, st, target)
         if entry is None:
-            warn(BackupWarning(path, WarningKind.SPECIAL_FILE, "special file skipped"))
+            warn(BackupWarning(path, WarningKind.SPECIAL_FILE, "socket skipped (its program creates it again)"))
             continue
         item = SourceItem(entry, path, fd, name, st.st_dev)
         if entry.type != DIR:
+            if options.xattrs:
+                try:
+                    # By the parent's handle: a swap of this name is seen, not followed.
+                    entry.xattrs = read_xattrs(proc_path(fd, name), options.acls)
+                except FileNotFoundError:
+                    pass  # vanished: reading the file says so
+                except OSError as exc:
+                    why = f"cannot read its attributes: {exc.strerror}"
+                    warn(BackupWarning(path, WarningKind.UNREADABLE_METADATA, why))
             yield item
             continue
         try:
@@ -158,10 +214,37 @@ def _walk_dir(fd: int, abs_dir: str, rel_dir: str, exclude: tuple[str, ...], war
             if (cst.st_dev, cst.st_ino) != (st.st_dev, st.st_ino):
                 warn(BackupWarning(path, WarningKind.REPLACED, "was replaced by another directory while listed"))
                 continue
+            _describe_open(entry, child, options, path, warn)
             yield item
-            yield from _walk_dir(child, path, rel + "/", exclude, warn)
+            yield from _walk_dir(child, path, rel + "/", options, warn)
         finally:
             os.close(child)
+
+
+def count(root: Path, exclude: tuple[str, ...], totals: Totals, stop: threading.Event) -> None:
+    """Count the regular files under ``root`` and their bytes into ``totals`` (progress's scanner).
+
+    An estimate for the progress display only, run beside the backup: it
+    follows no symlink, skips what the walk excludes, ignores what it cannot
+    read, and stops early when ``stop`` is set.
+    """
+    pending = [(str(root), "")]
+    while pending and not stop.is_set():
+        path, rel_dir = pending.pop()
+        try:
+            with os.scandir(path) as it:
+                for item in it:
+                    rel = rel_dir + item.name
+                    if exclude and _excluded(rel, item.name, exclude):
+                        continue
+                    if item.is_dir(follow_symlinks=False):
+                        pending.append((item.path, rel + "/"))
+                    elif item.is_file(follow_symlinks=False):
+                        totals.files += 1
+                        totals.bytes += item.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    totals.complete = not stop.is_set()
 
 
 def open_file(item: SourceItem) -> io.FileIO:
