@@ -27,10 +27,13 @@ def normalise(path: str) -> str:
     return "/".join(part for part in path.split("/") if part not in ("", "."))
 
 
+TYPE_NAMES = {"f": "file", "d": "dir", "l": "symlink", "p": "fifo", "c": "chardev", "b": "blockdev"}
+
+
 def entry_doc(entry: Entry) -> dict[str, Any]:
-    return {
+    doc = {
         "path": entry.path,
-        "type": {"f": "file", "d": "dir", "l": "symlink"}.get(entry.type, entry.type),
+        "type": TYPE_NAMES.get(entry.type, entry.type),
         "mode": f"{entry.mode:04o}",
         "uid": entry.uid,
         "gid": entry.gid,
@@ -38,6 +41,14 @@ def entry_doc(entry: Entry) -> dict[str, Any]:
         "mtime": datetime.fromtimestamp(entry.mtime_ns / 1e9, UTC).isoformat(),
         **({"target": entry.target} if entry.target is not None else {}),
     }
+    optional = {
+        "user": entry.user,
+        "group": entry.group,
+        "links": entry.nlink if entry.nlink > 1 else None,
+        "sparse": True if entry.extents is not None else None,
+        "xattrs": sorted(entry.xattrs) if entry.xattrs else None,
+    }
+    return doc | {key: value for key, value in optional.items() if value is not None}
 
 
 def ls(repo: Repository, snapshot: Snapshot, path: str = "", recursive: bool = False) -> list[Entry]:
@@ -89,7 +100,7 @@ class Diff:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)  # content, type or link target
-    metadata: list[str] = field(default_factory=list)  # mode, owner or mtime only
+    metadata: list[str] = field(default_factory=list)  # mode, owner, mtime, attributes or flags only
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -102,11 +113,12 @@ class Diff:
 
 
 def _content(entry: Entry) -> tuple[Any, ...]:
-    return (entry.type, entry.size, entry.hash, tuple(entry.chunks), entry.target)
+    return (entry.type, entry.size, entry.hash, tuple(entry.chunks), entry.target, entry.rdev)
 
 
 def _metadata(entry: Entry) -> tuple[Any, ...]:
-    return (entry.mode, entry.uid, entry.gid, entry.mtime_ns)
+    # Not atime (reading changes it) nor ctime, inode or link count (they follow the others, or a copy).
+    return (entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.xattrs or {}, entry.flags)
 
 
 def diff(repo: Repository, old: Snapshot, new: Snapshot) -> Diff:

@@ -25,7 +25,7 @@ from shardvault.crypto import new_content_hasher
 from shardvault.errors import DataLossError, PathNotInSnapshotError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.snapshot import Snapshot
-from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry, link_key
+from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry, extents_in_order, link_key
 
 from .browse import ROOT, normalise
 
@@ -44,6 +44,8 @@ def _logical(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
     if entry.extents is None:
         yield from chunks
         return
+    if not extents_in_order(entry):
+        raise DataLossError(f"{entry.path}: its recorded extents are out of order or outside its size")
     position = 0
     pending: bytes | bytearray = b""
     for offset, length in entry.extents:

@@ -65,7 +65,7 @@ from shardvault.repository.index import intact_shard_nums
 from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.erasure import DecodedPack
 from shardvault.sources.inode import proc_path
-from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, link_key
+from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, extents_in_order, link_key
 
 from .inode import MetadataOptions, apply, apply_flags
 from .safepath import Existing, SafeTarget, safe_parts, target_error
@@ -186,6 +186,8 @@ class _SparseWriter:
     """Writes a sparse file's chunks into its data extents, leaving the holes unwritten."""
 
     def __init__(self, fd: int, entry: Entry, hasher: Any) -> None:
+        if not extents_in_order(entry):
+            raise DataLossError(f"{entry.path}: its recorded extents are out of order or outside its size")
         self.fd, self.size, self.hasher = fd, entry.size, hasher
         self.extents = list(entry.extents or [])
         self.index = 0  # the extent being filled

@@ -489,9 +489,10 @@ def ls_cmd(
             name += f" -> {entry.target}"
         if long_:
             doc = entry_doc(entry)
-            kind = {"file": "-", "dir": "d", "symlink": "l"}.get(doc["type"], "?")
-            mode = kind + stat.filemode(entry.mode)[1:]
-            click.echo(f"{mode} {entry.uid:>6} {entry.gid:>6} {entry.size:>12} {doc['mtime'][:19]} {name}")
+            kind = {"file": "-", "dir": "d", "symlink": "l", "fifo": "p", "chardev": "c", "blockdev": "b"}
+            mode = kind.get(doc["type"], "?") + stat.filemode(entry.mode)[1:]
+            user, group = entry.user or str(entry.uid), entry.group or str(entry.gid)
+            click.echo(f"{mode} {user:>8} {group:>8} {entry.size:>12} {doc['mtime'][:19]} {name}")
         else:
             click.echo(name)
 

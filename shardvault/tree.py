@@ -154,6 +154,16 @@ class Entry:
         )
 
 
+def extents_in_order(entry: Entry) -> bool:
+    """Whether a sparse file's extents are increasing, non-empty, apart and inside its size (a reader's check)."""
+    position = 0
+    for offset, length in entry.extents or ():
+        if offset < position or length <= 0 or offset + length > entry.size:
+            return False
+        position = offset + length
+    return True
+
+
 def link_key(entry: Entry) -> tuple[int, int] | None:
     """The inode a hard-linked file shares with its other names, or None."""
     return (entry.dev, entry.inode) if entry.type == FILE and entry.nlink > 1 else None

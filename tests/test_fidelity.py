@@ -439,3 +439,33 @@ def test_dump_of_a_directory_extracts_to_the_same_tree(rich_vault: Any, tmp_path
             want.pop("mtime")
         assert got == want, path
     same_content(vault.source, out, holes=False)
+
+
+def test_without_root_device_nodes_are_noted_and_the_rest_restored(rich_vault: Any, tmp_path: Path) -> None:
+    from shardvault.restore.files import FileRestorer
+
+    vault, before = rich_vault
+    _backup(vault)
+    target = tmp_path / "as-user"
+    with vault.repo() as repo:
+        restorer = FileRestorer(repo, repo.resolve_snapshot("latest", None), target)
+        restorer.is_root = False  # what a restore by an ordinary user may do (owners, device nodes)
+        stats = restorer.run()
+    assert not (target / "special" / "null").exists() and not (target / "special" / "loop9").exists()
+    assert sorted(n for n in stats.notes if "device node" in n) == [
+        "special/loop9: device node not created (needs root)",
+        "special/null: device node not created (needs root)",
+    ]
+    assert stat.S_ISFIFO((target / "special" / "fifo").lstat().st_mode)
+    assert stats.special_files == 1 and stats.hardlinks == 3
+    assert snapshot_of(target)["docs/plain.txt"]["xattrs"] == before["docs/plain.txt"]["xattrs"]
+
+
+def test_extents_a_tree_cannot_honour_are_refused() -> None:
+    from shardvault.errors import DataLossError
+    from shardvault.restore.files import _SparseWriter
+
+    base = {"path": "f", "type": "f", "mode": 0o644, "uid": 0, "gid": 0, "mtime_ns": 0, "size": 100}
+    for extents in ([(50, 10), (40, 5)], [(90, 20)], [(0, 0)], [(-1, 5)]):
+        with pytest.raises(DataLossError, match="extents"):
+            _SparseWriter(-1, Entry(**base, extents=extents), None)  # type: ignore[arg-type]

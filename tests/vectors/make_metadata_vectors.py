@@ -20,7 +20,7 @@ from shardvault.repository.metadata import make_identity, make_key_object, seal_
 from shardvault.repository.packs import PackEntry
 from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.dispersal import ShardRecord
-from shardvault.tree import DIR, FILE, SYMLINK, Entry
+from shardvault.tree import CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry
 
 PASSPHRASE = "golden vectors"
 KEYS = MasterKeys(bytes(range(32)), bytes(range(32, 64)))
@@ -64,6 +64,30 @@ ENTRIES = [
         hash="f6" * 32,
     ),
     Entry("link", SYMLINK, 0o777, 0, 0, 1_700_000_000_000_000_000, target="a/b.txt", inode=13),
+    # Issue 10's optional keys: a sparse, hard-linked file with attributes, an ACL and flags; a FIFO; a device.
+    Entry(
+        "disk.img",
+        FILE,
+        0o640,
+        1000,
+        1000,
+        1_700_000_000_000_000_000,
+        1_700_000_000_000_000_002,
+        size=5 << 30,
+        inode=14,
+        chunks=["c7" * 32],
+        hash="d8" * 32,
+        atime_ns=1_700_000_001_000_000_003,
+        user="alice",
+        group="staff",
+        nlink=2,
+        dev=2049,
+        extents=[(0, 4096), (2 << 30, 8192)],
+        xattrs={"user.comment": "aGk=", "system.posix_acl_access": "AgAAAAEABgD/////"},
+        flags=0x40,
+    ),
+    Entry("fifo", FIFO, 0o600, 0, 0, 1_700_000_000_000_000_000, inode=15, user="root", group="root"),
+    Entry("null", CHAR_DEVICE, 0o666, 0, 0, 1_700_000_000_000_000_000, inode=16, rdev=259),
 ]
 WAL = {"version": 1, "name": "000000010000000000000003", "size": 16, "hash": "aa" * 32, "chunks": ["bb" * 32]}
 
