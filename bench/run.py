@@ -1,12 +1,15 @@
-"""shardvault against restic on the same corpus, in one run; prints ratios.
+"""shardvault against restic on the same corpora, in one run; prints ratios.
 
-Corpus: copies of /usr/include, /usr/lib/gcc and /usr/share/doc plus 256 MiB
-of random data (built once under bench/work/).  For each tool: first backup,
+Corpora (built once under bench/work/): *mixed*, copies of /usr/include,
+/usr/lib/gcc and /usr/share/doc plus 256 MiB of random data; *small*, a tree
+of many small files (about 130,000: this Python installation's standard
+library and site-packages, /usr/share, /usr/include and, where installed,
+the Google Cloud SDK's Python tree).  For each tool: first backup,
 unchanged re-backup, restore, and a full read-data check; shardvault's peak
 RSS too.  ``--memory`` adds invariant 5: the peak RSS of backups of 512 MiB
 and 2 GiB of random data, which must not grow with the source.
 
-    .venv/bin/python bench/run.py [--memory] [--skip-corpus-copy]
+    .venv/bin/python bench/run.py [--corpus mixed|small|both] [--memory]
 
 Machines are noisy: compare the ratios of one run, not absolute times across
 runs.
@@ -19,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -26,6 +30,13 @@ HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 BIN = Path(sys.executable).parent
 SOURCES = ["/usr/include", "/usr/lib/gcc", "/usr/share/doc"]
+SMALL_SOURCES = [
+    sysconfig.get_paths()["stdlib"],
+    sysconfig.get_paths()["purelib"],
+    "/usr/share",
+    "/usr/include",
+    "/usr/lib/google-cloud-sdk",
+]
 RANDOM_MIB = 256
 PASSWORD = "benchmark passphrase"
 
@@ -50,19 +61,22 @@ def write_random(path: Path, mib: int) -> None:
             f.write(os.urandom(1 << 20))
 
 
-def corpus() -> tuple[Path, int]:
-    root = WORK / "corpus"
+def corpus(name: str) -> tuple[Path, int, int]:
+    """The corpus ``mixed`` or ``small`` (built on first use); its root, bytes and regular files."""
+    root = WORK / ("corpus" if name == "mixed" else "small")
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-        for src in SOURCES:
+        for src in SOURCES if name == "mixed" else SMALL_SOURCES:
             if os.path.isdir(src):
+                # Only what the walk records: sockets and the like would be skipped with a warning anyway.
                 shutil.copytree(src, root / src.strip("/").replace("/", "_"), symlinks=True)
-        for i in range(RANDOM_MIB // 64):
-            write_random(root / "random" / f"r{i}.bin", 64)
+        if name == "mixed":
+            for i in range(RANDOM_MIB // 64):
+                write_random(root / "random" / f"r{i}.bin", 64)
         (root / ".complete").write_text("")
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-    return root, size
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    return root, sum(p.stat().st_size for p in files), len(files)
 
 
 def sv_config(base: Path, source: Path) -> Path:
@@ -211,15 +225,16 @@ def main() -> None:
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS for 512 MiB and 2 GiB")
     parser.add_argument("--no-compare", action="store_true", help="skip the restic comparison")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median is reported)")
+    parser.add_argument("--corpus", choices=["mixed", "small", "both"], default="both", help="which corpora")
     args = parser.parse_args()
     if shutil.which("restic") is None and not args.no_compare:
         raise SystemExit("restic is not installed (make bench installs it)")
     version = subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.strip()
     print(f"{os.cpu_count()} cores; {version}")
-    if not args.no_compare:
-        source, size = corpus()
-        files = sum(1 for p in source.rglob("*") if p.is_file())
-        print(f"corpus: {size / 2**20:.0f} MiB in {files} files ({', '.join(SOURCES)} + {RANDOM_MIB} MiB random)")
+    for name in [] if args.no_compare else ["mixed", "small"] if args.corpus == "both" else [args.corpus]:
+        source, size, files = corpus(name)
+        what = f"{', '.join(SOURCES)} + {RANDOM_MIB} MiB random" if name == "mixed" else ", ".join(SMALL_SOURCES)
+        print(f"\ncorpus {name}: {size / 2**20:.0f} MiB in {files} files ({what})", flush=True)
         run_tools(source, size, args.repeat)
     if args.memory:
         memory()

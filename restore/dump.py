@@ -133,7 +133,7 @@ def dump(repo: Repository, snapshot: Snapshot, path: str, out: BinaryIO) -> int:
     tar: tarfile.TarFile | None = None
     written = 0
     found = not wanted
-    first_names: dict[tuple[int, int], str] = {}  # hard links: the name an inode was first written under
+    first_names: dict[tuple[int, int, str | None], str] = {}  # hard links: the name an inode was first written under
     for entry in repo.iter_tree(snapshot):
         inside = not wanted or entry.path == wanted or entry.path.startswith(wanted + "/")
         if entry.path == ROOT or not inside:

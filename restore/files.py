@@ -67,7 +67,7 @@ from shardvault.shards.erasure import DecodedPack
 from shardvault.sources.inode import proc_path
 from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, extents_in_order, link_key
 
-from .inode import MetadataOptions, apply, apply_flags
+from .inode import MetadataOptions, apply, apply_flags, unlock
 from .safepath import Existing, SafeTarget, safe_parts, target_error
 from .select import Selection
 
@@ -260,9 +260,10 @@ class FileRestorer:
         self.lost: dict[str, str] = {}
         self.pack_order: list[str] = []
         self.pack_uses: Counter[str] = Counter()
-        self.first_names: dict[tuple[int, int], Entry] = {}  # hard links: the inode's first restored name
+        self.first_names: dict[tuple[int, int, str | None], Entry] = {}  # hard links: the inode's first restored name
         self.links: list[tuple[Entry, Entry]] = []  # (a later name, the first name) to link at the end
         self.flagged: list[Entry] = []  # entries whose inode flags are set at the end
+        self.first_failure = ""  # why the first file that failed failed
 
     def _entries(self) -> Iterator[Entry]:
         """The snapshot's tree as this restore writes it (selected and re-rooted, see restore.select)."""
@@ -293,7 +294,7 @@ class FileRestorer:
             )
         order: dict[str, int] = {}  # packs in the order the restore first needs them
         root_seen = False
-        linked: set[tuple[int, int]] = set()
+        linked: set[tuple[int, int, str | None]] = set()
         for entry in self._entries():
             entry_parts(entry, root_seen)
             root_seen = root_seen or entry.path == "."
@@ -325,6 +326,8 @@ class FileRestorer:
         packs = ", ".join(f"pack {p[:16]} ({why})" for p, why in sorted(self.lost.items()))
         if failed is None:
             failed = [e.path for e in self._entries() if any(self._pack_of(c) in self.lost for c in e.chunks)]
+        if not self.lost:  # no pack is lost, yet files failed: their own errors say why
+            return f"{len(failed)} file(s) could not be restored; first: {self.first_failure or failed[0]}"
         first = f"; first: {failed[0]}" if failed else ""
         return f"{len(self.lost)} pack(s) lost: {packs}; {len(failed)} file(s) cannot be restored{first}"
 
@@ -384,28 +387,46 @@ class FileRestorer:
         finally:
             cache.used(loc.pack_id)
 
-    def _unchanged(self, entry: Entry, name: str, dir_fd: int) -> bool:
-        """Whether a regular file already at ``name`` has the entry's size and content hash."""
+    def _unchanged(self, entry: Entry, name: str, dir_fd: int) -> int | None:
+        """A descriptor of the regular file already at ``name`` if it has the entry's size and content hash.
+
+        A file with other names is never "unchanged": one of them may be
+        outside the target, and giving it the snapshot's owner and mode
+        would change that file too.  It is written again instead (the
+        rename replaces this name only).
+        """
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
-            return False
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size or st.st_nlink != 1:
+            return None
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-        with os.fdopen(fd, "rb") as existing:
+        try:
             hasher = new_content_hasher()
-            while block := existing.read(1 << 20):
+            while block := os.read(fd, 1 << 20):
                 hasher.update(block)
-        return hasher.hexdigest() == entry.hash
+            if hasher.hexdigest() == entry.hash and os.fstat(fd).st_nlink == 1:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return None
 
     def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> tuple[int, _Outcome]:
         """Write one file (in a worker); return the bytes written and what became of it.  Owns ``dir_fd``."""
         try:
-            if self.overwrite is Overwrite.IF_CHANGED and self._unchanged(entry, name, dir_fd):
+            existing = self._unchanged(entry, name, dir_fd) if self.overwrite is Overwrite.IF_CHANGED else None
+            if existing is not None:
                 for chunk in entry.chunks:  # the plan counted these reads: release their packs
                     cache.used(self.repo.index.blobs[bytes.fromhex(chunk)].pack_id)
                 self.stats.bytes_written += entry.size  # done, for progress
+                try:  # the content is right; its owner, mode, times and attributes become the snapshot's
+                    unlock(existing)
+                    apply(entry, existing, self.metadata, self.is_root, self.stats.notes.append)
+                finally:
+                    os.close(existing)
                 return 0, _Outcome.UNCHANGED
             return self._write_file(cache, entry, name, dir_fd)
         except OSError as exc:  # reads raise ShardvaultErrors only: this is the target failing
@@ -440,6 +461,7 @@ class FileRestorer:
                 self.stats.bytes_written += len(data)
             if sparse is not None:
                 sparse.finish()
+                self.stats.bytes_written += entry.size - size  # the holes: done too, for progress
                 size = entry.size
             if hasher.hexdigest() != entry.hash:
                 raise DataLossError(f"{entry.path}: content hash differs from the one recorded at backup")
@@ -537,8 +559,9 @@ class FileRestorer:
             size, outcome = future.result()
         except (UnsafePathError, RestoreTargetError):
             raise  # the target is unusable: every file after this one would fail the same way
-        except ShardvaultError:
+        except ShardvaultError as exc:
             self.stats.failed_files.append(entry.path)
+            self.first_failure = self.first_failure or str(exc)
             return
         self.stats.bytes += size
         self.stats.files += 1
@@ -560,8 +583,10 @@ class FileRestorer:
         if self.overwrite is Overwrite.IF_CHANGED:
             try:
                 if os.readlink(parts[-1], dir_fd=fd) == (entry.target or ""):
+                    # The same link: left in place, with the snapshot's owner and times (never followed).
+                    apply(entry, proc_path(fd, parts[-1]), self.metadata, self.is_root, self.stats.notes.append)
                     self.stats.symlinks += 1
-                    return  # the same link: left untouched
+                    return
             except OSError:
                 pass  # nothing there, or not a symlink: written below
         tmp = _named_temp()
@@ -658,6 +683,7 @@ class FileRestorer:
         parts = safe_parts(entry.path)
         # The target's own too (restic's way): a restore of "/" gives it the root's mode and times.
         fd = target.dir_fd(parts, shown=entry.path) if parts else target.root_fd
+        unlock(fd)  # a directory already there may be immutable (an earlier restore): its flags are set again below
         apply(entry, fd, self.metadata, self.is_root, self.stats.notes.append)
         apply_flags(entry, fd, self.stats.notes.append)
 

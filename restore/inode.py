@@ -27,10 +27,25 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shardvault.sources.inode import ACL_XATTRS, LOCKING_FLAGS, group_id, set_flags, user_id
+from shardvault.sources.inode import ACL_XATTRS, LOCKING_FLAGS, group_id, read_flags, set_flags, user_id
 from shardvault.tree import SYMLINK, Entry
 
 Note = Callable[[str], None]
+# What a target may refuse besides content: a note, not a failed restore (a value too big for this
+# file system, a namespace only root may write, a file system without attributes or flags).
+_REFUSED = frozenset(
+    {
+        errno.EPERM,
+        errno.EACCES,
+        errno.ENOTSUP,
+        errno.EOPNOTSUPP,
+        errno.EINVAL,
+        errno.ENOTTY,
+        errno.ENOSPC,
+        errno.E2BIG,
+        errno.ERANGE,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,8 @@ def apply(
             os.fchown(target, uid, gid)
         else:
             os.chown(target, uid, gid, follow_symlinks=False)
+    if options.xattrs and options.acls and isinstance(target, int):
+        _drop_inherited_acls(entry, target)
     if options.xattrs and entry.xattrs:
         _set_xattrs(entry, target, options, note)
     if entry.type != SYMLINK:  # a symlink's mode means nothing on Linux (and lchmod does not exist)
@@ -81,6 +98,29 @@ def apply(
         os.utime(target, ns=times, follow_symlinks=False)
 
 
+def _drop_inherited_acls(entry: Entry, fd: int) -> None:
+    """Remove ACLs the snapshot does not record: a new file inherits its directory's default ACL."""
+    try:
+        present = ACL_XATTRS.intersection(os.listxattr(fd))
+    except OSError as exc:
+        if exc.errno in _REFUSED:
+            return
+        raise
+    for name in present.difference(entry.xattrs or ()):
+        os.removexattr(fd, name)
+
+
+def unlock(fd: int) -> None:
+    """Clear the immutable and append-only flags of an entry already in the target (set again at the end)."""
+    try:
+        flags = read_flags(fd)
+        if flags & LOCKING_FLAGS:
+            set_flags(fd, flags & ~LOCKING_FLAGS)
+    except OSError as exc:
+        if exc.errno not in _REFUSED:
+            raise
+
+
 def _set_xattrs(entry: Entry, target: int | str, options: MetadataOptions, note: Note) -> None:
     refused: list[str] = []
     for name, value in entry.xattrs.items() if entry.xattrs else ():
@@ -93,7 +133,7 @@ def _set_xattrs(entry: Entry, target: int | str, options: MetadataOptions, note:
             else:
                 os.setxattr(target, name, data, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+            if exc.errno not in _REFUSED:
                 raise
             refused.append(f"{name} ({errno.errorcode.get(exc.errno or 0, exc.errno)})")
     if refused:
@@ -107,7 +147,7 @@ def apply_flags(entry: Entry, fd: int, note: Note) -> None:
     try:
         set_flags(fd, entry.flags)
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTTY, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL):
+        if exc.errno not in _REFUSED:
             raise
         why = "needs root" if exc.errno == errno.EPERM and entry.flags & LOCKING_FLAGS else exc.strerror
         note(f"{entry.path}: inode flags {entry.flags:#x} not set ({why})")

@@ -406,8 +406,8 @@ def backup(ctx: Context, source: str, full: bool, no_xattrs: bool, no_acls: bool
         )
 
     def counts(stats: BackupStats) -> tuple[Done, Totals]:
-        # Unchanged files count as done: their content is not read again, but the totals include it.
-        return Done(stats.files, stats.bytes_read + stats.bytes_unchanged), stats.totals
+        # Unchanged files and holes count as done: neither is read, but the totals include them.
+        return Done(stats.files, stats.bytes_read + stats.bytes_unchanged + stats.bytes_sparse), stats.totals
 
     with stop_signals(), ctx.repository() as repo, job_progress(not as_json, f"backup {source}", counts) as on_progress:
         result = backup_source(repo, source_config, full, progress=on_progress)

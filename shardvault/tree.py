@@ -164,9 +164,14 @@ def extents_in_order(entry: Entry) -> bool:
     return True
 
 
-def link_key(entry: Entry) -> tuple[int, int] | None:
-    """The inode a hard-linked file shares with its other names, or None."""
-    return (entry.dev, entry.inode) if entry.type == FILE and entry.nlink > 1 else None
+def link_key(entry: Entry) -> tuple[int, int, str | None] | None:
+    """The inode a hard-linked file shares with its other names, or None.
+
+    The content hash is part of it: names of one inode read at different
+    moments (the file rewritten in between) hold different content, and
+    each must come back with its own.
+    """
+    return (entry.dev, entry.inode, entry.hash) if entry.type == FILE and entry.nlink > 1 else None
 
 
 def path_key(path: str) -> tuple[str, ...]:

@@ -4,8 +4,12 @@ Sparse files that change shape, hard links cut by a selection or torn
 between their names' reads, attributes the target cannot hold, immutable
 entries met by a second restore, special files over regular ones, and
 errors with progress turned on.  Every failure must be an exit code and one
-clear line, never a traceback; a test marked ``xfail(strict=True)`` pins a
-defect the integrator is to fix (then the mark goes).
+clear line, never a traceback.  The pass found nine defects (a sparse file
+shrinking while read, metadata of unchanged files with if-changed, names of
+one inode read with different content, a hash mismatch reported as a lost
+pack, inherited default ACLs, an attribute too big for the target, an
+immutable tree restored again, progress of sparse files on backup and
+restore); each test here failed before its fix.
 """
 
 from __future__ import annotations
@@ -244,11 +248,6 @@ def test_sparse_file_over_an_existing_file(vault: Vault, tmp_path: Path, mode: s
     assert _data_map(target / "disk.img") == _data_map(img)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a sparse file that shrinks while read is stored with its old extents and size but fewer "
-    "data bytes; the restore cannot fit the chunks into the extents and fails 'content hash differs' (exit 7)",
-)
 def test_sparse_file_truncated_while_read_is_restored_as_read(
     vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,11 +280,6 @@ def test_sparse_file_truncated_while_read_is_restored_as_read(
 # --- overwrite if-changed: content left, metadata given back -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: --overwrite if-changed skips an unchanged file entirely: its mode, owner, times and "
-    "xattrs stay as found in the target instead of the snapshot's (restic restores metadata of skipped files)",
-)
 def test_if_changed_gives_unchanged_files_their_metadata_back(vault: Vault, tmp_path: Path) -> None:
     f = vault.source / "f.txt"
     f.write_bytes(b"content\n" * 100)
@@ -383,12 +377,6 @@ def test_hard_links_over_other_files_in_the_target(vault: Vault, tmp_path: Path,
     assert not [p for p in target.rglob(".shardvault-*")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: names of one inode read with different content (the file changed between the reads) are "
-    "linked anyway: the later name comes back with the first name's content, not its own recorded hash, and "
-    "the restore still says every file matches its hash",
-)
 def test_hard_link_that_changed_between_its_names_reads(
     vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -465,12 +453,6 @@ def test_ls_long_json_shows_link_counts(vault: Vault, tmp_path: Path) -> None:
     assert plain.returncode == 0 and "first" in plain.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a file whose content does not match its recorded hash (no pack lost) is reported as "
-    "'Data lost: 0 pack(s) lost: ; 1 file(s) cannot be restored' (restore/files.py _lost_message assumes a lost "
-    "pack; the hash mismatch's own message is dropped in _account)",
-)
 def test_hash_mismatch_is_named_as_such(vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from shardvault.backup import files as backup_files
     from shardvault.backup.files import run_backup
@@ -538,12 +520,6 @@ def test_big_many_binary_and_security_xattrs(vault: Vault, tmp_path: Path) -> No
     assert {k: v for k, v in got.items() if v} == {k: v for k, v in want.items() if v}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: a file without an ACL restored again (--overwrite always) into a directory the first "
-    "restore gave its default ACL inherits an access ACL it never had: the new inode takes the directory's "
-    "default ACL and restore/inode.py apply only sets recorded attributes, never removes inherited ones",
-)
 def test_file_without_acl_does_not_inherit_its_directorys_default_acl(vault: Vault, tmp_path: Path) -> None:
     import struct
 
@@ -589,12 +565,6 @@ def test_restore_to_a_file_system_without_xattrs_or_flags_notes_them(vault: Vaul
         _umount(mnt)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: an attribute bigger than the target file system holds (ext4 without ea_inode, from an XFS "
-    "source) fails the whole restore with a target error (exit 12, E2BIG/ENOSPC) instead of a note "
-    "(restore/inode.py _set_xattrs re-raises every errno but EPERM/EACCES/ENOTSUP/EINVAL)",
-)
 def test_xattr_too_big_for_the_target_is_a_note(vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from shardvault.backup.files import run_backup
     from shardvault.sources import files as source_files
@@ -665,12 +635,6 @@ def test_immutable_directory_and_append_only_file(vault: Vault, tmp_path: Path) 
     assert (out / "log").read_bytes() == b"grows\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: restoring the same snapshot again with --overwrite if-changed, where nothing changed, "
-    "fails with exit 12 as soon as an entry is immutable: the restore re-applies owner/mode/times to the "
-    "immutable directory (restore/files.py _dir_metadata -> inode.apply) instead of leaving an identical entry",
-)
 def test_if_changed_over_an_identical_immutable_tree_succeeds(vault: Vault, tmp_path: Path) -> None:
     locked = vault.source / "locked"
     locked.mkdir()
@@ -836,12 +800,6 @@ def test_data_loss_with_progress_keeps_json_one_document(vault: Vault, tmp_path:
     assert len(errors) == 1 and lines[-1] == errors[0], plain.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: restore progress counts a sparse file's data bytes as done but its logical size in the "
-    "totals, so a restore of sparse images never gets near 100% and its ETA is wildly long "
-    "(restore/files.py _write_file adds len(data) to bytes_written; plan() adds entry.size to totals)",
-)
 def test_restore_progress_of_sparse_files_reaches_its_totals(vault: Vault, tmp_path: Path) -> None:
     from shardvault.restore.files import FileRestorer
 
@@ -861,12 +819,6 @@ def test_restore_progress_of_sparse_files_reaches_its_totals(vault: Vault, tmp_p
     assert done == total == stats.totals.bytes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DEFECT: backup progress counts a sparse file's data bytes as done (bytes_read) but the scanner "
-    "counts its logical size in the totals, so a backup of sparse images never nears 100% "
-    "(shardvault/cli.py backup counts(); shardvault/sources/files.py count())",
-)
 def test_backup_progress_of_sparse_files_reaches_its_totals(vault: Vault) -> None:
     from shardvault.backup.files import run_backup
 
@@ -877,4 +829,4 @@ def test_backup_progress_of_sparse_files_reaches_its_totals(vault: Vault) -> Non
     assert kept
     stats = kept[-1]
     assert stats.totals.complete
-    assert stats.bytes_read + stats.bytes_unchanged == stats.totals.bytes
+    assert stats.bytes_read + stats.bytes_unchanged + stats.bytes_sparse == stats.totals.bytes  # the CLI's done

@@ -39,7 +39,7 @@ class _Range:
     """One data extent of an open file, readable from its start (the chunker's input for a sparse file)."""
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd, self.offset, self.left = fd, offset, length
+        self.fd, self.start, self.offset, self.left = fd, offset, offset, length
 
     def readinto(self, buffer: memoryview, /) -> int:
         n = os.preadv(self.fd, [buffer[: min(len(buffer), self.left)]], self.offset) if self.left else 0
@@ -49,17 +49,35 @@ class _Range:
 
 
 def _sparse_chunks(
-    fd: int, size: int, extents: list[tuple[int, int]], run: BackupRun, hasher: blake3.blake3
+    fd: int,
+    size: int,
+    extents: list[tuple[int, int]],
+    run: BackupRun,
+    hasher: blake3.blake3,
+    read: list[tuple[int, int]],
 ) -> Iterator[bytes]:
-    """The chunks of each data extent (cut extent by extent); ``hasher`` sees the content, holes as zeros."""
+    """The chunks of each data extent (cut extent by extent); ``hasher`` sees the content, holes as zeros.
+
+    ``read`` receives the extents as actually read: a file that shrinks
+    while it is read ends its data early, and the snapshot records what it
+    holds (the rest reads as zeros up to the size), so the file restores as
+    it was read.
+    """
     position = 0
     for offset, length in extents:
-        _hash_zeros(hasher, offset - position)
-        for chunk in run.chunker.chunks(_Range(fd, offset, length)):
+        extent = _Range(fd, offset, length)
+        for chunk in run.chunker.chunks(extent):
+            if extent.start > position:
+                _hash_zeros(hasher, extent.start - position)
+                position = extent.start
             hasher.update(chunk)
+            position += len(chunk)
             yield chunk
-        position = offset + length
+        if extent.offset > extent.start:
+            read.append((extent.start, extent.offset - extent.start))
+        run.stats.bytes_sparse += length - (extent.offset - extent.start)
     _hash_zeros(hasher, size - position)
+    run.stats.bytes_sparse += size - sum(n for _, n in extents)
 
 
 _ZEROS = bytes(1 << 20)
@@ -91,8 +109,10 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
         entry.chunks = []
         if extents is not None:
             hasher = new_content_hasher()
-            run.pipe.submit_stream(_sparse_chunks(fd, before.st_size, extents, run, hasher), entry.chunks)
+            read: list[tuple[int, int]] = []
+            run.pipe.submit_stream(_sparse_chunks(fd, before.st_size, extents, run, hasher, read), entry.chunks)
             content_hash = hasher.hexdigest()
+            expected, extents = sum(n for _, n in extents), read
         else:
             if before.st_size < chunker.min_size:
                 data = f.read()
@@ -102,7 +122,8 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
             content_hash = run.pipe.submit_stream(chunks, entry.chunks)
         after = os.fstat(fd)
     length = stats.bytes_read - read_before
-    expected = before.st_size if extents is None else sum(n for _, n in extents)
+    if extents is None:
+        expected = before.st_size
     entry.hash, entry.extents = content_hash, extents
     entry.mtime_ns, entry.ctime_ns, entry.inode = before.st_mtime_ns, before.st_ctime_ns, before.st_ino
     entry.size = length if extents is None else before.st_size  # what the snapshot holds

@@ -103,6 +103,7 @@ class BackupStats:
     files_unchanged: int = 0
     bytes_total: int = 0
     bytes_unchanged: int = 0  # content of unchanged files, not read again
+    bytes_sparse: int = 0  # holes of sparse files, not read (progress counts them as done)
     bytes_read: int = 0
     chunks_new: int = 0
     bytes_new: int = 0
