@@ -469,3 +469,20 @@ def test_extents_a_tree_cannot_honour_are_refused() -> None:
     for extents in ([(50, 10), (40, 5)], [(90, 20)], [(0, 0)], [(-1, 5)]):
         with pytest.raises(DataLossError, match="extents"):
             _SparseWriter(-1, Entry(**base, extents=extents), None)  # type: ignore[arg-type]
+
+
+def test_unchanged_files_get_attributes_a_parent_without_them_lacked(tmp_path: Path) -> None:
+    """Attributes of unchanged files come from the parent only when it recorded them (issue 11's reuse)."""
+    vault = make_vault(tmp_path)
+    os.setxattr(vault.source / "dir0" / "file0.txt", "user.tag", b"v1")
+    assert vault.run("backup", "src", "--no-xattrs", "--json").returncode == 0
+    doc = _backup(vault)  # unchanged files, a parent without attributes: read by path
+    assert doc["stats"]["files_read"] == 0
+    target = tmp_path / "out"
+    assert vault.run("restore", "latest", "--target", str(target)).returncode == 0
+    assert os.getxattr(target / "dir0" / "file0.txt", "user.tag") == b"v1"
+    doc = _backup(vault)  # now the parent has them: kept from it
+    assert doc["stats"]["files_read"] == 0
+    target = tmp_path / "out2"
+    assert vault.run("restore", "latest", "--target", str(target), "--no-acls").returncode == 0
+    assert os.getxattr(target / "dir0" / "file0.txt", "user.tag") == b"v1"

@@ -386,8 +386,8 @@ def test_hard_link_that_changed_between_its_names_reads(
     _link_tree(vault.source)
     original = backup_files._read_file
 
-    def read_file(run: Any, item: Any) -> None:
-        original(run, item)
+    def read_file(run: Any, item: Any, *rest: Any) -> None:
+        original(run, item, *rest)
         if item.entry.path == "a/first":  # a writer rewrites the inode between the reads of its names
             with open(vault.source / "a" / "first", "r+b") as f:
                 f.write(b"CHANGED" * 100)
@@ -460,8 +460,8 @@ def test_hash_mismatch_is_named_as_such(vault: Vault, tmp_path: Path, monkeypatc
     (vault.source / "f").write_bytes(b"some content" * 1000)
     original = backup_files._read_file
 
-    def read_file(run: Any, item: Any) -> None:
-        original(run, item)
+    def read_file(run: Any, item: Any, *rest: Any) -> None:
+        original(run, item, *rest)
         item.entry.hash = "00" * 32  # a recorded hash the stored content does not have
 
     monkeypatch.setattr(backup_files, "_read_file", read_file)
@@ -566,20 +566,21 @@ def test_restore_to_a_file_system_without_xattrs_or_flags_notes_them(vault: Vaul
 
 
 def test_xattr_too_big_for_the_target_is_a_note(vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardvault.backup import files as backup_files
     from shardvault.backup.files import run_backup
-    from shardvault.sources import files as source_files
 
     f = vault.source / "f"
     f.write_bytes(b"content")
-    original = source_files.read_xattrs
+    original = backup_files.read_xattrs
 
     def read_xattrs(target: Any, acls: bool = True) -> dict[str, str] | None:
         found = original(target, acls) or {}
-        if isinstance(target, str) and target.endswith("/f"):  # what an XFS source holds: a 60 KiB value
+        name = os.readlink(f"/proc/self/fd/{target}") if isinstance(target, int) else target
+        if name.endswith("/f"):  # what an XFS source holds: a 60 KiB value
             found["user.huge"] = base64.b64encode(os.urandom(60_000)).decode()
         return found or None
 
-    monkeypatch.setattr(source_files, "read_xattrs", read_xattrs)
+    monkeypatch.setattr(backup_files, "read_xattrs", read_xattrs)
     with vault.repo() as repo:
         run_backup(repo, load_config(vault.config).source("src"))
     monkeypatch.undo()

@@ -35,6 +35,14 @@ def test_streaming_chunker_cuts_like_the_whole_buffer(window: int) -> None:
     assert all(len(c) >= 64 << 10 for c in streamed[:-1])
 
 
+@pytest.mark.parametrize("hint", [0, 1, 300 << 10, 9 << 20, 13 << 20, 40 << 20])
+def test_a_size_hint_never_moves_a_cut(hint: int) -> None:
+    """A file shorter, longer or as long as its hint (it changed since its stat) is cut the same."""
+    data = stream(b"h", 9 << 20) + b"\0" * (3 << 20) + stream(b"i", 1 << 20)
+    chunker = Chunker(64 << 10, 256 << 10, 1 << 20, window=4 << 20)
+    assert list(chunker.chunks(io.BytesIO(data), hint)) == list(chunker.chunks(io.BytesIO(data)))
+
+
 def test_chunker_dedups_shifted_data() -> None:
     """An insertion near the start changes only the chunks around it."""
     base = stream(b"d", 8 << 20)

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import blake3
 
@@ -24,8 +25,9 @@ from shardvault.backup_warnings import BackupWarning, WarningKind
 from shardvault.config import FilesSource
 from shardvault.crypto import new_content_hasher
 from shardvault.repository import Repository
+from shardvault.repository.snapshot import Snapshot
 from shardvault.sources.files import ReplacedError, SourceItem, WalkOptions, count, open_file, walk
-from shardvault.sources.inode import data_extents, is_sparse, read_flags
+from shardvault.sources.inode import ACL_XATTRS, data_extents, is_sparse, proc_path, read_flags, read_xattrs
 from shardvault.tree import DIR, FILE, SYMLINK, Entry, path_key
 
 from .run import BackupResult, BackupRun, ProgressFn
@@ -89,7 +91,7 @@ def _hash_zeros(hasher: blake3.blake3, n: int) -> None:
         n -= len(_ZEROS)
 
 
-def _read_file(run: BackupRun, item: SourceItem) -> None:
+def _read_file(run: BackupRun, item: SourceItem, options: WalkOptions) -> None:
     """Read one file through its handle; a file that changed while read is stored, marked and named.
 
     The entry keeps the stat taken when the file was opened (not the one
@@ -100,8 +102,9 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
     entry, stats, chunker = item.entry, run.stats, run.chunker
     with open_file(item) as f:
         fd = f.fileno()
-        before = os.fstat(fd)
+        before = f.stat
         entry.flags = read_flags(fd)
+        entry.xattrs = read_xattrs(fd, options.acls) if options.xattrs else None
         extents = data_extents(fd, before.st_size) if is_sparse(before) else None
         if extents == [(0, before.st_size)]:
             extents = None  # few blocks for another reason (inline data, compression): not sparse
@@ -115,10 +118,10 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
             expected, extents = sum(n for _, n in extents), read
         else:
             if before.st_size < chunker.min_size:
-                data = f.read()
+                data = f.read_small(before.st_size)
                 chunks: Iterator[bytes] = iter([data] if data else [])
             else:
-                chunks = chunker.chunks(f)
+                chunks = chunker.chunks(f, before.st_size)
             content_hash = run.pipe.submit_stream(chunks, entry.chunks)
         after = os.fstat(fd)
     length = stats.bytes_read - read_before
@@ -140,19 +143,35 @@ def _read_file(run: BackupRun, item: SourceItem) -> None:
         )
 
 
-def _back_up_file(run: BackupRun, item: SourceItem, previous: Entry | None) -> None:
-    """Reuse the previous version of an unchanged file, or read it; what cannot be read is skipped and named."""
+def _back_up_file(run: BackupRun, item: SourceItem, previous: Entry | None, options: WalkOptions, reuse: bool) -> None:
+    """Reuse the previous version of an unchanged file, or read it; what cannot be read is skipped and named.
+
+    What only the open file tells (holes, flags, extended attributes) is
+    the previous version's for an unchanged file: changing any of them
+    changes the ctime too.  Attributes are taken from it only when the
+    parent snapshot recorded them as this run does (``reuse``); otherwise
+    they are read by path.
+    """
     entry, stats = item.entry, run.stats
     stats.files += 1
     if previous is not None and entry.unchanged_since(previous) and run.all_stored(previous.chunks):
-        # What only reading tells (holes, flags) is the previous run's: chattr changes ctime too.
         entry.chunks, entry.hash = list(previous.chunks), previous.hash
         entry.extents, entry.flags = previous.extents, previous.flags
+        if reuse:
+            entry.xattrs = _without_acls(previous.xattrs) if not options.acls else previous.xattrs
+        elif options.xattrs:
+            try:
+                entry.xattrs = (
+                    read_xattrs(proc_path(item.dir_fd, item.name), options.acls) if item.dir_fd is not None else None
+                )
+            except OSError as exc:
+                why = f"cannot read its attributes: {exc.strerror}"
+                stats.warn(BackupWarning(item.path, WarningKind.UNREADABLE_METADATA, why))
         stats.files_unchanged += 1
         stats.bytes_unchanged += entry.size
     else:
         try:
-            _read_file(run, item)
+            _read_file(run, item, options)
             stats.files_read += 1
         except ReplacedError as exc:
             stats.warn(BackupWarning(item.path, WarningKind.REPLACED, str(exc)))
@@ -165,6 +184,22 @@ def _back_up_file(run: BackupRun, item: SourceItem, previous: Entry | None) -> N
             entry.skip = True
     if not entry.skip:
         stats.bytes_total += entry.size
+
+
+def _without_acls(xattrs: dict[str, str] | None) -> dict[str, str] | None:
+    kept = {name: value for name, value in (xattrs or {}).items() if name not in ACL_XATTRS}
+    return kept or None
+
+
+def _recorded(options: WalkOptions) -> dict[str, Any]:
+    """What a snapshot says about the attributes it holds (its ``metadata`` stat), for the next run's reuse."""
+    return {"metadata": {"xattrs": options.xattrs, "acls": options.xattrs and options.acls}}
+
+
+def _may_reuse(parent: Snapshot | None, options: WalkOptions) -> bool:
+    """Whether unchanged files may keep the parent's attributes: it recorded at least what this run records."""
+    recorded = parent.stats.get("metadata", {}) if parent is not None else {}
+    return options.xattrs and bool(recorded.get("xattrs")) and (bool(recorded.get("acls")) or not options.acls)
 
 
 def run_backup(
@@ -180,6 +215,7 @@ def run_backup(
                 args = (source.path, source.exclude, stats.totals, stop_scan)
                 threading.Thread(target=count, args=args, daemon=True).start()
             parent = run.parent(source.name, "files")
+            reuse = _may_reuse(parent, options)
             old_entries: Iterator[Entry] = iter(()) if full else run.previous_entries(parent)
             old = next(old_entries, None)
             last_report = 0.0
@@ -189,7 +225,8 @@ def run_backup(
                 while old is not None and path_key(old.path) < key:
                     old = next(old_entries, None)
                 if entry.type == FILE:
-                    _back_up_file(run, item, old if old is not None and old.path == entry.path else None)
+                    previous = old if old is not None and old.path == entry.path else None
+                    _back_up_file(run, item, previous, options, reuse)
                 elif entry.type == DIR:
                     stats.dirs += 1
                 elif entry.type == SYMLINK:
@@ -206,6 +243,7 @@ def run_backup(
                 path=str(source.path),
                 kind="incremental" if parent is not None and not full else "full",
                 parent=parent.id if parent else None,
+                extra=_recorded(options),
             )
     finally:
         stop_scan.set()

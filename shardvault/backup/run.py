@@ -11,7 +11,9 @@ The pipeline, with every stage bounded (invariant 5)::
   them with ``full``).
 * Chunks go to a small thread pool that names them (keyed BLAKE3), claims
   new ids (so a chunk seen twice is stored once) and compresses and encrypts
-  them; at most ``WINDOW`` chunks are in flight.
+  them; at most ``WINDOW`` chunks are in flight.  Chunks under
+  ``SMALL_CHUNK`` travel in batches of up to ``BATCH_CHUNKS`` chunks or
+  ``BATCH_BYTES`` bytes, each batch one task (and one unit of the window).
 * Results are taken back in submission order, so tree entries keep walk
   order, and appended to the open pack; a full pack goes to the pack pool,
   at most ``PACKS_IN_FLIGHT`` at a time, where it is erasure-coded and its
@@ -81,6 +83,12 @@ from shardvault.shards.dispersal import ShardRecord
 from shardvault.tree import FILE, Entry
 
 WINDOW = 8
+# Small chunks (whole small files, mostly) go to the chunk pool in batches: one task, one future and
+# one GIL hand-off per batch instead of per chunk, which is where a tree of many small files spent
+# its time (issue 11: a thread switch costs more than naming and sealing a 4 KiB chunk).
+SMALL_CHUNK = 128 << 10
+BATCH_BYTES = 1 << 20
+BATCH_CHUNKS = 256
 PACKS_IN_FLIGHT = 2
 CHECKPOINT_PACKS = 16
 # A slow backup (slow peers, a slow source) must not risk much to a SIGKILL either: index what
@@ -238,6 +246,15 @@ class StoredPacks:
         return self._enough(record, {s.num for s, ok in zip(shards, found, strict=True) if ok})
 
 
+@dataclass
+class _Batch:
+    """Small chunks named and sealed by one task of the chunk pool."""
+
+    items: list[tuple[bytes, list[str], int]] = field(default_factory=list)
+    size: int = 0
+    future: Future[list[tuple[bytes, bytearray | None, int]]] | None = None
+
+
 class Pipeline:
     """The chunk and pack stages of one backup run."""
 
@@ -255,6 +272,7 @@ class Pipeline:
         # FIFO of ("chunk", future, id list) and ("entry", entry) items.
         self.queue: deque[tuple[Any, ...]] = deque()
         self.in_flight = 0
+        self.batch: _Batch | None = None  # the batch small chunks are being added to
         self.writers = {KIND_DATA: PackWriter(), KIND_TREE: PackWriter()}
         self.pack_futures: list[Future[PackRecord]] = []
         # Packs stored but not yet named by an index file.  The pack workers append here themselves,
@@ -288,11 +306,32 @@ class Pipeline:
             self.claimed.add(cid)
         return cid, seal_blob(self.repo.cipher, cid, data, self.level), len(data)
 
+    def _prepare_batch(self, items: list[tuple[bytes, list[str], int]]) -> list[tuple[bytes, bytearray | None, int]]:
+        return [self._prepare(data) for data, _, _ in items]
+
     def submit_chunk(self, data: bytes, ids: list[str], kind: int = KIND_DATA) -> None:
-        future = self.chunk_pool.submit(self._prepare, data)
-        self.queue.append(("chunk", future, ids, kind))
-        self.in_flight += 1
+        if len(data) < SMALL_CHUNK:
+            batch = self.batch
+            if batch is None:
+                batch = self.batch = _Batch()
+                self.queue.append(("batch", batch))
+                self.in_flight += 1
+            batch.items.append((data, ids, kind))
+            batch.size += len(data)
+            if batch.size >= BATCH_BYTES or len(batch.items) >= BATCH_CHUNKS:
+                self._send_batch()
+        else:
+            self._send_batch()  # sent first: it is ahead in the queue
+            future = self.chunk_pool.submit(self._prepare, data)
+            self.queue.append(("chunk", future, ids, kind))
+            self.in_flight += 1
         self.drain(WINDOW)
+
+    def _send_batch(self) -> None:
+        """Hand the open batch to the chunk pool (it stays in its place in the queue)."""
+        if self.batch is not None:
+            self.batch.future = self.chunk_pool.submit(self._prepare_batch, self.batch.items)
+            self.batch = None
 
     def submit_stream(self, chunks: Iterable[bytes], ids: list[str]) -> str:
         """Submit every chunk of one file or stream; return the hash of its content."""
@@ -308,13 +347,17 @@ class Pipeline:
         self.drain(WINDOW)
 
     def drain(self, limit: int) -> None:
-        """Take results back in order until at most ``limit`` chunks are in flight."""
+        """Take results back in order until at most ``limit`` chunks (or batches) are in flight."""
         while self.queue:
             item = self.queue[0]
             if item[0] == "entry":
                 self.queue.popleft()
                 if not item[1].skip:
                     self.emit(item[1])
+                continue
+            if item[0] == "batch":
+                if not self._take_batch(item[1], limit):
+                    break
                 continue
             future = item[1]
             if self.in_flight <= limit and not future.done():
@@ -329,6 +372,26 @@ class Pipeline:
                     self.stats.bytes_new += raw_length
                 self._append(item[3], cid, sealed, raw_length)
         self.maybe_checkpoint()
+
+    def _take_batch(self, batch: _Batch, limit: int) -> bool:
+        """Take back a batch at the head of the queue; False if it is to be waited for later."""
+        if batch.future is None:  # still open: send it only when the window or the end needs it
+            if self.in_flight <= limit:
+                return False
+            self._send_batch()
+        assert batch.future is not None
+        if self.in_flight <= limit and not batch.future.done():
+            return False
+        self.queue.popleft()
+        self.in_flight -= 1
+        for (_, ids, kind), (cid, sealed, raw_length) in zip(batch.items, batch.future.result(), strict=True):
+            ids.append(cid.hex())
+            if sealed is not None:
+                if kind == KIND_DATA:
+                    self.stats.chunks_new += 1
+                    self.stats.bytes_new += raw_length
+                self._append(kind, cid, sealed, raw_length)
+        return True
 
     # -- pack stage ----------------------------------------------------------------
 

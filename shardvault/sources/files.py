@@ -8,9 +8,10 @@ device nodes are recorded (not read) and recreated by a restore as root, as
 restic and Borg do; sockets are skipped with a note (the program that
 listens on one creates it).  Each entry carries what
 :mod:`shardvault.sources.inode` reads besides its stat: extended attributes
-and ACLs (unless turned off), inode flags of directories (files get theirs
-when they are read), owner names, and the link count and device of hard
-links.
+and ACLs (unless turned off) and inode flags of directories and special
+files (regular files get theirs when they are read, see
+:mod:`shardvault.backup.files`), owner names, and the link count and device
+of hard links.
 
 The walk never follows a path twice.  Each directory is opened once, relative
 to its parent's descriptor with ``O_NOFOLLOW``, and checked with ``fstat``
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import errno
 import fnmatch
-import io
 import os
 import stat
 import threading
@@ -185,7 +185,9 @@ def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: W
             continue
         item = SourceItem(entry, path, fd, name, st.st_dev)
         if entry.type != DIR:
-            if options.xattrs:
+            # A regular file's attributes are read by its own handle when it is read (or kept from its
+            # previous version, unchanged like its ctime): a path lookup per file is a cost that counts.
+            if options.xattrs and entry.type != FILE:
                 try:
                     # By the parent's handle: a swap of this name is seen, not followed.
                     entry.xattrs = read_xattrs(proc_path(fd, name), options.acls)
@@ -247,7 +249,44 @@ def count(root: Path, exclude: tuple[str, ...], totals: Totals, stop: threading.
     totals.complete = not stop.is_set()
 
 
-def open_file(item: SourceItem) -> io.FileIO:
+class OpenFile:
+    """A source file open for reading, with the stat taken when it was opened.
+
+    Thin on purpose: a tree of many small files pays for every syscall, and
+    ``io.FileIO`` adds an fstat on creation and an lseek and an fstat per
+    ``read()``.
+    """
+
+    def __init__(self, fd: int, st: os.stat_result) -> None:
+        self.fd, self.stat = fd, st
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, buffer: memoryview, /) -> int:
+        return os.readv(self.fd, [buffer])
+
+    def read_small(self, size: int) -> bytes:
+        """The whole content of a file whose size at opening was ``size`` (what is there now, up to one more byte)."""
+        data = os.read(self.fd, size + 1)
+        if len(data) <= size:
+            return data
+        parts = [data]  # it grew while read: take the rest too (the change is detected by the caller)
+        while block := os.read(self.fd, 1 << 20):
+            parts.append(block)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> OpenFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_file(item: SourceItem) -> OpenFile:
     """Open a listed file by its parent's handle, and check it is a regular file.
 
     Raises :class:`ReplacedError` when the name now holds something else
@@ -272,7 +311,7 @@ def open_file(item: SourceItem) -> io.FileIO:
             raise ReplacedError("is no longer a regular file: not read")
         if (st.st_dev, st.st_ino) != (item.dev, item.entry.inode) and item.dir_fd is not None:
             refresh_entry(item.entry, st)
-        return io.FileIO(fd, "rb")
+        return OpenFile(fd, st)
     except BaseException:
         os.close(fd)
         raise
