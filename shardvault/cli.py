@@ -893,15 +893,26 @@ def _postgres_source(ctx: Context, name: str | None) -> PostgresSource:
 @main.command(name="wal-push")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--source", help="The PostgreSQL source (default: the only one).")
+@click.option(
+    "--ahead",
+    type=click.IntRange(0, 64),
+    default=8,
+    show_default=True,
+    help="Also archive up to this many later segments PostgreSQL marked ready (their calls then return at once).",
+)
 @pass_ctx
 @handle_errors
-def wal_push(ctx: Context, path: Path, source: str | None) -> None:
+def wal_push(ctx: Context, path: Path, source: str | None, ahead: int) -> None:
     """Archive one WAL file (archive_command = 'shardvault ... wal-push %p')."""
-    from shardvault.backup.wal import push
+    from shardvault.backup.wal import push, push_ahead, take_pushed
 
     src = _postgres_source(ctx, source)
+    if take_pushed(path):
+        return  # an earlier call archived it ahead (committed, same hash): nothing to open
     with ctx.repository() as repo:
         push(repo, src, path)
+        if ahead:
+            push_ahead(repo, src, path, ahead)
 
 
 @main.command(name="wal-fetch")

@@ -7,6 +7,19 @@ the file's chunks, size and BLAKE3 hash.  Pushing a file that is already
 archived with the same hash succeeds (PostgreSQL retries after a crash);
 with a different hash it is refused, as pgBackRest does, because silently
 replacing WAL would corrupt every restore that replays it.
+
+**Pushing ahead.**  A process per segment pays its start-up (the passphrase's
+scrypt, the index, a session on every peer) for every 16 MiB, which caps
+the WAL rate an archive keeps up with.  So one ``wal-push`` also archives
+the next segments PostgreSQL has marked ready (``archive_status/*.ready``,
+up to ``AHEAD`` of them, in order), each committed exactly as its own call
+would, and leaves for each a marker holding its hash in a directory beside
+``pg_wal`` that PostgreSQL ignores.  The calls that follow find their
+segment's marker, check the file still has that hash, and return at once,
+without opening the repository: pgBackRest's asynchronous archiving,
+without a daemon, and never saying "archived" before the segment is
+committed.  A segment that cannot be pushed ahead is left to its own call,
+which reports why.
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from pathlib import Path
 from shardvault.chunker import Chunker
 from shardvault.config import PostgresSource
 from shardvault.crypto import content_hash
-from shardvault.errors import SourceError, WalConflictError
+from shardvault.errors import ShardvaultError, SourceError, WalConflictError
 from shardvault.repository import Repository
 from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
@@ -28,9 +41,62 @@ from shardvault.walnames import WAL_NAME
 
 from .run import BackupStats, Pipeline, note_degradation
 
+AHEAD = 8  # ready segments a wal-push archives after its own (pgBackRest's archive-push-queue, in spirit)
+
+
+def pushed_dir(path: str | os.PathLike[str]) -> Path:
+    """Where markers of segments pushed ahead wait: beside ``pg_wal``'s files, in a directory PostgreSQL ignores."""
+    return Path(path).parent / ".shardvault-pushed"
+
+
+def take_pushed(path: str | os.PathLike[str]) -> bool:
+    """Whether an earlier call pushed this segment ahead (its marker names the file's current hash); no repository."""
+    marker = pushed_dir(path) / os.path.basename(path)
+    try:
+        recorded = marker.read_text().strip()
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    marker.unlink(missing_ok=True)
+    return bool(WAL_NAME.match(marker.name)) and content_hash(data).hex() == recorded
+
+
+def push_ahead(repo: Repository, source: PostgresSource, path: str | os.PathLike[str], ahead: int = AHEAD) -> int:
+    """Archive up to ``ahead`` segments PostgreSQL marked ready after ``path``; leave a marker for each; how many."""
+    wal_dir = Path(path).parent
+    name = os.path.basename(path)
+    try:
+        ready = sorted(p.name[: -len(".ready")] for p in (wal_dir / "archive_status").glob("*.ready"))
+    except OSError:
+        return 0
+    later = [n for n in ready if n > name and WAL_NAME.match(n)][:ahead]
+    spool = pushed_dir(path)
+    for old in spool.glob("*") if spool.is_dir() else ():
+        if old.name <= name:  # archived and acknowledged long ago (or never asked for again)
+            old.unlink(missing_ok=True)
+    pushed = 0
+    for following in later:
+        marker = spool / following
+        if marker.exists():
+            continue
+        try:
+            digest = _push(repo, source, wal_dir / following)[1]
+        except (ShardvaultError, OSError):
+            break  # its own call pushes it, and says what is wrong
+        spool.mkdir(exist_ok=True)
+        tmp = spool / f".{following}.{os.getpid()}"
+        tmp.write_text(digest + "\n")
+        os.replace(tmp, marker)  # after the commit: a marker never names what is not archived
+        pushed += 1
+    return pushed
+
 
 def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> bool:
     """Archive one WAL file; True if stored, False if it was already there (same content)."""
+    return _push(repo, source, path)[0]
+
+
+def _push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> tuple[bool, str]:
     name = os.path.basename(path)
     if not WAL_NAME.match(name):
         raise SourceError(source.name, f"{name!r} is not a WAL file name")
@@ -50,7 +116,7 @@ def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str])
         )
     if repo.meta_exists(record):
         if repo.read_meta(record, cache=False).get("hash") == digest:
-            return False
+            return False, digest
         raise WalConflictError(source.name, name)
     started = time.time()
     repo.announce(SessionKind.BACKUP)  # before the index is read (docs/concurrency.md)
@@ -81,4 +147,4 @@ def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str])
         source=source.name,
         details={"kind": "wal", "wal": name} | stats.to_doc(),
     )
-    return True
+    return True, digest
