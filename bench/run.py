@@ -12,7 +12,8 @@ and 2 GiB of random data, which must not grow with the source.
     .venv/bin/python bench/run.py [--corpus mixed|small|both] [--memory]
 
 Machines are noisy: compare the ratios of one run, not absolute times across
-runs.
+runs.  Both tools run quiet (restic ``-q``, shardvault ``--json``): neither
+draws progress nor runs its progress scanner.
 """
 
 from __future__ import annotations
@@ -145,15 +146,15 @@ def run_tools(source: Path, size: int, repeat: int) -> None:
 
     for _ in range(repeat):
         tools.init()
-        both("first backup", [*tools.sv, "backup", "corpus"], [*tools.restic, "backup", str(source)])
-    both("unchanged re-backup", [*tools.sv, "backup", "corpus"], [*tools.restic, "backup", str(source)])
+        both("first backup", [*tools.sv, "backup", "corpus", "--json"], [*tools.restic, "backup", str(source)])
+    both("unchanged re-backup", [*tools.sv, "backup", "corpus", "--json"], [*tools.restic, "backup", str(source)])
     for _ in range(repeat - 1):
-        both("unchanged re-backup", [*tools.sv, "backup", "corpus"], [*tools.restic, "backup", str(source)])
+        both("unchanged re-backup", [*tools.sv, "backup", "corpus", "--json"], [*tools.restic, "backup", str(source)])
     for i in range(repeat):
         sv_out, r_out = WORK / f"sv-restore-{i}", WORK / f"restic-restore-{i}"
         both(
             "restore",
-            [*tools.sv, "restore", "latest", "--source", "corpus", "--target", str(sv_out)],
+            [*tools.sv, "restore", "latest", "--source", "corpus", "--target", str(sv_out), "--json"],
             [*tools.restic, "restore", "latest", "--target", str(r_out)],
         )
     for _ in range(repeat):

@@ -34,6 +34,7 @@ worker; only what cannot be read from the repository is "data lost" (exit 7).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import secrets
@@ -225,6 +226,13 @@ def _hash_zeros(hasher: Any, n: int) -> None:
         n -= len(_ZEROS)
 
 
+def _has_default_acl(fd: int) -> bool:
+    try:
+        return "system.posix_acl_default" in os.listxattr(fd)
+    except OSError:
+        return False
+
+
 def entry_parts(entry: Entry, root_seen: bool) -> list[str]:
     """The checked components of a tree entry's path.
 
@@ -383,7 +391,8 @@ class FileRestorer:
         except OSError as exc:  # not the target's: keep it apart from the writes' errors
             raise RestoreError(f"reading pack {loc.pack_id[:16]}: {exc}") from None
         try:
-            return self.repo.open_blob(cid, pack, loc.offset, loc.length, loc.raw_length)
+            # The whole file's hash is checked before it gets its name: it proves every chunk.
+            return self.repo.open_blob(cid, pack, loc.offset, loc.length, loc.raw_length, check_id=False)
         finally:
             cache.used(loc.pack_id)
 
@@ -507,6 +516,8 @@ class FileRestorer:
         try:
             with SafeTarget(self.target, replace_files=self.overwrite is not Overwrite.NEVER) as target:
                 self.check_target(target)
+                if target.is_empty() and not _has_default_acl(target.root_fd):
+                    self.metadata = dataclasses.replace(self.metadata, inherited_acls=False)
                 for entry in self._entries():
                     parts = safe_parts(entry.path)
                     try:
@@ -592,14 +603,21 @@ class FileRestorer:
         tmp = _named_temp()
         # The link is created, never followed: its target may point anywhere.
         os.symlink(entry.target or "", tmp, dir_fd=fd)
+        self._place(fd, tmp, parts[-1], entry, lambda: apply(entry, proc_path(fd, tmp), *self._how()))
+        self.stats.symlinks += 1
+
+    def _how(self) -> tuple[MetadataOptions, bool, Callable[[str], None]]:
+        return self.metadata, self.is_root, self.stats.notes.append
+
+    def _place(self, fd: int, tmp: str, name: str, entry: Entry, describe: Callable[[], None]) -> None:
+        """Give the entry made at ``tmp`` its metadata, then rename it to ``name`` (removed if anything fails)."""
         try:
-            apply(entry, proc_path(fd, tmp), self.metadata, self.is_root, self.stats.notes.append)
-            replaced = self._replacing(fd, parts[-1], entry) is _Outcome.OVERWRITTEN
-            self._rename_into_place(fd, tmp, parts[-1], entry.path)
+            describe()
+            replaced = self._replacing(fd, name, entry) is _Outcome.OVERWRITTEN
+            self._rename_into_place(fd, tmp, name, entry.path)
         except BaseException:
             os.unlink(tmp, dir_fd=fd)
             raise
-        self.stats.symlinks += 1
         self.stats.files_overwritten += replaced
 
     def _node(self, target: SafeTarget, entry: Entry, parts: list[str]) -> None:
@@ -610,22 +628,19 @@ class FileRestorer:
         fd = target.dir_fd(parts[:-1], create=True, shown=entry.path)
         tmp = _named_temp()
         os.mknod(tmp, 0o600 | _NODE_TYPES[entry.type], entry.rdev, dir_fd=fd)
-        try:
-            if entry.type == FIFO:  # by a descriptor; a device is not opened (opening one can act)
-                node = os.open(tmp, _OPEN_NODE, dir_fd=fd)
-                try:
-                    apply(entry, node, self.metadata, self.is_root, self.stats.notes.append)
-                finally:
-                    os.close(node)
-            else:
-                apply(entry, proc_path(fd, tmp), self.metadata, self.is_root, self.stats.notes.append)
-            replaced = self._replacing(fd, parts[-1], entry) is _Outcome.OVERWRITTEN
-            self._rename_into_place(fd, tmp, parts[-1], entry.path)
-        except BaseException:
-            os.unlink(tmp, dir_fd=fd)
-            raise
+
+        def describe() -> None:
+            if entry.type != FIFO:  # a device is not opened (opening one can act): by its path
+                apply(entry, proc_path(fd, tmp), *self._how())
+                return
+            node = os.open(tmp, _OPEN_NODE, dir_fd=fd)
+            try:
+                apply(entry, node, *self._how())
+            finally:
+                os.close(node)
+
+        self._place(fd, tmp, parts[-1], entry, describe)
         self.stats.special_files += 1
-        self.stats.files_overwritten += replaced
         if entry.flags and entry.type == FIFO:
             self.flagged.append(entry)
 

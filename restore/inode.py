@@ -55,6 +55,9 @@ class MetadataOptions:
     xattrs: bool = True
     acls: bool = True
     numeric_owner: bool = False
+    # Whether a new entry may inherit a default ACL it must lose.  A restore into an empty target
+    # without one knows none can (directories get theirs last), and saves a syscall per file.
+    inherited_acls: bool = True
 
 
 def owner(entry: Entry, numeric: bool) -> tuple[int, int]:
@@ -82,7 +85,7 @@ def apply(
             os.fchown(target, uid, gid)
         else:
             os.chown(target, uid, gid, follow_symlinks=False)
-    if options.xattrs and options.acls and isinstance(target, int):
+    if options.xattrs and options.acls and options.inherited_acls and isinstance(target, int):
         _drop_inherited_acls(entry, target)
     if options.xattrs and entry.xattrs:
         _set_xattrs(entry, target, options, note)

@@ -14,8 +14,6 @@ tar stream is extracted by GNU tar and compared the same way.
 
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import shutil
 import socket
@@ -28,15 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, PASSWORD, Vault, make_vault
+from conftest import (
+    APPEND,
+    BIN,
+    IMMUTABLE,
+    NOATIME,
+    NODUMP,
+    PASSWORD,
+    Vault,
+    inode_flags,
+    make_vault,
+    set_inode_flags,
+    unlock_all,
+)
 
 from shardvault.restore.inode import MetadataOptions, owner
-from shardvault.sources.inode import FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
 from shardvault.tree import Entry
 
 GIB = 1 << 30
 NS = 10**9
-IMMUTABLE, APPEND, NODUMP, NOATIME = 0x10, 0x20, 0x40, 0x80
 # Times with every digit of the nanoseconds in use; atimes after the mtimes and in the future, so that
 # relatime never updates them while the test reads (it does when atime <= mtime, ctime or is a day old).
 MTIME = 1_600_000_000 * NS + 123_456_789
@@ -56,43 +64,6 @@ ACCESS_ACL = _acl(  # user 4321 may read
 DEFAULT_ACL = _acl(  # what new entries in the directory inherit: group 5432 may read
     (USER_OBJ, 7, UNDEFINED), (GROUP_OBJ, 5, UNDEFINED), (GROUP, 5, 5432), (MASK, 5, UNDEFINED), (OTHER, 0, UNDEFINED)
 )
-
-
-def _flags(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    try:
-        buf = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-        return int(buf[0])
-    finally:
-        os.close(fd)
-
-
-def _set_flags(path: Path, flags: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    try:
-        buf = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-        buf[0] = (buf[0] & ~(IMMUTABLE | APPEND | NODUMP | NOATIME)) | flags
-        fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf, True)
-    finally:
-        os.close(fd)
-
-
-def _unlock_all(root: Path) -> None:
-    """Clear immutable and append-only flags under ``root``, so the tree can be deleted."""
-    if not root.exists():
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            if p.is_symlink() or not (p.is_file() or p.is_dir()):
-                continue
-            try:
-                if _flags(p) & (IMMUTABLE | APPEND):
-                    _set_flags(p, 0)
-            except OSError:
-                pass
 
 
 def _times(path: Path, mtime: int = MTIME) -> None:
@@ -149,8 +120,8 @@ def build_tree(src: Path, sparse_size: int = 5 * GIB) -> None:
     os.setxattr(src / "docs" / "setuid", "trusted.note", b"root only")
     os.setxattr(src, "user.root", b"on the root")
     # Flags (chattr): no-dump, no-atime, and immutable / append-only, which must be set last.
-    _set_flags(src / "docs" / "tool.sh", NODUMP)
-    _set_flags(src / "links", NOATIME)
+    set_inode_flags(src / "docs" / "tool.sh", NODUMP)
+    set_inode_flags(src / "links", NOATIME)
     (src / "locked").mkdir()
     (src / "locked" / "frozen").write_bytes(b"cannot change")
     (src / "locked" / "log").write_bytes(b"only grows\n")
@@ -160,8 +131,8 @@ def build_tree(src: Path, sparse_size: int = 5 * GIB) -> None:
             _times(path, MTIME + i * 1_000_001)
     os.chmod(src, 0o751)
     _times(src, MTIME - 7)
-    _set_flags(src / "locked" / "frozen", IMMUTABLE)
-    _set_flags(src / "locked" / "log", APPEND)
+    set_inode_flags(src / "locked" / "frozen", IMMUTABLE)
+    set_inode_flags(src / "locked" / "log", APPEND)
 
 
 def snapshot_of(root: Path) -> dict[str, dict[str, Any]]:
@@ -193,7 +164,7 @@ def snapshot_of(root: Path) -> dict[str, dict[str, Any]]:
         else:
             doc["xattrs"] = {n: os.getxattr(path, n, follow_symlinks=False) for n in sorted(os.listxattr(path))}
         if stat.S_ISREG(kind) or stat.S_ISDIR(kind):
-            doc["flags"] = _flags(path) & (IMMUTABLE | APPEND | NODUMP | NOATIME)
+            doc["flags"] = inode_flags(path) & (IMMUTABLE | APPEND | NODUMP | NOATIME)
         state[rel] = doc
     return state
 
@@ -247,7 +218,7 @@ def rich_vault(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple
     try:
         yield vault, before
     finally:
-        _unlock_all(tmp_path)
+        unlock_all(tmp_path)
 
 
 def _backup(vault: Vault) -> dict[str, Any]:

@@ -14,9 +14,7 @@ restore); each test here failed before its fix.
 
 from __future__ import annotations
 
-import array
 import base64
-import fcntl
 import io
 import json
 import os
@@ -29,55 +27,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, PASSWORD, Vault, make_vault
+from conftest import (
+    APPEND,
+    BIN,
+    IMMUTABLE,
+    NODUMP,
+    PASSWORD,
+    Vault,
+    inode_flags,
+    make_vault,
+    set_inode_flags,
+    unlock_all,
+)
 
 from shardvault.config import load_config
-from shardvault.sources.inode import FS_IOC_GETFLAGS, FS_IOC_SETFLAGS
 
 MIB = 1 << 20
-IMMUTABLE, APPEND, NODUMP = 0x10, 0x20, 0x40
 NS = 10**9
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-
-
-def _get_flags(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    try:
-        buf = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-        return int(buf[0])
-    finally:
-        os.close(fd)
-
-
-def _set_flags(path: Path, flags: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    try:
-        buf = array.array("l", [0])
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-        buf[0] = (buf[0] & ~(IMMUTABLE | APPEND | NODUMP)) | flags
-        fcntl.ioctl(fd, FS_IOC_SETFLAGS, buf, True)
-    finally:
-        os.close(fd)
-
-
-def _unlock_all(root: Path) -> None:
-    """Clear immutable and append-only flags under ``root`` (and on it), so tmp cleanup works."""
-    if not root.exists():
-        return
-    paths = [root]
-    for dirpath, dirnames, filenames in os.walk(root):
-        paths += [Path(dirpath) / n for n in dirnames + filenames]
-    for p in paths:
-        try:
-            if p.is_symlink() or not (p.is_file() or p.is_dir()):
-                continue
-            if _get_flags(p) & (IMMUTABLE | APPEND):
-                _set_flags(p, 0)
-        except OSError:
-            pass
 
 
 @pytest.fixture
@@ -89,7 +58,7 @@ def vault(tmp_path: Path) -> Iterator[Vault]:
     try:
         yield v
     finally:
-        _unlock_all(tmp_path)
+        unlock_all(tmp_path)
 
 
 def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
@@ -549,7 +518,7 @@ def test_restore_to_a_file_system_without_xattrs_or_flags_notes_them(vault: Vaul
     f = vault.source / "d" / "f"
     f.write_bytes(b"hello" * 1000)
     os.setxattr(f, "user.tag", b"1")
-    _set_flags(f, NODUMP)
+    set_inode_flags(f, NODUMP)
     _backup(vault)
     mnt = tmp_path / "ramfs"
     _mount("ramfs", mnt)
@@ -612,16 +581,16 @@ def test_immutable_directory_and_append_only_file(vault: Vault, tmp_path: Path) 
     (locked / "inner" / "f").write_bytes(b"child")
     (locked / "g").write_bytes(b"child2")
     (vault.source / "log").write_bytes(b"grows\n")
-    _set_flags(locked, IMMUTABLE)
-    _set_flags(vault.source / "log", APPEND)
+    set_inode_flags(locked, IMMUTABLE)
+    set_inode_flags(vault.source / "log", APPEND)
     _backup(vault)
     out = tmp_path / "out"
     result = _restore(vault, out)
     assert result.returncode == 0, result.stderr
     assert (out / "locked" / "inner" / "f").read_bytes() == b"child"
     assert (out / "locked" / "g").read_bytes() == b"child2"
-    assert _get_flags(out / "locked") & IMMUTABLE
-    assert _get_flags(out / "log") & APPEND
+    assert inode_flags(out / "locked") & IMMUTABLE
+    assert inode_flags(out / "log") & APPEND
     assert (out / "log").read_bytes() == b"grows\n"
 
     # A second restore over the first with --overwrite always meets immutable entries: one clear line, exit 12.
@@ -640,7 +609,7 @@ def test_if_changed_over_an_identical_immutable_tree_succeeds(vault: Vault, tmp_
     locked = vault.source / "locked"
     locked.mkdir()
     (locked / "f").write_bytes(b"child")
-    _set_flags(locked, IMMUTABLE)
+    set_inode_flags(locked, IMMUTABLE)
     _backup(vault)
     out = tmp_path / "out"
     assert _restore(vault, out).returncode == 0

@@ -122,8 +122,8 @@ def test_6_file_changed_while_read_is_named_and_read_again(
     real = Chunker.chunks
     done: list[bool] = []
 
-    def tearing(self: Chunker, stream: Any) -> Iterator[bytes]:
-        for n, data in enumerate(real(self, stream)):
+    def tearing(self: Chunker, stream: Any, *hint: Any) -> Iterator[bytes]:
+        for n, data in enumerate(real(self, stream, *hint)):
             yield data
             if n == 0 and not done and os.fstat(stream.fileno()).st_ino == inode:
                 done.append(True)

@@ -159,8 +159,7 @@ def _describe_open(entry: Entry, fd: int, options: WalkOptions, path: str, warn:
 
 def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn) -> Iterator[SourceItem]:
     try:
-        with os.scandir(fd) as it:
-            names = sorted(e.name for e in it)
+        names = sorted(os.listdir(fd))  # names only: no DirEntry per entry (each is stat'ed below anyway)
     except OSError as exc:
         warn(BackupWarning(abs_dir, WarningKind.UNREADABLE_DIR, f"cannot list: {exc.strerror}"))
         return
