@@ -904,7 +904,8 @@ def _postgres_source(ctx: Context, name: str | None) -> PostgresSource:
 @handle_errors
 def wal_push(ctx: Context, path: Path, source: str | None, ahead: int) -> None:
     """Archive one WAL file (archive_command = 'shardvault ... wal-push %p')."""
-    from shardvault.backup.wal import push, push_ahead, take_pushed
+    from shardvault.backup.wal import push, push_ahead
+    from shardvault.walmarkers import take_pushed
 
     src = _postgres_source(ctx, source)
     if take_pushed(path):

@@ -8,10 +8,11 @@ archive_command under a real PostgreSQL 15, where every segment goes this way.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Vault, make_vault
+from conftest import BIN, Vault, make_vault
 
 from shardvault.config import PostgresSource
 from shardvault.repository.wal import archived
@@ -82,3 +83,42 @@ def test_ahead_zero_pushes_only_its_own(pg_vault: tuple[Vault, Path]) -> None:
     assert vault.run("wal-push", "--source", "db", "--ahead", "0", str(wal / SEGMENTS[0])).returncode == 0
     assert _archived(vault) == {SEGMENTS[0]}
     assert not (wal / ".shardvault-pushed").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "path"),
+    [
+        (["wal-push", "pg_wal/X"], "pg_wal/X"),
+        (["--config", "c.toml", "--password-file", "p", "wal-push", "--source", "db", "--ahead", "3", "X"], "X"),
+        (["wal-push", "--source=db", "X"], "X"),
+        (["--config", "wal-push", "backup", "X"], None),  # a config file named so is not the command
+        (["wal-push", "--help"], None),
+        (["wal-push", "X", "Y"], None),
+        (["wal-fetch", "X", "Y"], None),
+        (["--verbose", "wal-push", "X"], None),
+    ],
+)
+def test_the_console_script_takes_the_fast_path_only_for_a_plain_wal_push(argv: list[str], path: str | None) -> None:
+    from shardvault.entry import pushed_segment
+
+    assert pushed_segment(argv) == path
+
+
+def test_the_fast_path_needs_no_configuration(pg_vault: tuple[Vault, Path], tmp_path: Path) -> None:
+    """A segment pushed ahead is acknowledged before the configuration is even read (the console script)."""
+    vault, wal = pg_vault
+    assert vault.run("wal-push", "--source", "db", "--ahead", "1", str(wal / SEGMENTS[0])).returncode == 0
+    missing = tmp_path / "no-such.toml"
+    result = subprocess.run(
+        [str(BIN / "shardvault"), "--config", str(missing), "wal-push", "--source", "db", str(wal / SEGMENTS[1])],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    # Its marker is used up: the same call again goes the whole way (and needs the configuration).
+    again = subprocess.run(
+        [str(BIN / "shardvault"), "--config", str(missing), "wal-push", "--source", "db", str(wal / SEGMENTS[1])],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 3, again.stderr

@@ -37,28 +37,12 @@ from shardvault.errors import ShardvaultError, SourceError, WalConflictError
 from shardvault.repository import Repository
 from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
+from shardvault.walmarkers import pushed_dir
 from shardvault.walnames import WAL_NAME
 
 from .run import BackupStats, Pipeline, note_degradation
 
 AHEAD = 8  # ready segments a wal-push archives after its own (pgBackRest's archive-push-queue, in spirit)
-
-
-def pushed_dir(path: str | os.PathLike[str]) -> Path:
-    """Where markers of segments pushed ahead wait: beside ``pg_wal``'s files, in a directory PostgreSQL ignores."""
-    return Path(path).parent / ".shardvault-pushed"
-
-
-def take_pushed(path: str | os.PathLike[str]) -> bool:
-    """Whether an earlier call pushed this segment ahead (its marker names the file's current hash); no repository."""
-    marker = pushed_dir(path) / os.path.basename(path)
-    try:
-        recorded = marker.read_text().strip()
-        data = Path(path).read_bytes()
-    except OSError:
-        return False
-    marker.unlink(missing_ok=True)
-    return bool(WAL_NAME.match(marker.name)) and content_hash(data).hex() == recorded
 
 
 def push_ahead(repo: Repository, source: PostgresSource, path: str | os.PathLike[str], ahead: int = AHEAD) -> int:
