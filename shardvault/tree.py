@@ -42,6 +42,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps without its per-call set-up
+
 FILE = "f"
 DIR = "d"
 SYMLINK = "l"
@@ -111,34 +113,39 @@ class Entry:
         if self.extents is not None:  # [] too: a file that is one hole
             doc["sp"] = [list(extent) for extent in self.extents]
         # ASCII escapes keep undecodable file names (surrogate escapes) intact.
-        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+        return _encode(doc).encode() + b"\n"
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Entry:
+        # Positional and without a get per absent key: an unchanged re-backup of 100,000 files
+        # parses 100,000 of these on its critical path (the order is the fields').
+        get = doc.get
+        extents, xattrs = get("sp"), get("xa")
         return cls(
-            path=str(doc["p"]),
-            type=str(doc["t"]),
-            mode=int(doc["m"]),
-            uid=int(doc["u"]),
-            gid=int(doc["g"]),
-            mtime_ns=int(doc["mt"]),
-            ctime_ns=int(doc.get("ct", 0)),
-            size=int(doc.get("s", 0)),
-            inode=int(doc.get("i", 0)),
-            chunks=[str(c) for c in doc.get("c", [])],
-            hash=doc.get("h"),
-            target=doc.get("l"),
-            meta=doc.get("x"),
-            changed=bool(doc.get("cw", 0)),
-            atime_ns=int(doc.get("at", 0)),
-            user=doc.get("un"),
-            group=doc.get("gn"),
-            nlink=int(doc.get("n", 1)),
-            dev=int(doc.get("dv", 0)),
-            rdev=int(doc.get("rd", 0)),
-            extents=[(int(o), int(n)) for o, n in doc["sp"]] if "sp" in doc else None,
-            xattrs={str(k): str(v) for k, v in doc["xa"].items()} if "xa" in doc else None,
-            flags=int(doc.get("fl", 0)),
+            str(doc["p"]),
+            str(doc["t"]),
+            int(doc["m"]),
+            int(doc["u"]),
+            int(doc["g"]),
+            int(doc["mt"]),
+            int(get("ct", 0)),
+            int(get("s", 0)),
+            int(get("i", 0)),
+            [str(c) for c in get("c", ())],
+            get("h"),
+            get("l"),
+            False,
+            get("x"),
+            bool(get("cw", 0)),
+            int(get("at", 0)),
+            get("un"),
+            get("gn"),
+            int(get("n", 1)),
+            int(get("dv", 0)),
+            int(get("rd", 0)),
+            None if extents is None else [(int(o), int(n)) for o, n in extents],
+            None if xattrs is None else {str(k): str(v) for k, v in xattrs.items()},
+            int(get("fl", 0)),
         )
 
     def unchanged_since(self, old: Entry) -> bool:
@@ -180,14 +187,19 @@ def path_key(path: str) -> tuple[str, ...]:
 
 
 def parse_lines(blocks: Iterable[bytes | bytearray]) -> Iterator[Entry]:
-    """Entries from a byte stream cut at arbitrary points (chunk boundaries)."""
+    """Entries from a byte stream cut at arbitrary points (chunk boundaries).
+
+    The whole lines of a block are decoded as one JSON array: one call into
+    the decoder per block instead of one per entry.
+    """
     rest = b""
     for block in blocks:
         data = rest + block
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        for line in lines:
-            if line:
-                yield Entry.from_doc(json.loads(line))
+        cut = data.rfind(b"\n") + 1
+        rest = data[cut:]
+        lines = [line for line in data[:cut].split(b"\n") if line]
+        if lines:
+            for doc in json.loads(b"[" + b",".join(lines) + b"]"):
+                yield Entry.from_doc(doc)
     if rest.strip():
         yield Entry.from_doc(json.loads(rest))
