@@ -470,4 +470,5 @@ def test_docker_context_builds_a_complete_wheel(tmp_path: Path) -> None:
                 continue
             expected.add(str(PurePosixPath(*package.split("."), path.relative_to(ROOT / folder))))
     assert expected == in_wheel
-    assert "shardvault = shardvault.cli:main" in entry_points
+    assert f"shardvault = {pyproject['project']['scripts']['shardvault']}" in entry_points
+    assert "shardvault = shardvault.entry:main" in entry_points  # the wal-push fast path, then the CLI
