@@ -25,17 +25,20 @@ from shardvault.crypto import new_content_hasher
 from shardvault.errors import DataLossError, PathNotInSnapshotError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.snapshot import Snapshot
-from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry, extents_in_order, link_key
+from shardvault.tree import (
+    BLOCK_DEVICE,
+    CHAR_DEVICE,
+    DIR,
+    FIFO,
+    FILE,
+    SYMLINK,
+    Entry,
+    extents_in_order,
+    link_key,
+    zeros,
+)
 
 from .browse import ROOT, normalise
-
-_ZEROS = bytes(1 << 20)
-
-
-def _zeros(n: int) -> Iterator[bytes]:
-    while n > 0:
-        yield _ZEROS[: min(n, len(_ZEROS))]
-        n -= len(_ZEROS)
 
 
 def _logical(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
@@ -49,7 +52,7 @@ def _logical(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
     position = 0
     pending: bytes | bytearray = b""
     for offset, length in entry.extents:
-        yield from _zeros(offset - position)
+        yield from zeros(offset - position)
         left = length
         while left:
             if not pending:
@@ -60,7 +63,7 @@ def _logical(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:
             left -= len(piece)
             yield piece
         position = offset + length
-    yield from _zeros(entry.size - position)
+    yield from zeros(entry.size - position)
 
 
 def _content(reader: BlobReader, entry: Entry) -> Iterator[bytes | bytearray]:

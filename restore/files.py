@@ -66,7 +66,7 @@ from shardvault.repository.index import intact_shard_nums
 from shardvault.repository.snapshot import Snapshot
 from shardvault.shards.erasure import DecodedPack
 from shardvault.sources.inode import proc_path
-from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, extents_in_order, link_key
+from shardvault.tree import BLOCK_DEVICE, DIR, FIFO, FILE, SPECIAL, SYMLINK, Entry, extents_in_order, link_key, zeros
 
 from .inode import MetadataOptions, apply, apply_flags, unlock
 from .safepath import Existing, SafeTarget, safe_parts, target_error
@@ -202,7 +202,8 @@ class _SparseWriter:
                 raise DataLossError("more data than the file's recorded extents hold")
             offset, length = self.extents[self.index]
             if self.used == 0:
-                _hash_zeros(self.hasher, offset - self.position)
+                for block in zeros(offset - self.position):
+                    self.hasher.update(block)
             piece = view[: length - self.used]
             written = os.pwrite(self.fd, piece, offset + self.used)
             self.hasher.update(piece[:written])
@@ -213,17 +214,9 @@ class _SparseWriter:
                 self.index, self.used = self.index + 1, 0
 
     def finish(self) -> None:
-        _hash_zeros(self.hasher, self.size - self.position)
+        for block in zeros(self.size - self.position):
+            self.hasher.update(block)
         os.ftruncate(self.fd, self.size)
-
-
-_ZEROS = bytes(1 << 20)
-
-
-def _hash_zeros(hasher: Any, n: int) -> None:
-    while n > 0:
-        hasher.update(_ZEROS[: min(n, len(_ZEROS))])
-        n -= len(_ZEROS)
 
 
 def _has_default_acl(fd: int) -> bool:

@@ -171,6 +171,16 @@ def extents_in_order(entry: Entry) -> bool:
     return True
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def zeros(n: int) -> Iterator[bytes]:
+    """``n`` zero bytes in blocks of at most 1 MiB: a hole's content, for hashes and streams."""
+    while n > 0:
+        yield _ZEROS[: min(n, len(_ZEROS))]
+        n -= len(_ZEROS)
+
+
 def link_key(entry: Entry) -> tuple[int, int, str | None] | None:
     """The inode a hard-linked file shares with its other names, or None.
 

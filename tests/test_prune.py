@@ -37,7 +37,7 @@ repo.close()
 """
 
 
-def hold_session(config: Path, kind: str, cwd: Path) -> subprocess.Popen[str]:
+def hold_session(config: Path, kind: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """A process (of this host) holding a session of ``kind`` until its stdin closes; returns once it holds it."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(config), PASSWORD, kind],
@@ -45,6 +45,7 @@ def hold_session(config: Path, kind: str, cwd: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
         cwd=cwd,  # not the source tree: the installed package
+        env=os.environ | (env or {}),
     )
     assert holder.stdout is not None
     assert holder.stdout.readline().strip(), "the holder announced no session"

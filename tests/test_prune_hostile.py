@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, Vault, assert_same_tree, make_vault, peer_snapshot
 from test_prune import (
-    HOLDER,
     add_prune_settings,
     garbage_history,
     hold_session,
@@ -894,15 +893,7 @@ def test_a_session_that_beats_while_prune_reads_it_still_holds_deletion_back(tmp
     vault = make_vault(tmp_path)
     kept_id, kept_tree = garbage_history(vault)
     host2 = other_host(vault)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(host2.config), PASSWORD, "backup"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=os.environ | {"SHARDVAULT_HEARTBEAT_SECONDS": "0.2"},
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip()
+    holder = hold_session(host2.config, "backup", tmp_path, {"SHARDVAULT_HEARTBEAT_SECONDS": "0.2"})
     try:
         # Reading a heartbeat takes longer than the writer takes to replace it (1 s against 0.2 s).
         doc = json_of(ok(driven(vault, "prune", "--grace", "0", "--json", SV_SLOW_SESSIONS="1")))

@@ -28,7 +28,7 @@ from shardvault.repository import Repository
 from shardvault.repository.snapshot import Snapshot
 from shardvault.sources.files import ReplacedError, SourceItem, WalkOptions, count, open_file, walk
 from shardvault.sources.inode import ACL_XATTRS, data_extents, is_sparse, proc_path, read_flags, read_xattrs
-from shardvault.tree import DIR, FILE, SYMLINK, Entry, path_key
+from shardvault.tree import DIR, FILE, SYMLINK, Entry, path_key, zeros
 
 from .run import BackupResult, BackupRun, ProgressFn
 
@@ -70,7 +70,8 @@ def _sparse_chunks(
         extent = _Range(fd, offset, length)
         for chunk in run.chunker.chunks(extent):
             if extent.start > position:
-                _hash_zeros(hasher, extent.start - position)
+                for block in zeros(extent.start - position):
+                    hasher.update(block)
                 position = extent.start
             hasher.update(chunk)
             position += len(chunk)
@@ -78,17 +79,9 @@ def _sparse_chunks(
         if extent.offset > extent.start:
             read.append((extent.start, extent.offset - extent.start))
         run.stats.bytes_sparse += length - (extent.offset - extent.start)
-    _hash_zeros(hasher, size - position)
+    for block in zeros(size - position):
+        hasher.update(block)
     run.stats.bytes_sparse += size - sum(n for _, n in extents)
-
-
-_ZEROS = bytes(1 << 20)
-
-
-def _hash_zeros(hasher: blake3.blake3, n: int) -> None:
-    while n > 0:
-        hasher.update(_ZEROS[: min(n, len(_ZEROS))])
-        n -= len(_ZEROS)
 
 
 def _read_file(run: BackupRun, item: SourceItem, options: WalkOptions) -> None:

@@ -11,9 +11,9 @@ The pipeline, with every stage bounded (invariant 5)::
   them with ``full``).
 * Chunks go to a small thread pool that names them (keyed BLAKE3), claims
   new ids (so a chunk seen twice is stored once) and compresses and encrypts
-  them; at most ``WINDOW`` chunks are in flight.  Chunks under
-  ``SMALL_CHUNK`` travel in batches of up to ``BATCH_CHUNKS`` chunks or
-  ``BATCH_BYTES`` bytes, each batch one task (and one unit of the window).
+  them in batches, one task each: a batch closes at ``BATCH_CHUNKS``
+  chunks, ``BATCH_BYTES`` bytes or a chunk of ``SMALL_CHUNK`` or more, and at
+  most ``WINDOW`` batches are in flight.
 * Results are taken back in submission order, so tree entries keep walk
   order, and appended to the open pack; a full pack goes to the pack pool,
   at most ``PACKS_IN_FLIGHT`` at a time, where it is erasure-coded and its
@@ -269,7 +269,7 @@ class Pipeline:
         self.chunk_pool = ThreadPoolExecutor(2, thread_name_prefix="sv-chunk")
         self.pack_pool = ThreadPoolExecutor(PACKS_IN_FLIGHT, thread_name_prefix="sv-pack")
         self.slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
-        # FIFO of ("chunk", future, id list) and ("entry", entry) items.
+        # FIFO of ("batch", _Batch) and ("entry", Entry) items.
         self.queue: deque[tuple[Any, ...]] = deque()
         self.in_flight = 0
         self.batch: _Batch | None = None  # the batch small chunks are being added to
@@ -310,21 +310,16 @@ class Pipeline:
         return [self._prepare(data) for data, _, _ in items]
 
     def submit_chunk(self, data: bytes, ids: list[str], kind: int = KIND_DATA) -> None:
-        if len(data) < SMALL_CHUNK:
-            batch = self.batch
-            if batch is None:
-                batch = self.batch = _Batch()
-                self.queue.append(("batch", batch))
-                self.in_flight += 1
-            batch.items.append((data, ids, kind))
-            batch.size += len(data)
-            if batch.size >= BATCH_BYTES or len(batch.items) >= BATCH_CHUNKS:
-                self._send_batch()
-        else:
-            self._send_batch()  # sent first: it is ahead in the queue
-            future = self.chunk_pool.submit(self._prepare, data)
-            self.queue.append(("chunk", future, ids, kind))
+        batch = self.batch
+        if batch is None:
+            batch = self.batch = _Batch()
+            self.queue.append(("batch", batch))
             self.in_flight += 1
+        batch.items.append((data, ids, kind))
+        batch.size += len(data)
+        # A large chunk closes its batch at once: the next one goes to the other worker.
+        if len(data) >= SMALL_CHUNK or batch.size >= BATCH_BYTES or len(batch.items) >= BATCH_CHUNKS:
+            self._send_batch()
         self.drain(WINDOW)
 
     def _send_batch(self) -> None:
@@ -347,7 +342,7 @@ class Pipeline:
         self.drain(WINDOW)
 
     def drain(self, limit: int) -> None:
-        """Take results back in order until at most ``limit`` chunks (or batches) are in flight."""
+        """Take results back in order until at most ``limit`` batches are in flight."""
         while self.queue:
             item = self.queue[0]
             if item[0] == "entry":
@@ -355,22 +350,8 @@ class Pipeline:
                 if not item[1].skip:
                     self.emit(item[1])
                 continue
-            if item[0] == "batch":
-                if not self._take_batch(item[1], limit):
-                    break
-                continue
-            future = item[1]
-            if self.in_flight <= limit and not future.done():
+            if not self._take_batch(item[1], limit):
                 break
-            self.queue.popleft()
-            self.in_flight -= 1
-            cid, sealed, raw_length = future.result()
-            item[2].append(cid.hex())
-            if sealed is not None:
-                if item[3] == KIND_DATA:
-                    self.stats.chunks_new += 1
-                    self.stats.bytes_new += raw_length
-                self._append(item[3], cid, sealed, raw_length)
         self.maybe_checkpoint()
 
     def _take_batch(self, batch: _Batch, limit: int) -> bool:
@@ -479,7 +460,7 @@ class Pipeline:
     def final_checkpoint(self) -> str:
         """After an interruption: keep what is stored, index it, commit nothing; return a note on a failure.
 
-        The chunk window is dropped (at most ``WINDOW`` chunks, which the
+        The chunk window is dropped (at most ``WINDOW`` batches, which the
         rerun reads again).  The open data pack is sealed and stored too:
         that costs one pack write, bounded like any other, and it makes the
         rerun lose nothing it had already read and encrypted.  That is safe
@@ -491,7 +472,7 @@ class Pipeline:
         ``PACKS_IN_FLIGHT``) are waited for; a pack that fails now is simply
         not indexed (its shards are orphans, as after SIGKILL).
         """
-        self.chunk_pool.shutdown(wait=True, cancel_futures=True)  # running tasks are one chunk each
+        self.chunk_pool.shutdown(wait=True, cancel_futures=True)  # running tasks are one batch each
         writer = self.writers[KIND_DATA]
         self.writers[KIND_DATA] = PackWriter()
         if writer.entries and _consistent(writer):
