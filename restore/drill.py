@@ -398,7 +398,7 @@ class _Drill:
             wal.mkdir()
             names = _wal_needed(archived(repo, source), doc["postgres"], settings.get("recovery_target_lsn"))
             for name in names:
-                fetch(repo, source, name, wal / name, prefetch=0)
+                fetch(repo, source, name, wal / name)
             pgr.give_to_postgres(wal, include_root=True)
             s.detail = f"{len(names)} WAL file(s) into {wal}"
         _local_restore_command(data / "postgresql.auto.conf", wal)

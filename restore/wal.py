@@ -1,16 +1,23 @@
 """``wal-fetch``: PostgreSQL's restore_command, with read-ahead.
 
 Each call writes one WAL file whole, checks it against the hash in its
-record, and renames it into place; it also fetches the next segments of the
-timeline into a spool beside ``pg_wal`` that later calls serve without
-opening the repository (no scrypt, no peer), as pgBackRest's archive-get
-queue does.
+record, and renames it into place.  The first call that had to open the
+repository also starts a *prefetcher* (``wal-prefetcher``): one process
+that opens the repository once and keeps the next ``PREFETCH`` segments of
+the timeline fetched and verified in a spool beside ``pg_wal``
+(:mod:`shardvault.walspool`), while PostgreSQL replays.  The calls that
+follow move their segment out of the spool, or wait for the one the
+prefetcher is fetching, without opening the repository (no scrypt, no
+peer): pgBackRest's asynchronous archive-get.  The prefetcher stops at the
+end of the archive, when recovery ends (the spool is removed), or after
+``IDLE`` seconds in which recovery took nothing.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 from shardvault.config import PostgresSource
@@ -19,43 +26,14 @@ from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.wal import archived, record_name
 from shardvault.walnames import WAL_NAME, segment_number
+from shardvault.walspool import CURRENT, POLL, prefetch_dir, wal_files
 
-PREFETCH = 8  # WAL segments fetched ahead of recovery, as pgBackRest's archive-get queue
-
-
-def prefetch_dir(dest: str | os.PathLike[str]) -> Path:
-    """Where segments fetched ahead wait: beside ``dest`` (PostgreSQL's pg_wal), in a directory it ignores."""
-    return Path(dest).parent / ".shardvault-prefetch"
+PREFETCH = 8  # WAL segments kept fetched ahead of recovery, as pgBackRest's archive-get queue (128 MiB)
+IDLE = 60.0  # seconds the prefetcher waits for recovery to take a segment before it stops
 
 
-def take_prefetched(name: str, dest: str | os.PathLike[str]) -> bool:
-    """Move ``name`` from the prefetch directory to ``dest`` if an earlier fetch put it there.
-
-    This needs no repository (no passphrase derivation, no peer): a recovery
-    that replays many segments pays the full cost once per PREFETCH of them.
-    Files there were written whole and verified against their hash first.
-    """
-    spool = prefetch_dir(dest)
-    if not WAL_NAME.match(name):
-        return False
-    try:
-        os.replace(spool / name, dest)
-    except FileNotFoundError:
-        return False
-    for old in spool.iterdir():  # recovery has moved past these
-        if old.name < name and old.name[:8] == name[:8]:
-            old.unlink(missing_ok=True)
-    return True
-
-
-def fetch(
-    repo: Repository, source: PostgresSource, name: str, dest: str | os.PathLike[str], prefetch: int = PREFETCH
-) -> None:
-    """Restore one WAL file to ``dest`` (written whole, verified, then renamed into place).
-
-    The next ``prefetch`` segments of the same timeline, when archived, are
-    fetched into :func:`prefetch_dir` for the calls that will follow.
-    """
+def fetch(repo: Repository, source: PostgresSource, name: str, dest: str | os.PathLike[str]) -> None:
+    """Restore one WAL file to ``dest`` (written whole, verified, then renamed into place)."""
     record = record_name(source.name, name)
     if not WAL_NAME.match(name) or not repo.meta_exists(record):
         shutil.rmtree(prefetch_dir(dest), ignore_errors=True)  # recovery is ending: nothing more to read ahead
@@ -63,27 +41,55 @@ def fetch(
         if gaps_before := [n for n in archived(repo, source) if n > name.upper() and n[:8] == name.upper()[:8]]:
             later = f", but later ones are (first: {gaps_before[0]}): a gap in the archive"
         raise WalMissingError(source.name, name, later)
-    reader = repo.blob_reader()
-    _write_verified(repo, reader, source, name, Path(dest))
-    number = segment_number(name)
-    if number is None or prefetch <= 0:
-        return
+    _write_verified(repo, repo.blob_reader(), source, name, Path(dest))
+
+
+def prefetch(
+    repo: Repository,
+    source: PostgresSource,
+    after: str,
+    dest: str | os.PathLike[str],
+    depth: int = PREFETCH,
+    idle: float = IDLE,
+) -> int:
+    """The prefetcher's loop: keep the ``depth`` segments after ``after`` in the spool; how many it fetched.
+
+    Read-ahead is best effort: a segment it cannot fetch (not archived, or
+    archived after this process loaded the index) ends it, and that
+    segment's own call fetches it, or says why not.
+    """
+    number = segment_number(after)
     spool = prefetch_dir(dest)
-    spool.mkdir(exist_ok=True)
-    have = set(archived(repo, source))
+    if number is None or not spool.is_dir():
+        return 0
     tli, seg = number
-    for n in range(seg + 1, seg + 1 + prefetch):
-        following = f"{tli:08X}{n // 0x100:08X}{n % 0x100:08X}"
-        if following not in have:
-            break
-        if (spool / following).exists():
-            continue
-        try:
+    reader = repo.blob_reader()
+    have = set(archived(repo, source))
+    fetched, seen, last = 0, wal_files(spool), time.monotonic()
+    try:
+        while spool.is_dir():
+            files = wal_files(spool)
+            if files != seen:
+                seen, last = files, time.monotonic()
+            if len(files) >= depth:
+                if time.monotonic() - last > idle:
+                    break
+                time.sleep(POLL)
+                continue
+            seg += 1
+            following = f"{tli:08X}{seg // 0x100:08X}{seg % 0x100:08X}"
+            if following in files:
+                continue
+            if following not in have:
+                break
+            (spool / CURRENT).write_text(following)
             _write_verified(repo, reader, source, following, spool / following)
-        except ShardvaultError:
-            # Read-ahead is best effort: a segment archived after this process
-            # loaded the index (its chunks unknown here) is fetched by its own call.
-            break
+            fetched += 1
+    except (ShardvaultError, OSError):
+        pass  # not fetched ahead: its own call fetches it, and says what is wrong (a removed spool: recovery ended)
+    finally:
+        (spool / CURRENT).unlink(missing_ok=True)
+    return fetched
 
 
 def _write_verified(repo: Repository, reader: BlobReader, source: PostgresSource, name: str, target: Path) -> None:

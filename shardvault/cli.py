@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -27,16 +28,20 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from shardvault import walspool
 from shardvault.config import BucketSource, Config, FilesSource, PostgresSource, load_config, read_password
 from shardvault.durations import parse_duration
+from shardvault.entry import TIMEOUT
 from shardvault.errors import (
     BackupIncompleteError,
     BackupInterruptedError,
     DamageFoundError,
     ShardvaultError,
+    WalWorkerTimeoutError,
 )
 from shardvault.progress import Done, ProgressMeter, Totals, Watch, line_interval, progress_line, shorten_path, summary
 from shardvault.repository import Repository
+from shardvault.walnames import segment_number
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False)
@@ -900,19 +905,97 @@ def _postgres_source(ctx: Context, name: str | None) -> PostgresSource:
     show_default=True,
     help="Also archive up to this many later segments PostgreSQL marked ready (their calls then return at once).",
 )
+@click.option(
+    "--async",
+    "async_",
+    is_flag=True,
+    help="Hand the segment to one long-lived pusher (started when none runs) and wait for its commit "
+    "(pgBackRest's archive-async).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1, 3600),
+    default=TIMEOUT,
+    show_default=True,
+    help="With --async: seconds to wait for the pusher before failing (PostgreSQL asks again).",
+)
 @pass_ctx
 @handle_errors
-def wal_push(ctx: Context, path: Path, source: str | None, ahead: int) -> None:
+def wal_push(ctx: Context, path: Path, source: str | None, ahead: int, async_: bool, timeout: float) -> None:
     """Archive one WAL file (archive_command = 'shardvault ... wal-push %p')."""
     from shardvault.backup.wal import push, push_ahead
 
-    # A segment an earlier call archived ahead was acknowledged by the console script (shardvault.entry)
-    # before this module loaded; one that gets here is pushed (the same content again is a no-op).
+    # A segment archived ahead was acknowledged by the console script (shardvault.entry) before this
+    # module loaded; one that gets here is pushed (the same content again is a no-op).
     src = _postgres_source(ctx, source)
+    if async_ and _push_async(ctx, src, path, timeout):
+        return
     with ctx.repository() as repo:
         push(repo, src, path)
         if ahead:
             push_ahead(repo, src, path, ahead)
+
+
+def _start_worker(ctx: Context, spool: Path, *argv: str) -> subprocess.Popen[bytes]:
+    """Start a spool's worker (wal-pusher, wal-prefetcher) as its own process, outliving this call."""
+    exe = Path(sys.executable).with_name("shardvault")
+    command = [str(exe) if exe.exists() else "shardvault"]
+    if ctx.config_path:
+        command += ["--config", ctx.config_path]
+    if ctx.password_file:
+        command += ["--password-file", ctx.password_file]
+    spool.mkdir(exist_ok=True)
+    with open(spool / walspool.LOG, "wb") as log:
+        return subprocess.Popen(
+            [*command, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
+
+
+def _push_async(ctx: Context, src: PostgresSource, path: Path, timeout: float) -> bool:
+    """Wait for the pusher to commit ``path``, starting one if none runs; False: this call pushes it itself.
+
+    The pusher pushes what PostgreSQL marked ready: a file without its
+    ``.ready`` (a call by hand) is pushed by its own call.
+    """
+    spool = walspool.pushed_dir(path)
+    if walspool.take_pushed(path):
+        return True
+    if not (path.parent / "archive_status" / f"{path.name}.ready").exists():
+        return False
+    alive: Callable[[], bool] = lambda: walspool.worker_alive(spool)  # noqa: E731
+    if not alive():
+        walspool.take_error(spool)  # reported before: this call tries again
+        worker = _start_worker(ctx, spool, "wal-pusher", "--source", src.name, str(path.parent))
+        alive = lambda: worker.poll() is None or walspool.worker_alive(spool)  # noqa: E731
+    outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout, alive)
+    if outcome is walspool.Outcome.FAILED and (error := walspool.take_error(spool)):
+        _fail(error[0], error[1], "WalPusherError", False)
+    if outcome is walspool.Outcome.TIMEOUT:
+        raise WalWorkerTimeoutError(path, "the WAL pusher", timeout)
+    return outcome is walspool.Outcome.DONE  # else it stopped without it (idle as this call came): push it here
+
+
+@main.command(name="wal-pusher", hidden=True)
+@click.argument("wal_dir", type=click.Path(path_type=Path))
+@click.option("--source", help="The PostgreSQL source (default: the only one).")
+@click.option("--idle", type=click.FloatRange(0), default=None, help="Seconds without a ready segment before it stops.")
+@pass_ctx
+@handle_errors
+def wal_pusher(ctx: Context, wal_dir: Path, source: str | None, idle: float | None) -> None:
+    """Push every WAL segment PostgreSQL marks ready in WAL_DIR until idle (started by wal-push --async)."""
+    from shardvault.backup.wal import IDLE, push_ready
+
+    spool = wal_dir / walspool.PUSHED_DIR
+    with walspool.worker_lock(spool) as mine:
+        if not mine:
+            return  # another pusher runs: the calls wait on it
+        try:
+            src = _postgres_source(ctx, source)
+            with ctx.repository() as repo:
+                push_ready(repo, src, wal_dir, IDLE if idle is None else idle)
+        except ShardvaultError as exc:
+            walspool.write_error(spool, str(exc), exc.exit_code)  # before the lock goes: for the waiting call
+            raise
 
 
 @main.command(name="wal-fetch")
@@ -923,13 +1006,33 @@ def wal_push(ctx: Context, path: Path, source: str | None, ahead: int) -> None:
 @handle_errors
 def wal_fetch(ctx: Context, name: str, dest: Path, source: str | None) -> None:
     """Restore one WAL file (restore_command = 'shardvault ... wal-fetch %f %p')."""
-    from shardvault.restore.wal import fetch, take_prefetched
+    from shardvault.restore.wal import fetch
 
+    # A file fetched ahead was moved into place by the console script (shardvault.entry).
     src = _postgres_source(ctx, source)
-    if take_prefetched(name, dest):
+    if walspool.take_prefetched(name, dest):
         return
     with ctx.repository() as repo:
         fetch(repo, src, name, dest)
+    spool = walspool.prefetch_dir(dest)
+    if segment_number(name) is not None and not walspool.worker_alive(spool):
+        _start_worker(ctx, spool, "wal-prefetcher", "--source", src.name, name, str(dest))
+
+
+@main.command(name="wal-prefetcher", hidden=True)
+@click.argument("after")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--source", help="The PostgreSQL source (default: the only one).")
+@pass_ctx
+@handle_errors
+def wal_prefetcher(ctx: Context, after: str, dest: Path, source: str | None) -> None:
+    """Keep the WAL segments after AFTER fetched ahead for wal-fetch (started by wal-fetch; stops by itself)."""
+    from shardvault.restore.wal import prefetch
+
+    with walspool.worker_lock(walspool.prefetch_dir(dest)) as mine:
+        if mine:
+            with ctx.repository() as repo:
+                prefetch(repo, _postgres_source(ctx, source), after, dest)
 
 
 @main.command(name="check")

@@ -1,50 +1,103 @@
-"""The ``shardvault`` console script: one fast path, then the command line.
+"""The ``shardvault`` console script: fast paths for PostgreSQL's WAL calls, then the command line.
 
-PostgreSQL starts ``wal-push`` once per WAL segment.  When an earlier call
-pushed the segment ahead (:mod:`shardvault.backup.wal`), all this call has
-to do is check the segment's marker (:mod:`shardvault.walmarkers`), which
-needs no configuration, passphrase or peer; so it is done here, before
-click, rich and the library are imported (most of the start-up of a call).
-Anything else, and a segment without a valid marker, goes to
-:func:`shardvault.cli.main`, which parses and checks everything as usual.
+PostgreSQL starts ``wal-push`` (archive_command) and ``wal-fetch``
+(restore_command) once per WAL file.  When the work was done ahead
+(:mod:`shardvault.walspool`: a segment pushed ahead, or fetched ahead), all
+the call has to do is check a marker or move a file, which needs no
+configuration, passphrase or peer; so it is done here, before click, rich
+and the library are imported (most of the start-up of a call).  A call
+whose file the spool's worker is about to deliver waits for it here too.
+Anything else goes to :func:`shardvault.cli.main`, which parses and checks
+everything as usual and does the work itself when the spool did not.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 _GLOBAL = ("--config", "--password-file")  # the options before a command that take a value
-_WAL_PUSH = ("--source", "--ahead")
+# Per command: its options that take a value, its flags, how many arguments.
+_COMMANDS = {"wal-push": (("--source", "--ahead", "--timeout"), ("--async",), 1), "wal-fetch": (("--source",), (), 2)}
+TIMEOUT = 60.0  # seconds a call waits on a spool's worker (pgBackRest's archive-timeout); wal-push --timeout
 
 
-def pushed_segment(args: list[str]) -> str | None:
-    """The PATH of a plain ``[--config X] [--password-file Y] wal-push [--source S] [--ahead N] PATH``; else None."""
+class Call(NamedTuple):
+    command: str
+    arguments: list[str]
+    options: dict[str, str]
+
+
+def parse(args: list[str]) -> Call | None:
+    """A plain ``[--config X] [--password-file Y] wal-push|wal-fetch [options] ARGS``; None for anything else."""
     i = 0
     while i < len(args) and args[i] in _GLOBAL:
         i += 2
-    if args[i : i + 1] != ["wal-push"]:
+    command = args[i] if i < len(args) else ""
+    if command not in _COMMANDS:
         return None
-    paths: list[str] = []
+    valued, flags, count = _COMMANDS[command]
+    arguments: list[str] = []
+    options: dict[str, str] = {}
     rest = iter(args[i + 1 :])
     for arg in rest:
-        if arg in _WAL_PUSH:
-            next(rest, None)
-        elif arg.startswith(tuple(f"{option}=" for option in _WAL_PUSH)):
-            continue
+        key, eq, value = arg.partition("=")
+        if arg in valued:
+            options[arg] = next(rest, "")
+        elif eq and key in valued:
+            options[key] = value
+        elif arg in flags:
+            options[arg] = ""
         elif arg.startswith("-"):
             return None  # --help, or anything this parser does not know: the command line decides
         else:
-            paths.append(arg)
-    return paths[0] if len(paths) == 1 else None
+            arguments.append(arg)
+    return Call(command, arguments, options) if len(arguments) == count else None
+
+
+def _fast(call: Call) -> int | None:
+    """The exit code of a call the spools served, or None: the command line takes it."""
+    from shardvault import walspool
+
+    if call.command == "wal-fetch":
+        name, dest = call.arguments
+        if walspool.take_prefetched(name, dest):
+            return 0
+        spool = walspool.prefetch_dir(dest)
+        now = walspool.fetching(spool)
+        if walspool.worker_alive(spool) and name[:8] == now[:8] and name >= now and len(name) == len(now):
+            done = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT)
+            return 0 if done is walspool.Outcome.DONE else None
+        return None
+    path = call.arguments[0]
+    if walspool.take_pushed(path):
+        return 0
+    spool = walspool.pushed_dir(path)
+    if "--async" not in call.options or not walspool.worker_alive(spool):
+        return None
+    try:
+        timeout = float(call.options.get("--timeout", TIMEOUT))
+    except ValueError:
+        return None
+    outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout)
+    if outcome is walspool.Outcome.DONE:
+        return 0
+    if outcome is walspool.Outcome.FAILED and (error := walspool.take_error(spool)):
+        print(f"shardvault: error: {error[0]}", file=sys.stderr)
+        return error[1]
+    if outcome is walspool.Outcome.TIMEOUT:
+        from shardvault.errors import WalWorkerTimeoutError
+
+        timed_out = WalWorkerTimeoutError(path, "the WAL pusher", timeout)
+        print(f"shardvault: error: {timed_out}", file=sys.stderr)
+        return timed_out.exit_code
+    return None
 
 
 def main() -> None:
-    path = pushed_segment(sys.argv[1:])
-    if path is not None:
-        from shardvault.walmarkers import take_pushed
-
-        if take_pushed(path):
-            sys.exit(0)
+    call = parse(sys.argv[1:])
+    if call is not None and (code := _fast(call)) is not None:
+        sys.exit(code)
     from shardvault.cli import main as cli_main
 
     cli_main()

@@ -302,6 +302,12 @@ class WalMissingError(RepositoryError):
     """Source {0}: WAL file {1} is not in the archive{2}"""
 
 
+class WalWorkerTimeoutError(ShardvaultError):
+    """WAL file {0}: {1} did not finish it within {2:.0f} s (it goes on; PostgreSQL asks again); a slow peer?"""
+
+    exit_code = 5
+
+
 class BackupIncompleteError(ShardvaultError):
     """Snapshot {0} saved, but {1} file(s) could not be read (first: {2})"""
 

@@ -328,7 +328,11 @@ def test_wal_fetch_reads_ahead_and_serves_later_segments_without_the_repository(
     pg_wal = cluster.base / "fetch-test" / "pg_wal"
     pg_wal.mkdir(parents=True)
     assert cluster.cli("wal-fetch", first, str(pg_wal / "RECOVERYXLOG"), "--source", "db").exit_code == 0
-    assert (pg_wal / ".shardvault-prefetch" / second).exists()
+    # The call started a prefetcher, which fetches the next segments while recovery replays this one.
+    deadline = time.monotonic() + 60
+    while not (pg_wal / ".shardvault-prefetch" / second).exists():
+        assert time.monotonic() < deadline, "the prefetcher fetched nothing"
+        time.sleep(0.05)
     # The next call is served from the read-ahead: it needs neither the passphrase nor a peer.
     wrong = cluster.base / "wrong-password"
     wrong.write_text("not the passphrase\n")
@@ -356,7 +360,7 @@ def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
     from shardvault.backup.wal import push
     from shardvault.config import load_config
     from shardvault.repository import Repository
-    from shardvault.restore.wal import fetch
+    from shardvault.restore.wal import fetch, prefetch
 
     config = write_config(
         tmp_path / "c.toml", local_peers(tmp_path / "peers"), {}, k=4, n=6, state_dir=str(tmp_path / "s")
@@ -380,5 +384,8 @@ def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
     pg_wal = tmp_path / "pg_wal"
     pg_wal.mkdir()
     fetch(reader, cfg.source("db"), "000000010000000000000001", pg_wal / "RECOVERYXLOG")
+    (pg_wal / ".shardvault-prefetch").mkdir()
+    assert prefetch(reader, cfg.source("db"), "000000010000000000000001", pg_wal / "RECOVERYXLOG") == 0
     reader.close()
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segments["000000010000000000000001"]
+    assert not any((pg_wal / ".shardvault-prefetch").iterdir())

@@ -86,22 +86,28 @@ def test_ahead_zero_pushes_only_its_own(pg_vault: tuple[Vault, Path]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "path"),
+    ("argv", "arguments"),
     [
-        (["wal-push", "pg_wal/X"], "pg_wal/X"),
-        (["--config", "c.toml", "--password-file", "p", "wal-push", "--source", "db", "--ahead", "3", "X"], "X"),
-        (["wal-push", "--source=db", "X"], "X"),
+        (["wal-push", "pg_wal/X"], ["pg_wal/X"]),
+        (["--config", "c.toml", "--password-file", "p", "wal-push", "--source", "db", "--ahead", "3", "X"], ["X"]),
+        (["wal-push", "--source=db", "--async", "--timeout", "5", "X"], ["X"]),
         (["--config", "wal-push", "backup", "X"], None),  # a config file named so is not the command
         (["wal-push", "--help"], None),
         (["wal-push", "X", "Y"], None),
-        (["wal-fetch", "X", "Y"], None),
+        (["wal-fetch", "X", "Y"], ["X", "Y"]),
+        (["wal-fetch", "--source", "db", "X", "Y"], ["X", "Y"]),
+        (["wal-fetch", "X"], None),
+        (["wal-fetch", "--async", "X", "Y"], None),
         (["--verbose", "wal-push", "X"], None),
     ],
 )
-def test_the_console_script_takes_the_fast_path_only_for_a_plain_wal_push(argv: list[str], path: str | None) -> None:
-    from shardvault.entry import pushed_segment
+def test_the_console_script_takes_the_fast_path_only_for_a_plain_wal_call(
+    argv: list[str], arguments: list[str] | None
+) -> None:
+    from shardvault.entry import parse
 
-    assert pushed_segment(argv) == path
+    call = parse(argv)
+    assert (call.arguments if call else None) == arguments
 
 
 def test_the_fast_path_needs_no_configuration(pg_vault: tuple[Vault, Path], tmp_path: Path) -> None:

@@ -20,6 +20,16 @@ without opening the repository: pgBackRest's asynchronous archiving,
 without a daemon, and never saying "archived" before the segment is
 committed.  A segment that cannot be pushed ahead is left to its own call,
 which reports why.
+
+**Asynchronous archiving** (``wal-push --async``, pgBackRest's
+``archive-async``).  The call hands its segment to one long-lived pusher
+(``wal-pusher``, started by the first call that finds none) and waits for
+its marker: the pusher opens the repository once and pushes every segment
+PostgreSQL marks ready, in order, as soon as it appears, so the calls that
+follow find their markers already there.  It stops after ``IDLE`` seconds
+with nothing to push or ``LIFETIME`` seconds in all (the next call starts
+another), and at the first error, which the waiting call reports
+(:mod:`shardvault.walspool`).
 """
 
 from __future__ import annotations
@@ -37,40 +47,89 @@ from shardvault.errors import ShardvaultError, SourceError, WalConflictError
 from shardvault.repository import Repository
 from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
-from shardvault.walmarkers import pushed_dir
 from shardvault.walnames import WAL_NAME
+from shardvault.walspool import POLL, PUSHED_DIR, pushed_dir, wal_files
 
 from .run import BackupStats, Pipeline, note_degradation
 
 AHEAD = 8  # ready segments a wal-push archives after its own (pgBackRest's archive-push-queue, in spirit)
+IDLE = 30.0  # seconds the pusher waits for PostgreSQL to mark another segment ready before it stops
+LIFETIME = 600.0  # seconds a pusher runs at most (it holds a session that a prune waits for)
+
+
+def ready(wal_dir: Path) -> list[str]:
+    """The WAL files PostgreSQL marked ready to archive, in order."""
+    try:
+        names = os.listdir(wal_dir / "archive_status")
+    except OSError:
+        return []
+    return sorted(n[: -len(".ready")] for n in names if n.endswith(".ready") and WAL_NAME.match(n[: -len(".ready")]))
+
+
+def _forget_stale_markers(wal_dir: Path) -> None:
+    """Drop markers of files PostgreSQL no longer has ready: they were acknowledged, or archived another way."""
+    spool = wal_dir / PUSHED_DIR
+    waiting = set(ready(wal_dir))
+    for name in wal_files(spool):
+        if name not in waiting:
+            (spool / name).unlink(missing_ok=True)
+
+
+def _mark(wal_dir: Path, name: str, digest: str) -> None:
+    """Leave the marker of a committed segment (after the commit: a marker never names what is not archived)."""
+    spool = wal_dir / PUSHED_DIR
+    spool.mkdir(exist_ok=True)
+    tmp = spool / f".{name}.{os.getpid()}"
+    tmp.write_text(digest + "\n")
+    os.replace(tmp, spool / name)
+
+
+def push_ready(
+    repo: Repository, source: PostgresSource, wal_dir: Path, idle: float = IDLE, lifetime: float = LIFETIME
+) -> int:
+    """The pusher's loop: push every segment marked ready, as it appears, until idle; how many were pushed.
+
+    An error stops it (the caller records it for the call waiting on it):
+    pushing on past a segment that failed would only fail again.
+    """
+    started = last = time.monotonic()
+    pushed = 0
+    while True:
+        todo = [n for n in ready(wal_dir) if not (wal_dir / PUSHED_DIR / n).exists()]
+        for name in todo:
+            try:
+                digest = _push(repo, source, wal_dir / name)[1]
+            except SourceError:
+                if (wal_dir / "archive_status" / f"{name}.ready").exists():
+                    raise
+                continue  # acknowledged (and recycled by PostgreSQL) since it was listed: nothing is waiting
+            _mark(wal_dir, name, digest)
+            pushed += 1
+        _forget_stale_markers(wal_dir)
+        now = time.monotonic()
+        if todo:
+            last = now
+        elif now - last > idle or now - started > lifetime:
+            return pushed
+        else:
+            time.sleep(POLL * 5)
 
 
 def push_ahead(repo: Repository, source: PostgresSource, path: str | os.PathLike[str], ahead: int = AHEAD) -> int:
     """Archive up to ``ahead`` segments PostgreSQL marked ready after ``path``; leave a marker for each; how many."""
     wal_dir = Path(path).parent
     name = os.path.basename(path)
-    try:
-        ready = sorted(p.name[: -len(".ready")] for p in (wal_dir / "archive_status").glob("*.ready"))
-    except OSError:
-        return 0
-    later = [n for n in ready if n > name and WAL_NAME.match(n)][:ahead]
-    spool = pushed_dir(path)
-    for old in spool.glob("*") if spool.is_dir() else ():
-        if old.name <= name:  # archived and acknowledged long ago (or never asked for again)
-            old.unlink(missing_ok=True)
+    later = [n for n in ready(wal_dir) if n > name][:ahead]
+    _forget_stale_markers(wal_dir)
     pushed = 0
     for following in later:
-        marker = spool / following
-        if marker.exists():
+        if (pushed_dir(path) / following).exists():
             continue
         try:
             digest = _push(repo, source, wal_dir / following)[1]
         except (ShardvaultError, OSError):
             break  # its own call pushes it, and says what is wrong
-        spool.mkdir(exist_ok=True)
-        tmp = spool / f".{following}.{os.getpid()}"
-        tmp.write_text(digest + "\n")
-        os.replace(tmp, marker)  # after the commit: a marker never names what is not archived
+        _mark(wal_dir, following, digest)
         pushed += 1
     return pushed
 

@@ -1,0 +1,196 @@
+"""The spools beside ``pg_wal``: what ``wal-push`` archived ahead and what ``wal-fetch`` read ahead.
+
+PostgreSQL runs ``archive_command`` and ``restore_command`` once per WAL
+file, in order, and waits for each.  A process per 16 MiB segment would pay
+its start-up (the interpreter, the command line, the passphrase's scrypt,
+the index, a session on every peer) every time, so both directions work
+ahead of PostgreSQL and leave their results in a directory next to
+``pg_wal``'s files that PostgreSQL ignores:
+
+``.shardvault-pushed/<segment>``
+    a *marker*: the BLAKE3 hash of a segment that was committed to the
+    archive before PostgreSQL asked for it.  The call for that segment
+    checks the file still has that hash and returns at once.
+
+``.shardvault-prefetch/<segment>``
+    a segment fetched and verified before recovery asked for it; the call
+    moves it into place.
+
+Either spool may have a *worker*, a long-lived process that fills it
+(``wal-pusher`` for ``wal-push --async``, ``wal-prefetcher`` for
+``wal-fetch``), holding ``.worker.lock`` (an flock, so a killed worker never
+leaves a stale lock) while it runs.  A worker that fails leaves one line and
+an exit code in ``.worker.error`` for the call waiting on it to report.
+
+This module imports nothing heavy: the console script (:mod:`shardvault.entry`)
+serves both spools before the command line and the library are loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import fcntl
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import blake3
+
+from shardvault.walnames import WAL_NAME
+
+PUSHED_DIR = ".shardvault-pushed"
+PREFETCH_DIR = ".shardvault-prefetch"
+LOCK = ".worker.lock"
+ERROR = ".worker.error"
+CURRENT = ".worker.current"  # the WAL file a prefetcher is fetching now
+LOG = ".worker.log"  # a worker's stderr (a traceback, should one ever crash)
+POLL = 0.01  # seconds between looks at a spool while waiting on its worker
+
+
+def pushed_dir(path: str | os.PathLike[str]) -> Path:
+    """Where markers of segments pushed ahead wait: beside ``pg_wal``'s files, in a directory PostgreSQL ignores."""
+    return Path(path).parent / PUSHED_DIR
+
+
+def prefetch_dir(dest: str | os.PathLike[str]) -> Path:
+    """Where segments fetched ahead wait: beside ``dest`` (a file in pg_wal), in a directory PostgreSQL ignores."""
+    return Path(dest).parent / PREFETCH_DIR
+
+
+def wal_files(spool: Path) -> list[str]:
+    """The WAL files (markers or segments) in a spool, in order; its worker's files are not among them."""
+    try:
+        return sorted(name for name in os.listdir(spool) if WAL_NAME.match(name))
+    except OSError:
+        return []
+
+
+def take_pushed(path: str | os.PathLike[str]) -> bool:
+    """Whether an earlier call or the pusher archived this segment ahead (its marker names the file's current hash).
+
+    The marker is used up either way: a file whose content is not the one
+    committed (a re-created cluster) goes the whole way, where the archive
+    refuses a different content under a committed name.
+    """
+    marker = pushed_dir(path) / os.path.basename(path)
+    try:
+        recorded = marker.read_text().strip()
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    marker.unlink(missing_ok=True)
+    return bool(WAL_NAME.match(marker.name)) and blake3.blake3(data).hexdigest() == recorded
+
+
+def take_prefetched(name: str, dest: str | os.PathLike[str]) -> bool:
+    """Move ``name`` from the prefetch spool to ``dest`` if it was fetched ahead.
+
+    Segments before it on its timeline are dropped: recovery has moved past
+    them, and the prefetcher fills the room they leave.  Files in the spool
+    were written whole and verified against their hash first.
+    """
+    if not WAL_NAME.match(name):
+        return False
+    spool = prefetch_dir(dest)
+    for old in wal_files(spool):
+        if old < name and old[:8] == name[:8]:
+            (spool / old).unlink(missing_ok=True)
+    try:
+        os.replace(spool / name, dest)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# --- workers -------------------------------------------------------------------
+
+
+class Outcome(enum.Enum):
+    """How waiting on a spool's worker ended."""
+
+    DONE = "done"  # the file was archived (push) or is in place (fetch)
+    FAILED = "failed"  # the worker stopped with an error (see read_error)
+    GONE = "gone"  # no worker, or it stopped without doing it: the caller does the work itself
+    TIMEOUT = "timeout"
+
+
+def worker_alive(spool: Path) -> bool:
+    """Whether a worker holds this spool's lock now."""
+    try:
+        fd = os.open(spool / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def worker_lock(spool: Path) -> Iterator[bool]:
+    """Hold this spool's worker lock for the body; yields False (and holds nothing) if another worker has it."""
+    spool.mkdir(exist_ok=True)
+    fd = os.open(spool / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def write_error(spool: Path, message: str, code: int) -> None:
+    """What a worker leaves when it stops on an error: one line and the exit code the waiting call returns."""
+    with contextlib.suppress(OSError):  # a spool removed under it: nobody is waiting
+        tmp = spool / f"{ERROR}.{os.getpid()}"
+        tmp.write_text(json.dumps({"message": message, "exit": code}))
+        os.replace(tmp, spool / ERROR)
+
+
+def take_error(spool: Path) -> tuple[str, int] | None:
+    """The error a worker left (used up), or None."""
+    try:
+        doc = json.loads((spool / ERROR).read_text())
+        (spool / ERROR).unlink()
+        return str(doc["message"]), int(doc["exit"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def await_worker(
+    spool: Path, done: Callable[[], bool], timeout: float, alive: Callable[[], bool] | None = None
+) -> Outcome:
+    """Wait until ``done()`` while the spool's worker runs (``alive``: the caller's own view of a worker it started).
+
+    ``done`` is asked once more after the worker stopped: it may have
+    finished the file just before it exited.
+    """
+    deadline = time.monotonic() + timeout
+    running = alive or (lambda: worker_alive(spool))
+    while True:
+        if done():
+            return Outcome.DONE
+        if not running():
+            if done():
+                return Outcome.DONE
+            return Outcome.FAILED if (spool / ERROR).exists() else Outcome.GONE
+        if time.monotonic() > deadline:
+            return Outcome.TIMEOUT
+        time.sleep(POLL)
+
+
+def fetching(spool: Path) -> str:
+    """The WAL file the prefetcher is fetching now ('' if none)."""
+    try:
+        return (spool / CURRENT).read_text().strip()
+    except OSError:
+        return ""
