@@ -8,7 +8,9 @@ the timeline fetched and verified in a spool beside ``pg_wal``
 (:mod:`shardvault.walspool`), while PostgreSQL replays.  The calls that
 follow move their segment out of the spool, or wait for the one the
 prefetcher is fetching, without opening the repository (no scrypt, no
-peer): pgBackRest's asynchronous archive-get.  The prefetcher stops at the
+peer): pgBackRest's asynchronous archive-get.  It also lists the archived
+timeline history files, so that asking for one that is not there needs no
+repository either.  The prefetcher stops at the
 end of the archive, when recovery ends (the spool is removed), or after
 ``IDLE`` seconds in which recovery took nothing.
 """
@@ -26,7 +28,7 @@ from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.wal import archived, record_name
 from shardvault.walnames import WAL_NAME, segment_number
-from shardvault.walspool import CURRENT, POLL, prefetch_dir, wal_files
+from shardvault.walspool import CURRENT, POLL, prefetch_dir, wal_files, write_history
 
 PREFETCH = 8  # WAL segments kept fetched ahead of recovery, as pgBackRest's archive-get queue (128 MiB)
 IDLE = 60.0  # seconds the prefetcher waits for recovery to take a segment before it stops
@@ -67,6 +69,7 @@ def prefetch(
     have = set(archived(repo, source))
     fetched, seen, last = 0, wal_files(spool), time.monotonic()
     try:
+        write_history(spool, source.name, [n for n in have if n.endswith(".history")])
         while spool.is_dir():
             files = wal_files(spool)
             if files != seen:

@@ -64,6 +64,15 @@ def _fast(call: Call) -> int | None:
         if walspool.take_prefetched(name, dest):
             return 0
         spool = walspool.prefetch_dir(dest)
+        if source := walspool.history_missing(name, dest):
+            import shutil
+
+            from shardvault.errors import WalMissingError
+
+            shutil.rmtree(spool, ignore_errors=True)  # recovery is ending (as in restore.wal.fetch)
+            missing = WalMissingError(source, name, "")
+            print(f"shardvault: error: {missing}", file=sys.stderr)
+            return missing.exit_code
         now = walspool.fetching(spool)
         if walspool.worker_alive(spool) and name[:8] == now[:8] and name >= now and len(name) == len(now):
             done = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT)

@@ -14,7 +14,11 @@ ahead of PostgreSQL and leave their results in a directory next to
 
 ``.shardvault-prefetch/<segment>``
     a segment fetched and verified before recovery asked for it; the call
-    moves it into place.
+    moves it into place.  The prefetcher also lists the timeline history
+    files the archive has, so that recovery's questions for the next
+    timeline's history ("is 00000002.history archived?") are answered "no"
+    without the repository, as pgBackRest's asynchronous archive-get
+    answers from its queue.
 
 Either spool may have a *worker*, a long-lived process that fills it
 (``wal-pusher`` for ``wal-push --async``, ``wal-prefetcher`` for
@@ -46,6 +50,7 @@ PREFETCH_DIR = ".shardvault-prefetch"
 LOCK = ".worker.lock"
 ERROR = ".worker.error"
 CURRENT = ".worker.current"  # the WAL file a prefetcher is fetching now
+HISTORY = ".worker.history"  # the timeline history files archived, as the prefetcher last listed them
 LOG = ".worker.log"  # a worker's stderr (a traceback, should one ever crash)
 POLL = 0.01  # seconds between looks at a spool while waiting on its worker
 
@@ -194,3 +199,22 @@ def fetching(spool: Path) -> str:
         return (spool / CURRENT).read_text().strip()
     except OSError:
         return ""
+
+
+def write_history(spool: Path, source: str, names: list[str]) -> None:
+    """The prefetcher's listing of the archived timeline history files (for :func:`history_missing`)."""
+    tmp = spool / f"{HISTORY}.{os.getpid()}"
+    tmp.write_text(json.dumps({"source": source, "files": sorted(names)}))
+    os.replace(tmp, spool / HISTORY)
+
+
+def history_missing(name: str, dest: str | os.PathLike[str]) -> str | None:
+    """The source's name if a running prefetcher lists ``name`` (a history file) as not archived; else None."""
+    spool = prefetch_dir(dest)
+    if not name.endswith(".history") or not WAL_NAME.match(name) or not worker_alive(spool):
+        return None
+    try:
+        doc = json.loads((spool / HISTORY).read_text())
+        return None if name in doc["files"] else str(doc["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
