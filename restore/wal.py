@@ -11,8 +11,8 @@ prefetcher is fetching, without opening the repository (no scrypt, no
 peer): pgBackRest's asynchronous archive-get.  It also lists the archived
 timeline history files, so that asking for one that is not there needs no
 repository either.  The prefetcher stops at the
-end of the archive, when recovery ends (the spool is removed), or after
-``IDLE`` seconds in which recovery took nothing.
+when recovery ends (the spool is removed) or after ``IDLE`` seconds in
+which recovery took nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def fetch(repo: Repository, source: PostgresSource, name: str, dest: str | os.Pa
     if not WAL_NAME.match(name) or not repo.meta_exists(record):
         shutil.rmtree(prefetch_dir(dest), ignore_errors=True)  # recovery is ending: nothing more to read ahead
         later = ""
-        if gaps_before := [n for n in archived(repo, source) if n > name.upper() and n[:8] == name.upper()[:8]]:
+        if segment_number(name) is None:
+            pass  # a history file (a timeline not taken yet) or another name: no gap to speak of
+        elif gaps_before := [n for n in archived(repo, source) if n > name.upper() and n[:8] == name.upper()[:8]]:
             later = f", but later ones are (first: {gaps_before[0]}): a gap in the archive"
         raise WalMissingError(source.name, name, later)
     _write_verified(repo, repo.blob_reader(), source, name, Path(dest))
@@ -74,17 +76,18 @@ def prefetch(
             files = wal_files(spool)
             if files != seen:
                 seen, last = files, time.monotonic()
-            if len(files) >= depth:
+            following = f"{tli:08X}{(seg + 1) // 0x100:08X}{(seg + 1) % 0x100:08X}"
+            if len(files) >= depth or following not in have:
+                # Full, or at the end of the archive (staying to answer for history files): fetching
+                # nothing now, so no call waits on it.
+                (spool / CURRENT).unlink(missing_ok=True)
                 if time.monotonic() - last > idle:
                     break
                 time.sleep(POLL)
                 continue
             seg += 1
-            following = f"{tli:08X}{seg // 0x100:08X}{seg % 0x100:08X}"
             if following in files:
                 continue
-            if following not in have:
-                break
             (spool / CURRENT).write_text(following)
             _write_verified(repo, reader, source, following, spool / following)
             fetched += 1

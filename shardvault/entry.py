@@ -61,9 +61,14 @@ def _fast(call: Call) -> int | None:
 
     if call.command == "wal-fetch":
         name, dest = call.arguments
-        if walspool.take_prefetched(name, dest):
-            return 0
         spool = walspool.prefetch_dir(dest)
+
+        def coming() -> bool:  # the prefetcher is fetching this segment or one before it on its timeline
+            now = walspool.fetching(spool)
+            return len(now) == len(name) and now[:8] == name[:8] and now <= name and walspool.worker_alive(spool)
+
+        if walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT, coming) is walspool.Outcome.DONE:
+            return 0
         if source := walspool.history_missing(name, dest):
             import shutil
 
@@ -73,10 +78,6 @@ def _fast(call: Call) -> int | None:
             missing = WalMissingError(source, name, "")
             print(f"shardvault: error: {missing}", file=sys.stderr)
             return missing.exit_code
-        now = walspool.fetching(spool)
-        if walspool.worker_alive(spool) and name[:8] == now[:8] and name >= now and len(name) == len(now):
-            done = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT)
-            return 0 if done is walspool.Outcome.DONE else None
         return None
     path = call.arguments[0]
     if walspool.take_pushed(path):
