@@ -67,7 +67,8 @@ def _fast(call: Call) -> int | None:
             now = walspool.fetching(spool)
             return len(now) == len(name) and now[:8] == name[:8] and now <= name and walspool.worker_alive(spool)
 
-        if walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT, coming) is walspool.Outcome.DONE:
+        outcome = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT, coming)
+        if outcome is walspool.Outcome.DONE:
             return 0
         if source := walspool.history_missing(name, dest):
             import shutil
