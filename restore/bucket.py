@@ -55,9 +55,9 @@ def restore_to_bucket(
             extra: dict[str, Any] = {"Metadata": meta.get("metadata", {})}
             if meta.get("content_type"):
                 extra["ContentType"] = meta["content_type"]
-            stream = ChunkStream(repo, entry)
-            client.upload_fileobj(stream, bucket, key, ExtraArgs=extra)
-            stream.verify()
+            with ChunkStream(repo, entry) as stream:
+                client.upload_fileobj(stream, bucket, key, ExtraArgs=extra)
+                stream.verify()
             stats.objects += 1
             stats.bytes += entry.size
         if delete:

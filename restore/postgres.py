@@ -34,6 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from shardvault import walspool
 from shardvault.config import PostgresSource
 from shardvault.errors import RestoreRefusedError, RestoreTargetError, SourceError, UnsafePathError
 from shardvault.repository import Repository
@@ -42,6 +43,7 @@ from shardvault.restore.safepath import SafeTarget, safe_parts, target_error
 from shardvault.restore.streams import ChunkStream
 from shardvault.sources import postgres as pg
 from shardvault.tree import FILE, Entry
+from shardvault.walnames import segment_number
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -63,7 +65,14 @@ def restore_physical(
     password_file: Path | None,
     to_time: str | None = None,
     to_lsn: str | None = None,
+    prefetch_wal: bool = False,
 ) -> dict[str, Any]:
+    """Unpack ``snap``'s base backup into ``target`` and set up recovery (see the module's docstring).
+
+    ``prefetch_wal``: the server starts right after (``restore --start``),
+    so a prefetcher starts fetching the first WAL segments it will ask for
+    while the base backup is unpacked.
+    """
     base = snap
     facts = dict(snap.stats.get("postgres", {}))
     if snap.kind == "incremental":
@@ -84,11 +93,14 @@ def restore_physical(
             raise RestoreTargetError(str(target), "not empty; a data directory is restored into an empty one")
         try:
             os.fchmod(safe.root_fd, 0o700)
+            first = base.stats.get("postgres", {}).get("start_wal_file")
+            if prefetch_wal and isinstance(first, str) and segment_number(first):
+                _start_prefetcher(target, source, first, config_path, password_file)
         except OSError as exc:
             raise target_error(exc, target) from None
-    stream = ChunkStream(repo, entry)
-    _untar(stream, target)
-    stream.verify()
+    with ChunkStream(repo, entry) as stream:
+        _untar(stream, target)
+        stream.verify()
     try:
         (target / "pg_wal" / "archive_status").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -115,6 +127,31 @@ def restore_physical(
     except OSError as exc:
         raise target_error(exc, conf_path) from None
     return {"base": base.id, "target": str(target), "settings": settings, "postgres": base.stats.get("postgres", {})}
+
+
+def _start_prefetcher(target: Path, source: PostgresSource, first: str, config_path: Path, password_file: Path) -> None:
+    """Start ``wal-prefetcher`` on the restored ``pg_wal`` from ``first``, as the server's user (it moves the files)."""
+    globals_ = ["--config", str(config_path), "--password-file", str(password_file)]
+    user = _server_user()
+    wal = target / "pg_wal"
+    wal.mkdir()
+    if user is not None:
+        os.chown(target, user.pw_uid, user.pw_gid)
+        os.chown(wal, user.pw_uid, user.pw_gid)
+    spool = walspool.prefetch_dir(wal / first)
+    walspool.start_worker(
+        spool, globals_, "wal-prefetcher", "--source", source.name, first, str(wal / first), user=user and user.pw_name
+    )
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The user the server runs as when this runs as root (`postgres`); None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam("postgres")
+    except KeyError:
+        return None
 
 
 def _untar(stream: ChunkStream, target: Path) -> None:
@@ -152,11 +189,8 @@ def _untar(stream: ChunkStream, target: Path) -> None:
 
 def give_to_postgres(target: Path, include_root: bool = False) -> None:
     """Hand what a restore wrote to the `postgres` user (the server runs as it); a no-op unless root."""
-    if os.geteuid() != 0:
-        return
-    try:
-        user = pwd.getpwnam("postgres")
-    except KeyError:
+    user = _server_user()
+    if user is None:
         return
     if include_root:
         os.lchown(target, user.pw_uid, user.pw_gid)
@@ -217,8 +251,7 @@ def restore_logical(repo: Repository, snap: Snapshot, source: PostgresSource, da
         if exists:
             raise RestoreTargetError(f"database {database!r}", "the database already exists; restore into a new name")
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    stream = ChunkStream(repo, _the_file(repo, snap))
-    with tempfile.TemporaryFile() as errors:
+    with ChunkStream(repo, _the_file(repo, snap)) as stream, tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(
             [
                 pg.tool(source, "pg_restore"),
@@ -239,7 +272,7 @@ def restore_logical(repo: Repository, snap: Snapshot, source: PostgresSource, da
         code = proc.wait()
         errors.seek(0)
         err = errors.read().decode(errors="replace")
-    stream.verify()
+        stream.verify()
     if code != 0:
         lines = err.strip().splitlines()
         raise SourceError(source.name, f"pg_restore failed: {lines[-1] if lines else code}")

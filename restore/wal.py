@@ -27,7 +27,7 @@ from shardvault.crypto import new_content_hasher
 from shardvault.errors import ShardvaultError, WalMissingError
 from shardvault.repository import BlobReader, Repository
 from shardvault.repository.wal import archived, record_name
-from shardvault.walnames import WAL_NAME, segment_number
+from shardvault.walnames import WAL_NAME, segment_name, segment_number
 from shardvault.walspool import CURRENT, POLL, prefetch_dir, wal_files, write_history
 
 PREFETCH = 8  # WAL segments kept fetched ahead of recovery, as pgBackRest's archive-get queue (128 MiB)
@@ -51,22 +51,22 @@ def fetch(repo: Repository, source: PostgresSource, name: str, dest: str | os.Pa
 def prefetch(
     repo: Repository,
     source: PostgresSource,
-    after: str,
+    first: str,
     dest: str | os.PathLike[str],
     depth: int = PREFETCH,
     idle: float = IDLE,
 ) -> int:
-    """The prefetcher's loop: keep the ``depth`` segments after ``after`` in the spool; how many it fetched.
+    """The prefetcher's loop: keep ``depth`` segments from ``first`` on in the spool; how many it fetched.
 
     Read-ahead is best effort: a segment it cannot fetch (not archived, or
     archived after this process loaded the index) ends it, and that
     segment's own call fetches it, or says why not.
     """
-    number = segment_number(after)
+    number = segment_number(first)
     spool = prefetch_dir(dest)
     if number is None or not spool.is_dir():
         return 0
-    tli, seg = number
+    tli, seg = number[0], number[1] - 1
     reader = repo.blob_reader()
     have = set(archived(repo, source))
     fetched, seen, last = 0, wal_files(spool), time.monotonic()
@@ -76,7 +76,7 @@ def prefetch(
             files = wal_files(spool)
             if files != seen:
                 seen, last = files, time.monotonic()
-            following = f"{tli:08X}{(seg + 1) // 0x100:08X}{(seg + 1) % 0x100:08X}"
+            following = segment_name(tli, seg + 1)
             if len(files) >= depth or following not in have:
                 # Full, or at the end of the archive (staying to answer for history files): fetching
                 # nothing now, so no call waits on it.

@@ -16,7 +16,6 @@ import math
 import os
 import signal
 import stat
-import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ from shardvault.errors import (
 )
 from shardvault.progress import Done, ProgressMeter, Totals, Watch, line_interval, progress_line, shorten_path, summary
 from shardvault.repository import Repository
-from shardvault.walnames import segment_number
+from shardvault.walnames import next_segment
 
 F = TypeVar("F", bound=Callable[..., Any])
 err = Console(stderr=True, highlight=False)
@@ -872,6 +871,7 @@ def _restore_postgres(
         password_file=password_file,
         to_time=to_time,
         to_lsn=to_lsn,
+        prefetch_wal=start_server,
     )
     point = to_time or to_lsn or doc["settings"].get("recovery_target_lsn") or "the end of the archived WAL"
     if start_server:
@@ -936,19 +936,10 @@ def wal_push(ctx: Context, path: Path, source: str | None, ahead: int, async_: b
             push_ahead(repo, src, path, ahead)
 
 
-def _start_worker(ctx: Context, spool: Path, *argv: str) -> subprocess.Popen[bytes]:
-    """Start a spool's worker (wal-pusher, wal-prefetcher) as its own process, outliving this call."""
-    exe = Path(sys.executable).with_name("shardvault")
-    command = [str(exe) if exe.exists() else "shardvault"]
-    if ctx.config_path:
-        command += ["--config", ctx.config_path]
-    if ctx.password_file:
-        command += ["--password-file", ctx.password_file]
-    spool.mkdir(exist_ok=True)
-    with open(spool / walspool.LOG, "wb") as log:
-        return subprocess.Popen(
-            [*command, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
-        )
+def _globals(ctx: Context) -> list[str]:
+    """This call's global options, for a worker it starts."""
+    argv = ["--config", ctx.config_path] if ctx.config_path else []
+    return argv + (["--password-file", ctx.password_file] if ctx.password_file else [])
 
 
 def _push_async(ctx: Context, src: PostgresSource, path: Path, timeout: float) -> bool:
@@ -965,7 +956,7 @@ def _push_async(ctx: Context, src: PostgresSource, path: Path, timeout: float) -
     alive: Callable[[], bool] = lambda: walspool.worker_alive(spool)  # noqa: E731
     if not alive():
         walspool.take_error(spool)  # reported before: this call tries again
-        worker = _start_worker(ctx, spool, "wal-pusher", "--source", src.name, str(path.parent))
+        worker = walspool.start_worker(spool, _globals(ctx), "wal-pusher", "--source", src.name, str(path.parent))
         alive = lambda: worker.poll() is None or walspool.worker_alive(spool)  # noqa: E731
     outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout, alive)
     if outcome is walspool.Outcome.FAILED and (error := walspool.take_error(spool)):
@@ -1015,24 +1006,24 @@ def wal_fetch(ctx: Context, name: str, dest: Path, source: str | None) -> None:
     with ctx.repository() as repo:
         fetch(repo, src, name, dest)
     spool = walspool.prefetch_dir(dest)
-    if segment_number(name) is not None and not walspool.worker_alive(spool):
-        _start_worker(ctx, spool, "wal-prefetcher", "--source", src.name, name, str(dest))
+    if (following := next_segment(name)) and not walspool.worker_alive(spool):
+        walspool.start_worker(spool, _globals(ctx), "wal-prefetcher", "--source", src.name, following, str(dest))
 
 
 @main.command(name="wal-prefetcher", hidden=True)
-@click.argument("after")
+@click.argument("first")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--source", help="The PostgreSQL source (default: the only one).")
 @pass_ctx
 @handle_errors
-def wal_prefetcher(ctx: Context, after: str, dest: Path, source: str | None) -> None:
-    """Keep the WAL segments after AFTER fetched ahead for wal-fetch (started by wal-fetch; stops by itself)."""
+def wal_prefetcher(ctx: Context, first: str, dest: Path, source: str | None) -> None:
+    """Keep WAL segments from FIRST on fetched ahead for wal-fetch (started by wal-fetch and restore; stops itself)."""
     from shardvault.restore.wal import prefetch
 
     with walspool.worker_lock(walspool.prefetch_dir(dest)) as mine:
         if mine:
             with ctx.repository() as repo:
-                prefetch(repo, _postgres_source(ctx, source), after, dest)
+                prefetch(repo, _postgres_source(ctx, source), first, dest)
 
 
 @main.command(name="check")

@@ -21,6 +21,17 @@ def segment_number(name: str) -> tuple[int, int] | None:
     return tli, log * 0x100 + seg
 
 
+def segment_name(tli: int, number: int) -> str:
+    """The name of segment ``number`` of timeline ``tli`` (16 MiB segments)."""
+    return f"{tli:08X}{number // 0x100:08X}{number % 0x100:08X}"
+
+
+def next_segment(name: str) -> str | None:
+    """The segment after ``name`` on its timeline; None if ``name`` is not a segment."""
+    number = segment_number(name)
+    return None if number is None else segment_name(number[0], number[1] + 1)
+
+
 def gaps(names: list[str]) -> list[str]:
     """Segments missing between the first and the last archived one of each timeline."""
     by_timeline: dict[int, set[int]] = {}
@@ -32,5 +43,5 @@ def gaps(names: list[str]) -> list[str]:
     for tli, numbers in sorted(by_timeline.items()):
         for n in range(min(numbers), max(numbers)):
             if n not in numbers:
-                missing.append(f"{tli:08X}{n // 0x100:08X}{n % 0x100:08X}")
+                missing.append(segment_name(tli, n))
     return missing

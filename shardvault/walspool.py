@@ -37,6 +37,8 @@ import enum
 import fcntl
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -151,6 +153,30 @@ def worker_lock(spool: Path) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)  # releases the lock
+
+
+def start_worker(spool: Path, globals_: list[str], *argv: str, user: str | None = None) -> subprocess.Popen[bytes]:
+    """Start a spool's worker (``shardvault GLOBALS wal-pusher|wal-prefetcher ...``) as its own process.
+
+    It outlives the call that started it (its own session, no inherited
+    output: PostgreSQL waits for the call only).  ``user``: run it as that
+    user (root restoring for the ``postgres`` server), creating the spool as
+    theirs.
+    """
+    exe = Path(sys.executable).with_name("shardvault")
+    command = [str(exe) if exe.exists() else "shardvault", *globals_, *argv]
+    spool.mkdir(exist_ok=True)
+    if user is not None:
+        import shutil
+
+        shutil.chown(spool, user, user)
+        command = ["runuser", "-u", user, "--", *command]
+    with open(spool / LOG, "wb") as log:
+        if user is not None:
+            shutil.chown(spool / LOG, user, user)
+        return subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+        )
 
 
 def write_error(spool: Path, message: str, code: int) -> None:

@@ -859,13 +859,15 @@ class BlobReader:
             self.packs.popitem(last=False)
         return data
 
-    def read(self, chunk: bytes) -> bytes | bytearray:
+    def read(self, chunk: bytes, check_id: bool = True) -> bytes | bytearray:
+        """The chunk's data (``check_id``: see :meth:`Repository.open_blob`)."""
         locations = self.repo.index.locations(chunk)
         if not locations:
             raise BlobNotFoundError(chunk.hex())
         for i, loc in enumerate(locations):
             try:
-                return self.repo.open_blob(chunk, self.pack(loc.pack_id), loc.offset, loc.length, loc.raw_length)
+                pack = self.pack(loc.pack_id)
+                return self.repo.open_blob(chunk, pack, loc.offset, loc.length, loc.raw_length, check_id)
             except (NotEnoughShardsError, DataLossError):
                 if i == len(locations) - 1:
                     raise  # no other copy of the chunk: the loss is real
