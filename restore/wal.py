@@ -8,11 +8,15 @@ the timeline fetched and verified in a spool beside ``pg_wal``
 (:mod:`shardvault.walspool`), while PostgreSQL replays.  The calls that
 follow move their segment out of the spool, or wait for the one the
 prefetcher is fetching, without opening the repository (no scrypt, no
-peer): pgBackRest's asynchronous archive-get.  It also lists the archived
-timeline history files, so that asking for one that is not there needs no
-repository either.  The prefetcher stops at the
-when recovery ends (the spool is removed) or after ``IDLE`` seconds in
-which recovery took nothing.
+peer): pgBackRest's asynchronous archive-get.  ``restore --start`` starts
+the prefetcher itself, from the base backup's first segment, while it
+unpacks the base backup.
+
+The prefetcher also lists the archived timeline history files, so that
+recovery's questions for the next timeline's history need no repository
+either.  It stops, removing the spool, when the server has promoted
+(``recovery.signal`` gone) or after ``IDLE`` seconds in which recovery took
+nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +42,6 @@ def fetch(repo: Repository, source: PostgresSource, name: str, dest: str | os.Pa
     """Restore one WAL file to ``dest`` (written whole, verified, then renamed into place)."""
     record = record_name(source.name, name)
     if not WAL_NAME.match(name) or not repo.meta_exists(record):
-        shutil.rmtree(prefetch_dir(dest), ignore_errors=True)  # recovery is ending: nothing more to read ahead
         later = ""
         if segment_number(name) is None:
             pass  # a history file (a timeline not taken yet) or another name: no gap to speak of
@@ -59,8 +62,10 @@ def prefetch(
     """The prefetcher's loop: keep ``depth`` segments from ``first`` on in the spool; how many it fetched.
 
     Read-ahead is best effort: a segment it cannot fetch (not archived, or
-    archived after this process loaded the index) ends it, and that
-    segment's own call fetches it, or says why not.
+    archived after this process loaded the index) ends the fetching, and
+    that segment's own call fetches it, or says why not.  It then stays, to
+    answer for history files, until recovery is over (the server promoted)
+    or took nothing for ``idle`` seconds, and removes the spool.
     """
     number = segment_number(first)
     spool = prefetch_dir(dest)
@@ -69,33 +74,46 @@ def prefetch(
     tli, seg = number[0], number[1] - 1
     reader = repo.blob_reader()
     have = set(archived(repo, source))
-    fetched, seen, last = 0, wal_files(spool), time.monotonic()
+    fetched, seen, last, fetching = 0, wal_files(spool), time.monotonic(), True
     try:
         write_history(spool, source.name, [n for n in have if n.endswith(".history")])
-        while spool.is_dir():
+        while not _recovery_over(spool):
             files = wal_files(spool)
             if files != seen:
                 seen, last = files, time.monotonic()
             following = segment_name(tli, seg + 1)
-            if len(files) >= depth or following not in have:
-                # Full, or at the end of the archive (staying to answer for history files): fetching
-                # nothing now, so no call waits on it.
+            if not fetching or len(files) >= depth or following not in have:
+                # Full, or at the end of what it can fetch (staying to answer for history files):
+                # fetching nothing now, so no call waits on it.
                 (spool / CURRENT).unlink(missing_ok=True)
                 if time.monotonic() - last > idle:
                     break
-                time.sleep(POLL)
+                time.sleep(POLL * 5)
                 continue
             seg += 1
             if following in files:
                 continue
             (spool / CURRENT).write_text(following)
-            _write_verified(repo, reader, source, following, spool / following)
-            fetched += 1
-    except (ShardvaultError, OSError):
-        pass  # not fetched ahead: its own call fetches it, and says what is wrong (a removed spool: recovery ended)
+            try:
+                _write_verified(repo, reader, source, following, spool / following)
+                fetched += 1
+            except ShardvaultError:
+                fetching = False  # best effort: its own call fetches it, and says what is wrong
+    except OSError:
+        return fetched  # the spool was removed under it
     finally:
         (spool / CURRENT).unlink(missing_ok=True)
+    shutil.rmtree(spool, ignore_errors=True)  # recovery is over, or took nothing for `idle` s
     return fetched
+
+
+def _recovery_over(spool: Path) -> bool:
+    """Whether the server whose pg_wal holds ``spool`` has finished archive recovery (promoted), or it is gone."""
+    data = spool.parent.parent
+    if not spool.is_dir():
+        return True
+    running = (data / "postmaster.pid").exists()
+    return running and not (data / "recovery.signal").exists() and not (data / "standby.signal").exists()
 
 
 def _write_verified(repo: Repository, reader: BlobReader, source: PostgresSource, name: str, target: Path) -> None:

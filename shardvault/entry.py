@@ -71,11 +71,8 @@ def _fast(call: Call) -> int | None:
         if outcome is walspool.Outcome.DONE:
             return 0
         if source := walspool.history_missing(name, dest):
-            import shutil
-
             from shardvault.errors import WalMissingError
 
-            shutil.rmtree(spool, ignore_errors=True)  # recovery is ending (as in restore.wal.fetch)
             missing = WalMissingError(source, name, "")
             print(f"shardvault: error: {missing}", file=sys.stderr)
             return missing.exit_code

@@ -386,7 +386,7 @@ def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
     pg_wal.mkdir()
     fetch(reader, cfg.source("db"), "000000010000000000000001", pg_wal / "RECOVERYXLOG")
     (pg_wal / ".shardvault-prefetch").mkdir()
-    assert prefetch(reader, cfg.source("db"), "000000010000000000000002", pg_wal / "RECOVERYXLOG") == 0
+    assert prefetch(reader, cfg.source("db"), "000000010000000000000002", pg_wal / "RECOVERYXLOG", idle=0) == 0
     reader.close()
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segments["000000010000000000000001"]
     assert not wal_files(pg_wal / ".shardvault-prefetch")
