@@ -21,8 +21,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import psycopg.sql
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -70,6 +72,45 @@ def wait_archived(dsn: str, timeout: float = 900) -> None:
     raise RuntimeError("the archiver did not catch up")
 
 
+def archive_backlog(dsn: str, command: str, segments: int) -> tuple[float, int]:
+    """Seconds ``command`` (as archive_command) takes to archive a backlog of about ``segments`` WAL segments.
+
+    Archiving is paused (an empty archive_command) while the backlog is
+    written (rows of random text: WAL that compresses about as pgbench's),
+    then ``command`` is set and the clock runs until the archiver has
+    caught up.  Returns the seconds and how many segments were archived.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def value(query: str) -> Any:
+            return conn.execute(query).fetchone()[0]  # type: ignore[index]
+
+        conn.execute("ALTER SYSTEM SET archive_command = ''")
+        conn.execute("SELECT pg_reload_conf()")
+        time.sleep(1)
+        before = value("SELECT archived_count FROM pg_stat_archiver")
+        conn.execute("CREATE TABLE IF NOT EXISTS backlog (t text)")
+        while True:
+            conn.execute(
+                "INSERT INTO backlog SELECT md5(random()::text) || md5(random()::text) FROM generate_series(1, 50000)"
+            )
+            if value("SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'") >= segments:
+                break
+        last = value("SELECT pg_walfile_name(pg_switch_wal())")
+        start = time.perf_counter()
+        conn.execute(psycopg.sql.SQL("ALTER SYSTEM SET archive_command = {}").format(psycopg.sql.Literal(command)))
+        conn.execute("SELECT pg_reload_conf()")
+        deadline = start + 900
+        while (value("SELECT last_archived_wal FROM pg_stat_archiver") or "") < last:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{command} did not catch up")
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - start
+        done = value("SELECT archived_count FROM pg_stat_archiver") - before
+        conn.execute("TRUNCATE backlog")
+    return elapsed, done
+
+
 def timed(argv: list[str], **kw: object) -> float:
     start = time.perf_counter()
     result = subprocess.run(argv, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
@@ -82,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--backlog", type=int, default=32, help="WAL segments in each archiving backlog")
     args = parser.parse_args()
     subprocess.run(
         [str(HERE.parent / "scripts" / "apt-install"), "pgbackrest", "postgresql:/usr/lib/postgresql/15/bin/initdb"],
@@ -214,13 +256,37 @@ def main() -> None:
                 as_postgres(str(PGBIN / "pg_ctl"), "-D", str(d), "-m", "immediate", "stop", check=False)
                 started.remove(d)
                 shutil.rmtree(d)
+        # Archiving a backlog as PostgreSQL runs archive_command (one call per segment, in order), each tool
+        # alone, synchronous and asynchronous: seconds per segment, and how far above pgbench's WAL rate.
+        backlog: dict[str, tuple[float, int]] = {}
+        pgbr_cmd = f"pgbackrest --config={pgbr_conf} --stanza=bench"
+        for label, command in [
+            ("shardvault wal-push (--ahead 8)", f"{' '.join(sv)} wal-push %p"),
+            ("shardvault wal-push --async", f"{' '.join(sv)} wal-push --async %p"),
+            ("pgbackrest archive-push", f"{pgbr_cmd} archive-push %p"),
+            ("pgbackrest archive-push, archive-async", f"{pgbr_cmd} --archive-async archive-push %p"),
+        ]:
+            backlog[label] = archive_backlog(dsn, command, args.backlog)
         sv_size = sum(p.stat().st_size for p in (base / "peers").rglob("*") if p.is_file())
         br_size = sum(p.stat().st_size for p in (pgbr / "repo").rglob("*") if p.is_file())
         print(f"median of {args.repeat}; both verified to restore the same sum(abalance) at the target time")
-        print(f"{'operation':<26}{'shardvault':>12}{'pgBackRest':>12}{'ratio':>8}")
+        print(f"{'operation':<26}{'shardvault':>12}{'pgBackRest':>12}{'ratio':>8}   each run")
         for name, (a, b) in rows.items():
             ma, mb = statistics.median(a), statistics.median(b)
-            print(f"{name:<26}{ma:10.2f} s{mb:10.2f} s{ma / mb:8.2f}")
+            runs = " ".join(f"{x:.2f}/{y:.2f}" for x, y in zip(a, b, strict=True))
+            print(f"{name:<26}{ma:10.2f} s{mb:10.2f} s{ma / mb:8.2f}   {runs}")
+        print(
+            f"archiving a backlog of ~{args.backlog} segments (archive_command alone; pgbench -c 2: {rate:.1f} MiB/s)"
+        )
+        per = {label: seconds / max(count, 1) for label, (seconds, count) in backlog.items()}
+        for label, (seconds, count) in backlog.items():
+            print(
+                f"  {label:<40}{count:4d} in {seconds:6.2f} s: {per[label]:.3f} s per segment, "
+                f"{16 / per[label]:6.1f} MiB/s ({16 / per[label] / rate:4.1f}x pgbench's WAL rate)"
+            )
+        sync = per["shardvault wal-push (--ahead 8)"] / per["pgbackrest archive-push"]
+        asynchronous = per["shardvault wal-push --async"] / per["pgbackrest archive-push, archive-async"]
+        print(f"  ratio per segment: synchronous {sync:.2f}, asynchronous {asynchronous:.2f}")
         print(
             f"stored: shardvault {sv_size / 2**20:.0f} MiB over 6 peers (4-of-6), "
             f"pgBackRest {br_size / 2**20:.0f} MiB (one copy); {args.repeat} full backups each plus WAL"
