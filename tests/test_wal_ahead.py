@@ -8,11 +8,14 @@ archive_command under a real PostgreSQL 15, where every segment goes this way.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, Vault, make_vault
+from conftest import BIN, PASSWORD, Vault, make_vault
 
 from shardvault.config import PostgresSource
 from shardvault.repository.wal import archived
@@ -128,3 +131,162 @@ def test_the_fast_path_needs_no_configuration(pg_vault: tuple[Vault, Path], tmp_
         text=True,
     )
     assert again.returncode == 3, again.stderr
+
+
+# --- wal-push --async: one long-lived pusher --------------------------------------------------
+
+
+def _pusher_alive(wal: Path) -> bool:
+    from shardvault.walspool import worker_alive
+
+    return worker_alive(wal / ".shardvault-pushed")
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def async_vault(pg_vault: tuple[Vault, Path]) -> Iterator[tuple[Vault, Path]]:
+    vault, wal = pg_vault
+    vault.env["SHARDVAULT_WAL_PUSHER_IDLE"] = "2"
+    yield vault, wal
+    _wait(lambda: not _pusher_alive(wal))  # it stops by itself once idle
+
+
+def test_async_calls_hand_segments_to_one_pusher_that_stops_when_idle(async_vault: tuple[Vault, Path]) -> None:
+    vault, wal = async_vault
+    result = vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0]))
+    assert result.returncode == 0, result.stderr
+    assert SEGMENTS[0] in _archived(vault)  # "archived" only once committed
+    _done(wal, SEGMENTS[0])
+    # The pusher goes on with every ready segment; the later calls need no repository (a wrong passphrase).
+    for name in SEGMENTS[1:]:
+        result = vault.run("wal-push", "--source", "db", "--async", str(wal / name), password="wrong")
+        assert result.returncode == 0, result.stderr
+        _done(wal, name)
+    assert _archived(vault) == set(SEGMENTS)
+    # A segment PostgreSQL marks ready later is pushed by the same pusher, while it runs.
+    late = "000000010000000000000020"
+    (wal / late).write_bytes(os.urandom(1 << 16))
+    (wal / "archive_status" / f"{late}.ready").write_text("")
+    assert vault.run("wal-push", "--source", "db", "--async", str(wal / late), password="wrong").returncode == 0
+    _done(wal, late)
+    _wait(lambda: not _pusher_alive(wal))
+    assert not list((wal / ".shardvault-pushed").glob("0*")), "no marker outlives its segment's call"
+    # Every segment comes back as it was.
+    for name in [*SEGMENTS, late]:
+        out = wal.parent / "restored" / name
+        out.parent.mkdir(exist_ok=True)
+        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
+        assert out.read_bytes() == (wal / name).read_bytes(), name
+
+
+def test_async_reports_the_pushers_error_in_one_line_and_archives_nothing(async_vault: tuple[Vault, Path]) -> None:
+    vault, wal = async_vault
+    result = vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0]), password="wrong")
+    assert result.returncode == 4, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "passphrase" in result.stderr.lower(), result.stderr
+    assert not (wal / ".shardvault-pushed" / ".worker.error").exists()  # reported once, used up
+    assert _archived(vault) == set()
+    # PostgreSQL asks again: a new pusher, which works.
+    assert vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0])).returncode == 0
+    assert SEGMENTS[0] in _archived(vault)
+
+
+def test_async_with_too_few_peers_fails_with_the_peer_exit_code(async_vault: tuple[Vault, Path]) -> None:
+    vault, wal = async_vault
+    for name in SEGMENTS[1:]:
+        (wal / "archive_status" / f"{name}.ready").unlink()
+    assert vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0])).returncode == 0
+    _done(wal, SEGMENTS[0])
+    _wait(lambda: not _pusher_alive(wal))
+    (wal / "archive_status" / f"{SEGMENTS[1]}.ready").write_text("")
+    hidden = [vault.peers_dir / f"p{i}" for i in range(3)]  # 4-of-6: three peers gone is one too many
+    for peer in hidden:
+        peer.rename(peer.with_name(peer.name + ".away"))
+    try:
+        result = vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[1]))
+    finally:
+        for peer in hidden:
+            peer.with_name(peer.name + ".away").rename(peer)
+    assert result.returncode == 5, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (wal / ".shardvault-pushed" / SEGMENTS[1]).exists()
+    assert _archived(vault) == {SEGMENTS[0]}
+    assert vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[1])).returncode == 0
+    assert _archived(vault) == set(SEGMENTS[:2])
+
+
+def test_async_times_out_on_a_pusher_that_does_not_move(async_vault: tuple[Vault, Path]) -> None:
+    from shardvault.walspool import worker_lock
+
+    vault, wal = async_vault
+    with worker_lock(wal / ".shardvault-pushed") as mine:  # a pusher that holds its lock and pushes nothing
+        assert mine
+        result = vault.run("wal-push", "--source", "db", "--async", "--timeout", "1", str(wal / SEGMENTS[0]))
+    assert result.returncode == 5, result.stderr
+    assert "did not finish it within 1 s" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _archived(vault) == set()
+
+
+def test_async_survives_a_killed_pusher(async_vault: tuple[Vault, Path]) -> None:
+    vault, wal = async_vault
+    assert vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0])).returncode == 0
+    _done(wal, SEGMENTS[0])
+    pids = subprocess.run(["pgrep", "-f", f"wal-pusher --source db {wal}"], capture_output=True, text=True).stdout
+    for pid in pids.split():
+        os.kill(int(pid), signal.SIGKILL)
+    _wait(lambda: not _pusher_alive(wal))  # an flock dies with its holder: no stale lock
+    for name in SEGMENTS[1:]:
+        assert vault.run("wal-push", "--source", "db", "--async", str(wal / name)).returncode == 0
+        _done(wal, name)
+    assert _archived(vault) == set(SEGMENTS)
+    assert vault.run("check").returncode == 0
+
+
+def test_async_pushes_a_file_postgresql_did_not_mark_ready_itself(async_vault: tuple[Vault, Path]) -> None:
+    vault, wal = async_vault
+    (wal / "archive_status" / f"{SEGMENTS[0]}.ready").unlink()
+    result = vault.run("wal-push", "--source", "db", "--async", str(wal / SEGMENTS[0]))
+    assert result.returncode == 0, result.stderr
+    assert SEGMENTS[0] in _archived(vault)
+    assert not _pusher_alive(wal) and not (wal / ".shardvault-pushed" / ".worker.lock").exists()
+
+
+# --- wal-fetch: the prefetcher ---------------------------------------------------------------
+
+
+def test_the_prefetcher_serves_recovery_answers_for_history_files_and_cleans_up(
+    pg_vault: tuple[Vault, Path], tmp_path: Path
+) -> None:
+    from shardvault.walspool import worker_alive
+
+    vault, wal = pg_vault
+    for name in SEGMENTS:
+        assert vault.run("wal-push", "--source", "db", "--ahead", "0", str(wal / name)).returncode == 0
+    data = tmp_path / "restored"
+    (data / "pg_wal").mkdir(parents=True)
+    (data / "recovery.signal").write_text("")
+    spool = data / "pg_wal" / ".shardvault-prefetch"
+
+    def fetch(name: str, password: str = PASSWORD) -> subprocess.CompletedProcess[str]:
+        return vault.run("wal-fetch", "--source", "db", name, str(data / "pg_wal" / "RECOVERYXLOG"), password=password)
+
+    assert fetch(SEGMENTS[0]).returncode == 0  # opens the repository, starts the prefetcher
+    _wait(lambda: (spool / ".worker.history").exists() and worker_alive(spool))
+    # Recovery's next questions need no repository: the segments, and "is there a timeline 2?"
+    for name in SEGMENTS[1:6]:
+        result = fetch(name, password="wrong")
+        assert result.returncode == 0, result.stderr
+        assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == (wal / name).read_bytes()
+    result = fetch("00000002.history", password="wrong")
+    assert result.returncode == 8
+    assert result.stderr.strip() == "shardvault: error: Source db: WAL file 00000002.history is not in the archive"
+    # The server promoted (recovery.signal gone, postmaster.pid there): the prefetcher removes its spool and stops.
+    (data / "recovery.signal").unlink()
+    (data / "postmaster.pid").write_text("1\n")
+    _wait(lambda: not spool.exists())

@@ -53,7 +53,8 @@ from shardvault.walspool import POLL, PUSHED_DIR, pushed_dir, wal_files
 from .run import BackupStats, Pipeline, note_degradation
 
 AHEAD = 8  # ready segments a wal-push archives after its own (pgBackRest's archive-push-queue, in spirit)
-IDLE = 30.0  # seconds the pusher waits for PostgreSQL to mark another segment ready before it stops
+# Seconds the pusher waits for PostgreSQL to mark another segment ready before it stops; tests shorten it.
+IDLE = float(os.environ.get("SHARDVAULT_WAL_PUSHER_IDLE", "30"))
 LIFETIME = 600.0  # seconds a pusher runs at most (it holds a session that a prune waits for)
 
 
