@@ -39,6 +39,7 @@ import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from shardvault.chunker import Chunker
 from shardvault.config import PostgresSource
@@ -48,7 +49,7 @@ from shardvault.repository import Repository
 from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
 from shardvault.walnames import WAL_NAME
-from shardvault.walspool import POLL, PUSHED_DIR, pushed_dir, wal_files
+from shardvault.walspool import POLL, PUSHED_DIR, wal_files
 
 from .run import BackupStats, Pipeline, note_degradation
 
@@ -90,22 +91,26 @@ def push_ready(
 ) -> int:
     """The pusher's loop: push every segment marked ready, as it appears, until idle; how many were pushed.
 
-    An error stops it (the caller records it for the call waiting on it):
-    pushing on past a segment that failed would only fail again.
+    What is ready is pushed ``AHEAD`` at a time through one pipeline (one
+    index for them, then each one's record): fewer, fuller packs and one
+    index write per batch, not per segment.  An error stops it (the caller
+    records it for the call waiting on it): pushing on past a segment that
+    failed would only fail again.
     """
     started = last = time.monotonic()
     pushed = 0
     while True:
-        todo = [n for n in ready(wal_dir) if not (wal_dir / PUSHED_DIR / n).exists()]
-        for name in todo:
-            try:
-                digest = _push(repo, source, wal_dir / name)[1]
-            except SourceError:
-                if (wal_dir / "archive_status" / f"{name}.ready").exists():
-                    raise
-                continue  # acknowledged (and recycled by PostgreSQL) since it was listed: nothing is waiting
-            _mark(wal_dir, name, digest)
-            pushed += 1
+        todo = [n for n in ready(wal_dir) if not (wal_dir / PUSHED_DIR / n).exists()][:AHEAD]
+        try:
+            done = push_files(repo, source, [wal_dir / n for n in todo])
+        except _Failed as failed:
+            done = failed.done
+            name = os.path.basename(failed.path)
+            # A file acknowledged (and recycled by PostgreSQL) since it was listed is not waited for.
+            if not isinstance(failed.error, SourceError) or (wal_dir / "archive_status" / f"{name}.ready").exists():
+                _mark_all(wal_dir, done)
+                raise failed.error from None
+        pushed += _mark_all(wal_dir, done)
         _forget_stale_markers(wal_dir)
         now = time.monotonic()
         if todo:
@@ -120,32 +125,100 @@ def push_ahead(repo: Repository, source: PostgresSource, path: str | os.PathLike
     """Archive up to ``ahead`` segments PostgreSQL marked ready after ``path``; leave a marker for each; how many."""
     wal_dir = Path(path).parent
     name = os.path.basename(path)
-    later = [n for n in ready(wal_dir) if n > name][:ahead]
     _forget_stale_markers(wal_dir)
-    pushed = 0
-    for following in later:
-        if (pushed_dir(path) / following).exists():
-            continue
-        try:
-            digest = _push(repo, source, wal_dir / following)[1]
-        except (ShardvaultError, OSError):
-            break  # its own call pushes it, and says what is wrong
-        _mark(wal_dir, following, digest)
-        pushed += 1
-    return pushed
+    later = [n for n in ready(wal_dir) if n > name and not (wal_dir / PUSHED_DIR / n).exists()][:ahead]
+    try:
+        done = push_files(repo, source, [wal_dir / n for n in later])
+    except _Failed as failed:
+        done = failed.done  # the one that failed is left to its own call, which says what is wrong
+    return _mark_all(wal_dir, done)
 
 
 def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> bool:
     """Archive one WAL file; True if stored, False if it was already there (same content)."""
-    return _push(repo, source, path)[0]
+    try:
+        return push_files(repo, source, [Path(path)])[0][1]
+    except _Failed as failed:
+        raise failed.error from None
 
 
-def _push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> tuple[bool, str]:
-    name = os.path.basename(path)
+def _mark_all(wal_dir: Path, done: list[tuple[str, bool, str]]) -> int:
+    for name, _, digest in done:
+        _mark(wal_dir, name, digest)
+    return len(done)
+
+
+class _Failed(Exception):
+    """A file of a batch could not be archived: ``error`` says why; ``done`` were committed before it."""
+
+    def __init__(self, path: Path, error: ShardvaultError, done: list[tuple[str, bool, str]]) -> None:
+        super().__init__(str(error))
+        self.path, self.error, self.done = path, error, done
+
+
+def push_files(repo: Repository, source: PostgresSource, paths: list[Path]) -> list[tuple[str, bool, str]]:
+    """Archive WAL files through one pipeline; (name, stored, hash) of each: stored is False if already there.
+
+    The chunks of all of them are stored and the index written before any
+    record, so each record still commits only what is durable.  A file that
+    cannot be archived (unreadable, a conflicting or expired name) stops
+    the batch: the files before it are committed, then :class:`_Failed`
+    carries its error.
+    """
+    done: list[tuple[str, bool, str]] = []
+    new: list[dict[str, Any]] = []
+    failure: tuple[Path, ShardvaultError] | None = None
+    pipe: Pipeline | None = None
+    started = time.time()
+    stats = BackupStats()
+    rc = repo.config.repository
+    try:
+        for path in paths:
+            try:
+                data, digest, archived = _examine(repo, source, path)
+            except ShardvaultError as exc:
+                failure = (path, exc)
+                break
+            if archived:
+                done.append((path.name, False, digest))
+                continue
+            if pipe is None:
+                repo.announce(SessionKind.BACKUP)  # before the index is read (docs/concurrency.md)
+                pipe = Pipeline(repo, stats)
+            chunks: list[str] = []
+            pipe.submit_stream(Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)), chunks)
+            new.append({"version": WAL_VERSION, "name": path.name, "size": len(data), "hash": digest, "chunks": chunks})
+        if pipe is not None:
+            pipe.finish()
+    finally:
+        if pipe is not None:
+            pipe.close()
+    for doc in new:
+        repo.write_meta(record_name(source.name, doc["name"]), doc | {"pushed": datetime.now(UTC).isoformat()})
+        done.append((doc["name"], True, doc["hash"]))
+    if new:
+        stats.bytes_total = stats.bytes_read
+        note_degradation(repo, stats)
+        names = [doc["name"] for doc in new]
+        repo.state.record_run(
+            "backup",
+            "degraded" if stats.degraded else "ok",
+            started,
+            source=source.name,
+            details={"kind": "wal", "wal": names[-1], "files": names} | stats.to_doc(),
+        )
+    if failure is not None:
+        raise _Failed(*failure, done)
+    return done
+
+
+def _examine(repo: Repository, source: PostgresSource, path: Path) -> tuple[bytes, str, bool]:
+    """A WAL file's bytes, hash, and whether it is archived already (with this content; another is refused)."""
+    name = path.name
     if not WAL_NAME.match(name):
         raise SourceError(source.name, f"{name!r} is not a WAL file name")
     try:
-        data = Path(path).read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise SourceError(source.name, f"cannot read {path}: {exc.strerror}") from None
     digest = content_hash(data).hex()
@@ -160,35 +233,6 @@ def _push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]
         )
     if repo.meta_exists(record):
         if repo.read_meta(record, cache=False).get("hash") == digest:
-            return False, digest
+            return data, digest, True
         raise WalConflictError(source.name, name)
-    started = time.time()
-    repo.announce(SessionKind.BACKUP)  # before the index is read (docs/concurrency.md)
-    rc = repo.config.repository
-    stats = BackupStats()
-    chunks: list[str] = []
-    pipe = Pipeline(repo, stats)
-    try:
-        pipe.submit_stream(Chunker(rc.chunk_min, rc.chunk_avg, rc.chunk_max).chunks(io.BytesIO(data)), chunks)
-        pipe.finish()
-    finally:
-        pipe.close()
-    doc = {
-        "version": WAL_VERSION,
-        "name": name,
-        "size": len(data),
-        "hash": digest,
-        "chunks": chunks,
-        "pushed": datetime.now(UTC).isoformat(),
-    }
-    repo.write_meta(record, doc)  # the commit
-    stats.bytes_total = stats.bytes_read
-    note_degradation(repo, stats)
-    repo.state.record_run(
-        "backup",
-        "degraded" if stats.degraded else "ok",
-        started,
-        source=source.name,
-        details={"kind": "wal", "wal": name} | stats.to_doc(),
-    )
-    return True, digest
+    return data, digest, False
