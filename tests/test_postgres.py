@@ -390,3 +390,43 @@ def test_read_ahead_never_fails_the_segment_asked_for(tmp_path: Path) -> None:
     reader.close()
     assert (pg_wal / "RECOVERYXLOG").read_bytes() == segments["000000010000000000000001"]
     assert not wal_files(pg_wal / ".shardvault-prefetch")
+
+
+def test_async_archiving_and_a_prefetched_recovery_under_postgresql(
+    cluster: Cluster, restored: list[tuple[Path, int]]
+) -> None:
+    """archive_command = 'wal-push --async %p' under PostgreSQL; a PITR whose WAL the prefetcher fetched."""
+    from shardvault.walspool import worker_alive
+
+    archive = f"{BIN / 'shardvault'} --config {cluster.config} --password-file {cluster.password_file}"
+    cluster.sql(f"ALTER SYSTEM SET archive_command = '{archive} wal-push --async %p'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        full = cluster.json("backup", "db", "--full")
+        (failed_before,) = cluster.sql("SELECT failed_count FROM pg_stat_archiver")[0]
+        cluster.sql("CREATE TABLE IF NOT EXISTS pushed (id int, body text)")
+        for batch in range(6):
+            cluster.sql(f"INSERT INTO pushed SELECT {batch}, md5(g::text) FROM generate_series(1, 20000) g")
+            cluster.sql("SELECT pg_switch_wal()")
+        (target,) = cluster.sql("SELECT now()::text")[0]
+        time.sleep(1.2)
+        cluster.sql("INSERT INTO pushed SELECT 99, 'after the target'")
+        (last,) = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0]
+        deadline = time.monotonic() + 120
+        while (cluster.sql("SELECT last_archived_wal FROM pg_stat_archiver")[0][0] or "") < last:
+            assert time.monotonic() < deadline, cluster.sql("SELECT * FROM pg_stat_archiver")
+            time.sleep(0.1)
+        assert cluster.sql("SELECT failed_count FROM pg_stat_archiver")[0][0] == failed_before
+        assert worker_alive(cluster.data / "pg_wal" / ".shardvault-pushed"), "one pusher runs for the calls"
+        archived = {p.name.upper() for p in (cluster.base / "peers" / "p0" / "wal" / "db").iterdir()}
+        assert last in archived
+    finally:
+        cluster.sql("ALTER SYSTEM RESET archive_command")
+        cluster.sql("SELECT pg_reload_conf()")
+    port = _restore_and_start(cluster, restored, full["snapshot"]["id"], "--to-time", str(target))
+    assert cluster.sql("SELECT count(*), count(DISTINCT id) FROM pushed", port) == [(120000, 6)]
+    spool = restored[-1][0] / "pg_wal" / ".shardvault-prefetch"
+    deadline = time.monotonic() + 30
+    while spool.exists():  # the server promoted: the prefetcher removes what it fetched and stops
+        assert time.monotonic() < deadline, sorted(p.name for p in spool.iterdir())
+        time.sleep(0.1)
