@@ -14,7 +14,8 @@ Exit codes (stable, documented in the README):
 2   usage error (click)
 3   configuration error
 4   wrong passphrase or unusable key
-5   peer unreachable, read-only or answering garbage
+5   peer unreachable, read-only or answering garbage (or too slow: a WAL
+    pusher that did not deliver within wal-push --timeout)
 6   damage found by ``check``
 7   data lost: a restore or read is impossible
 8   repository error (missing, already there, snapshot unknown)

@@ -245,7 +245,16 @@ def test_async_survives_a_killed_pusher(async_vault: tuple[Vault, Path]) -> None
         assert vault.run("wal-push", "--source", "db", "--async", str(wal / name)).returncode == 0
         _done(wal, name)
     assert _archived(vault) == set(SEGMENTS)
-    assert vault.run("check").returncode == 0
+    # The kill may have cut a commit short: a copy of a record or index missing on some peers is what check
+    # reports (exit 6) and repair restores, as after any killed writer; no segment is lost either way.
+    if vault.run("check").returncode != 0:
+        assert vault.run("repair").returncode == 0
+    assert vault.run("check", "--read-data").returncode == 0
+    for name in SEGMENTS:
+        out = wal.parent / "restored" / name
+        out.parent.mkdir(exist_ok=True)
+        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
+        assert out.read_bytes() == (wal / name).read_bytes(), name
 
 
 def test_async_pushes_a_file_postgresql_did_not_mark_ready_itself(async_vault: tuple[Vault, Path]) -> None:
