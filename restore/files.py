@@ -261,6 +261,7 @@ class FileRestorer:
         self.lost: dict[str, str] = {}
         self.pack_order: list[str] = []
         self.pack_uses: Counter[str] = Counter()
+        self.dir_parts: list[list[str]] = []  # the directories to create, in order (for _make_dirs)
         self.first_names: dict[tuple[int, int, str | None], Entry] = {}  # hard links: the inode's first restored name
         self.links: list[tuple[Entry, Entry]] = []  # (a later name, the first name) to link at the end
         self.flagged: list[Entry] = []  # entries whose inode flags are set at the end
@@ -297,8 +298,10 @@ class FileRestorer:
         root_seen = False
         linked: set[tuple[int, int, str | None]] = set()
         for entry in self._entries():
-            entry_parts(entry, root_seen)
+            parts = entry_parts(entry, root_seen)
             root_seen = root_seen or entry.path == "."
+            if entry.type == DIR and parts:
+                self.dir_parts.append(parts)
             key = link_key(entry)
             if key in linked:
                 continue  # a later name of an inode: linked, not read
@@ -506,11 +509,14 @@ class FileRestorer:
         cache = _PackCache(self.repo, self.pack_uses, self.pack_order, fetchers)
         pending: deque[tuple[Entry, Future[tuple[int, _Outcome]]]] = deque()
         last_report = 0.0
+        stop = threading.Event()
+        dirs_ahead = threading.Thread(target=self._make_dirs, args=(stop,), name="sv-mkdir", daemon=True)
         try:
             with SafeTarget(self.target, replace_files=self.overwrite is not Overwrite.NEVER) as target:
                 self.check_target(target)
                 if target.is_empty() and not _has_default_acl(target.root_fd):
                     self.metadata = dataclasses.replace(self.metadata, inherited_acls=False)
+                dirs_ahead.start()
                 for entry in self._entries():
                     parts = safe_parts(entry.path)
                     try:
@@ -548,6 +554,9 @@ class FileRestorer:
                     except OSError as exc:
                         raise target_error(exc, self.target / entry.path) from None
         finally:
+            stop.set()
+            if dirs_ahead.is_alive():
+                dirs_ahead.join()
             workers.shutdown(wait=True, cancel_futures=True)
             fetchers.shutdown(wait=True, cancel_futures=True)
         self.stats.duration_seconds = round(time.perf_counter() - start, 3)
@@ -557,6 +566,26 @@ class FileRestorer:
         if self.stats.failed_files:
             raise DataLossError(self._lost_message(self.stats.failed_files))
         return self.stats
+
+    def _make_dirs(self, stop: threading.Event) -> None:
+        """Create the restore's directories ahead of the main loop, which then finds them there.
+
+        A mkdir costs a few hundred microseconds on ext4 (a new inode placed
+        in another block group), up to milliseconds beside the writers: made
+        by the loop, one at a time between handing out files, it kept the
+        writers waiting.  This thread goes through the same checked paths
+        with its own handles (no symlink followed, nothing outside the
+        target); whichever of the two comes first creates a directory.  Any
+        failure just ends it: the loop meets the same and reports it.
+        """
+        try:
+            with SafeTarget(self.target, replace_files=self.overwrite is not Overwrite.NEVER) as target:
+                for parts in self.dir_parts:
+                    if stop.is_set():
+                        return
+                    target.dir_fd(parts, create=True)
+        except (OSError, ShardvaultError):
+            return
 
     def _account(self, entry: Entry, future: Future[tuple[int, _Outcome]]) -> None:
         try:
