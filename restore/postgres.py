@@ -136,8 +136,8 @@ def _start_prefetcher(target: Path, source: PostgresSource, first: str, config_p
     wal = target / "pg_wal"
     wal.mkdir()
     if user is not None:
-        os.chown(target, user.pw_uid, user.pw_gid)
-        os.chown(wal, user.pw_uid, user.pw_gid)
+        os.chown(target, user.pw_uid, user.pw_gid, follow_symlinks=False)
+        os.chown(wal, user.pw_uid, user.pw_gid, follow_symlinks=False)
     spool = walspool.prefetch_dir(wal / first)
     walspool.start_worker(
         spool, globals_, "wal-prefetcher", "--source", source.name, first, str(wal / first), user=user and user.pw_name

@@ -30,7 +30,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from shardvault import walspool
 from shardvault.config import BucketSource, Config, FilesSource, PostgresSource, load_config, read_password
 from shardvault.durations import parse_duration
-from shardvault.entry import TIMEOUT
 from shardvault.errors import (
     BackupIncompleteError,
     BackupInterruptedError,
@@ -915,7 +914,7 @@ def _postgres_source(ctx: Context, name: str | None) -> PostgresSource:
 @click.option(
     "--timeout",
     type=click.FloatRange(1, 3600),
-    default=TIMEOUT,
+    default=walspool.TIMEOUT,
     show_default=True,
     help="With --async: seconds to wait for the pusher before failing (PostgreSQL asks again).",
 )

@@ -19,7 +19,6 @@ from typing import NamedTuple
 _GLOBAL = ("--config", "--password-file")  # the options before a command that take a value
 # Per command: its options that take a value, its flags, how many arguments.
 _COMMANDS = {"wal-push": (("--source", "--ahead", "--timeout"), ("--async",), 1), "wal-fetch": (("--source",), (), 2)}
-TIMEOUT = 60.0  # seconds a call waits on a spool's worker (pgBackRest's archive-timeout); wal-push --timeout
 
 
 class Call(NamedTuple):
@@ -67,7 +66,7 @@ def _fast(call: Call) -> int | None:
             now = walspool.fetching(spool)
             return len(now) == len(name) and now[:8] == name[:8] and now <= name and walspool.worker_alive(spool)
 
-        outcome = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), TIMEOUT, coming)
+        outcome = walspool.await_worker(spool, lambda: walspool.take_prefetched(name, dest), walspool.TIMEOUT, coming)
         if outcome is walspool.Outcome.DONE:
             return 0
         if source := walspool.history_missing(name, dest):
@@ -84,7 +83,7 @@ def _fast(call: Call) -> int | None:
     if "--async" not in call.options or not walspool.worker_alive(spool):
         return None
     try:
-        timeout = float(call.options.get("--timeout", TIMEOUT))
+        timeout = float(call.options.get("--timeout", walspool.TIMEOUT))
     except ValueError:
         return None
     outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout)

@@ -55,6 +55,7 @@ CURRENT = ".worker.current"  # the WAL file a prefetcher is fetching now
 HISTORY = ".worker.history"  # the timeline history files archived, as the prefetcher last listed them
 LOG = ".worker.log"  # a worker's stderr (a traceback, should one ever crash)
 POLL = 0.01  # seconds between looks at a spool while waiting on its worker
+TIMEOUT = 60.0  # seconds a call waits on a spool's worker (pgBackRest's archive-timeout); wal-push --timeout
 
 
 def pushed_dir(path: str | os.PathLike[str]) -> Path:
@@ -119,7 +120,7 @@ class Outcome(enum.Enum):
     """How waiting on a spool's worker ended."""
 
     DONE = "done"  # the file was archived (push) or is in place (fetch)
-    FAILED = "failed"  # the worker stopped with an error (see read_error)
+    FAILED = "failed"  # the worker stopped with an error (see take_error)
     GONE = "gone"  # no worker, or it stopped without doing it: the caller does the work itself
     TIMEOUT = "timeout"
 

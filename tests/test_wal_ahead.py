@@ -41,6 +41,15 @@ def _archived(vault: Vault) -> set[str]:
         return set(archived(repo, repo.config.typed_source("db", PostgresSource)))
 
 
+def _assert_restorable(vault: Vault, wal: Path, names: list[str]) -> None:
+    """Every segment comes back as it was (wal-fetch, one by one)."""
+    for name in names:
+        out = wal.parent / "restored" / name
+        out.parent.mkdir(exist_ok=True)
+        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
+        assert out.read_bytes() == (wal / name).read_bytes(), name
+
+
 def _done(wal: Path, name: str) -> None:
     """What PostgreSQL does once archive_command succeeded."""
     os.replace(wal / "archive_status" / f"{name}.ready", wal / "archive_status" / f"{name}.done")
@@ -62,12 +71,7 @@ def test_one_call_archives_the_next_ready_segments_and_theirs_return_at_once(pg_
     assert vault.run("wal-push", "--source", "db", str(wal / SEGMENTS[9]), password="wrong").returncode == 4
     assert vault.run("wal-push", "--source", "db", str(wal / SEGMENTS[9])).returncode == 0
     assert _archived(vault) == set(SEGMENTS)
-    # Every segment comes back as it was.
-    for name in SEGMENTS:
-        out = wal.parent / "restored" / name
-        out.parent.mkdir(exist_ok=True)
-        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
-        assert out.read_bytes() == (wal / name).read_bytes(), name
+    _assert_restorable(vault, wal, SEGMENTS)
 
 
 def test_a_marker_never_vouches_for_other_content(pg_vault: tuple[Vault, Path]) -> None:
@@ -177,12 +181,7 @@ def test_async_calls_hand_segments_to_one_pusher_that_stops_when_idle(async_vaul
     _done(wal, late)
     _wait(lambda: not _pusher_alive(wal))
     assert not list((wal / ".shardvault-pushed").glob("0*")), "no marker outlives its segment's call"
-    # Every segment comes back as it was.
-    for name in [*SEGMENTS, late]:
-        out = wal.parent / "restored" / name
-        out.parent.mkdir(exist_ok=True)
-        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
-        assert out.read_bytes() == (wal / name).read_bytes(), name
+    _assert_restorable(vault, wal, [*SEGMENTS, late])
 
 
 def test_async_reports_the_pushers_error_in_one_line_and_archives_nothing(async_vault: tuple[Vault, Path]) -> None:
@@ -250,11 +249,7 @@ def test_async_survives_a_killed_pusher(async_vault: tuple[Vault, Path]) -> None
     if vault.run("check").returncode != 0:
         assert vault.run("repair").returncode == 0
     assert vault.run("check", "--read-data").returncode == 0
-    for name in SEGMENTS:
-        out = wal.parent / "restored" / name
-        out.parent.mkdir(exist_ok=True)
-        assert vault.run("wal-fetch", "--source", "db", name, str(out)).returncode == 0
-        assert out.read_bytes() == (wal / name).read_bytes(), name
+    _assert_restorable(vault, wal, SEGMENTS)
 
 
 def test_async_pushes_a_file_postgresql_did_not_mark_ready_itself(async_vault: tuple[Vault, Path]) -> None:
