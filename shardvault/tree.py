@@ -79,8 +79,13 @@ class Entry:
     extents: list[tuple[int, int]] | None = None  # data extents of a sparse file
     xattrs: dict[str, str] | None = None
     flags: int = 0
+    # The line this entry was read from (parse_lines(keep_lines=True)): an unchanged file's entry equal to
+    # its previous version is written as that line again, not encoded again (see to_line).
+    line: bytes | None = field(default=None, compare=False, repr=False)
 
     def to_line(self) -> bytes:
+        if self.line is not None:
+            return self.line + b"\n"
         doc: dict[str, Any] = {
             "p": self.path,
             "t": self.type,
@@ -196,11 +201,12 @@ def path_key(path: str) -> tuple[str, ...]:
     return () if path == "." else tuple(path.split("/"))
 
 
-def parse_lines(blocks: Iterable[bytes | bytearray]) -> Iterator[Entry]:
+def parse_lines(blocks: Iterable[bytes | bytearray], keep_lines: bool = False) -> Iterator[Entry]:
     """Entries from a byte stream cut at arbitrary points (chunk boundaries).
 
     The whole lines of a block are decoded as one JSON array: one call into
-    the decoder per block instead of one per entry.
+    the decoder per block instead of one per entry.  ``keep_lines``: each
+    entry keeps its line (:attr:`Entry.line`), for a backup to write again.
     """
     rest = b""
     for block in blocks:
@@ -209,7 +215,15 @@ def parse_lines(blocks: Iterable[bytes | bytearray]) -> Iterator[Entry]:
         rest = data[cut:]
         lines = [line for line in data[:cut].split(b"\n") if line]
         if lines:
-            for doc in json.loads(b"[" + b",".join(lines) + b"]"):
-                yield Entry.from_doc(doc)
+            docs = json.loads(b"[" + b",".join(lines) + b"]")
+            if not keep_lines:
+                yield from map(Entry.from_doc, docs)
+                continue
+            for line, doc in zip(lines, docs, strict=True):
+                entry = Entry.from_doc(doc)
+                entry.line = line
+                yield entry
     if rest.strip():
-        yield Entry.from_doc(json.loads(rest))
+        entry = Entry.from_doc(json.loads(rest))
+        entry.line = rest.strip() if keep_lines else None
+        yield entry

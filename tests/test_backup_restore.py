@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from conftest import SMALL, Vault, assert_same_tree, local_peers, make_vault, write_config
 
 from shardvault.errors import SourceError
+from shardvault.tree import FILE
 
 
 def test_incremental_backup_of_unchanged_10k_files_reads_no_content(
@@ -37,6 +39,36 @@ def test_incremental_backup_of_unchanged_10k_files_reads_no_content(
     assert doc["stats"]["files_read"] == 0 and doc["stats"]["bytes_read"] == 0
     assert doc["stats"]["files_unchanged"] == doc["stats"]["files"] > 10_000
     assert doc["stats"]["bytes_new"] == 0
+
+
+def test_an_unchanged_files_line_is_written_again_only_when_every_field_is_the_same(
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: an unchanged re-backup writes the parent's lines again instead of encoding each entry anew."""
+    import shardvault.tree
+
+    assert vault.cli("backup", "src").exit_code == 0
+    touched = vault.source / "dir0" / "file0.txt"
+    st = touched.stat()
+    os.utime(touched, ns=(st.st_atime_ns - 10**9, st.st_mtime_ns))  # only its atime moves (no new ctime)
+    encoded: list[str] = []
+    encode = shardvault.tree._encode
+    monkeypatch.setattr(shardvault.tree, "_encode", lambda doc: encoded.append(doc["p"]) or encode(doc))
+    assert vault.cli("backup", "src").exit_code == 0
+    monkeypatch.undo()
+    with vault.repo() as repo:
+        first, second = sorted(repo.snapshots(), key=lambda s: s.finished)[-2:]
+        before = {e.path: e for e in repo.iter_tree(first)}
+        after = list(repo.iter_tree(second, keep_lines=True))
+    assert after and all(e.line is not None for e in after)
+    for entry in after:
+        # The line as written decodes to the same entry, and is what encoding that entry gives.
+        assert entry.to_line() == dataclasses.replace(entry, line=None).to_line(), entry.path
+    # Files: the one whose atime moved has a new line (directories' atimes move as the backup lists them).
+    changed = [e.path for e in after if e.type == FILE and e != before[e.path]]
+    assert changed == ["dir0/file0.txt"], changed
+    assert [p for p in encoded if before[p].type == FILE] == changed  # the other files' lines: written again
+    assert next(e for e in after if e.path == "dir0/file0.txt").atime_ns == st.st_atime_ns - 10**9
 
 
 def test_incremental_reads_only_changed_files_and_full_reads_all(vault: Vault, tmp_path: Path) -> None:

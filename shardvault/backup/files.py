@@ -160,6 +160,8 @@ def _back_up_file(run: BackupRun, item: SourceItem, previous: Entry | None, opti
             except OSError as exc:
                 why = f"cannot read its attributes: {exc.strerror}"
                 stats.warn(BackupWarning(item.path, WarningKind.UNREADABLE_METADATA, why))
+        if entry == previous:  # every recorded field as before (an atime moved, say, is not): its line again
+            entry.line = previous.line
         stats.files_unchanged += 1
         stats.bytes_unchanged += entry.size
     else:

@@ -588,7 +588,7 @@ class BackupRun:
         if parent is None:
             return
         try:
-            yield from self.repo.iter_tree(parent)
+            yield from self.repo.iter_tree(parent, keep_lines=True)
         except ShardvaultError as exc:
             detail = f"the tree of parent snapshot {parent.short_id} is unreadable ({exc}); reading the files again"
             self.stats.warn(BackupWarning("", WarningKind.PARENT_UNREADABLE, detail))

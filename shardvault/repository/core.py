@@ -825,10 +825,10 @@ class Repository:
         index.prefer(usable)
         return {pack_id for pack_id, ok in cache.items() if not ok}
 
-    def iter_tree(self, snapshot: Snapshot) -> Iterator[Entry]:
-        """The entries of a snapshot's tree, streamed from the repository."""
+    def iter_tree(self, snapshot: Snapshot, keep_lines: bool = False) -> Iterator[Entry]:
+        """The entries of a snapshot's tree, streamed from the repository (``keep_lines``: see parse_lines)."""
         reader = self.blob_reader(max_packs=2)
-        return parse_lines(reader.read(bytes.fromhex(c)) for c in snapshot.tree)
+        return parse_lines((reader.read(bytes.fromhex(c)) for c in snapshot.tree), keep_lines)
 
 
 @dataclass
