@@ -74,6 +74,8 @@ from .select import Selection
 
 WORKERS = 4  # files written at once
 WINDOW = 64  # files handed out ahead of the slowest one
+BATCH_FILES = 32  # small files of one directory handed to a writer as one task (one descriptor, one future)
+BATCH_BYTES = 1 << 20  # ... up to this many bytes; a larger file is a task of its own
 PREFETCH = 1  # packs fetched ahead of the newest one in use
 PACK_CACHE = PREFETCH + 3  # decoded packs kept at most (a safety cap; see _PackCache)
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -113,6 +115,7 @@ class RestoreStats:
 
 
 ProgressFn = Callable[[RestoreStats, str], None]
+_Result = tuple[int, "_Outcome"] | ShardvaultError  # a file's bytes written and outcome, or why it was not
 
 
 class _PackCache:
@@ -419,8 +422,28 @@ class FileRestorer:
         os.close(fd)
         return None
 
+    def _restore_files(self, cache: _PackCache, batch: list[tuple[Entry, str]], dir_fd: int) -> list[_Result]:
+        """Write a batch of files of one directory (in a worker), each as :meth:`_restore_file`.  Owns ``dir_fd``.
+
+        A file that cannot be restored (its data lost) is its own result; a
+        target that fails (:class:`UnsafePathError`, :class:`RestoreTargetError`)
+        stops the restore: every file after it would fail the same way.
+        """
+        results: list[_Result] = []
+        try:
+            for entry, name in batch:
+                try:
+                    results.append(self._restore_file(cache, entry, name, dir_fd))
+                except (UnsafePathError, RestoreTargetError):
+                    raise
+                except ShardvaultError as exc:
+                    results.append(exc)
+            return results
+        finally:
+            os.close(dir_fd)
+
     def _restore_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> tuple[int, _Outcome]:
-        """Write one file (in a worker); return the bytes written and what became of it.  Owns ``dir_fd``."""
+        """Write one file (in a worker); return the bytes written and what became of it."""
         try:
             existing = self._unchanged(entry, name, dir_fd) if self.overwrite is Overwrite.IF_CHANGED else None
             if existing is not None:
@@ -436,8 +459,6 @@ class FileRestorer:
             return self._write_file(cache, entry, name, dir_fd)
         except OSError as exc:  # reads raise ShardvaultErrors only: this is the target failing
             raise target_error(exc, self.target / entry.path) from None
-        finally:
-            os.close(dir_fd)
 
     def _write_file(self, cache: _PackCache, entry: Entry, name: str, dir_fd: int) -> tuple[int, _Outcome]:
         """Write one file, replacing what is at ``name`` if the overwrite mode allows.
@@ -507,7 +528,19 @@ class FileRestorer:
         fetchers = ThreadPoolExecutor(3, thread_name_prefix="sv-fetch")
         workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="sv-write")
         cache = _PackCache(self.repo, self.pack_uses, self.pack_order, fetchers)
-        pending: deque[tuple[Entry, Future[tuple[int, _Outcome]]]] = deque()
+        pending: deque[tuple[list[Entry], Future[list[_Result]]]] = deque()
+        batch: list[tuple[Entry, str]] = []
+        batch_dir: list[str] = []
+        batch_bytes = 0
+
+        def hand_out() -> None:
+            """Give the open batch to a writer, with its own descriptor (the target's cache may close its copy)."""
+            nonlocal batch, batch_bytes
+            if batch:
+                dir_fd = os.dup(target.dir_fd(batch_dir, create=True, shown=batch[0][0].path))
+                pending.append(([e for e, _ in batch], workers.submit(self._restore_files, cache, batch, dir_fd)))
+                batch, batch_bytes = [], 0
+
         last_report = 0.0
         stop = threading.Event()
         dirs_ahead = threading.Thread(target=self._make_dirs, args=(stop,), name="sv-mkdir", daemon=True)
@@ -531,10 +564,15 @@ class FileRestorer:
                         elif entry.type == FILE and self._later_link(entry):
                             pass  # linked once every file is written
                         elif entry.type == FILE:
-                            # The worker gets its own descriptor: the target's cache may close its copy.
-                            dir_fd = os.dup(target.dir_fd(parts[:-1], create=True, shown=entry.path))
-                            future = workers.submit(self._restore_file, cache, entry, parts[-1], dir_fd)
-                            pending.append((entry, future))
+                            if batch and (parts[:-1] != batch_dir or len(batch) >= BATCH_FILES
+                                          or batch_bytes + entry.size > BATCH_BYTES):  # fmt: skip
+                                hand_out()
+                            batch.append((entry, parts[-1]))
+                            batch_dir, batch_bytes = parts[:-1], batch_bytes + entry.size
+                            if entry.size >= BATCH_BYTES:
+                                hand_out()
+                        if entry.type != FILE and batch:
+                            hand_out()  # in order: what follows may need the batch's files (links, flags)
                     except OSError as exc:
                         raise target_error(exc, self.target / entry.path) from None
                     while pending and (len(pending) > WINDOW or pending[0][1].done()):
@@ -542,6 +580,10 @@ class FileRestorer:
                     if self.progress and (now := time.perf_counter()) - last_report > 0.2:
                         last_report = now
                         self.progress(self.stats, entry.path)
+                try:
+                    hand_out()
+                except OSError as exc:
+                    raise target_error(exc, self.target / batch[0][0].path) from None
                 while pending:
                     self._account(*pending.popleft())
                 for entry, first in self.links:
@@ -587,15 +629,16 @@ class FileRestorer:
         except (OSError, ShardvaultError):
             return
 
-    def _account(self, entry: Entry, future: Future[tuple[int, _Outcome]]) -> None:
-        try:
-            size, outcome = future.result()
-        except (UnsafePathError, RestoreTargetError):
-            raise  # the target is unusable: every file after this one would fail the same way
-        except ShardvaultError as exc:
+    def _account(self, entries: list[Entry], future: Future[list[_Result]]) -> None:
+        for entry, result in zip(entries, future.result(), strict=True):
+            self._account_file(entry, result)
+
+    def _account_file(self, entry: Entry, result: _Result) -> None:
+        if isinstance(result, ShardvaultError):
             self.stats.failed_files.append(entry.path)
-            self.first_failure = self.first_failure or str(exc)
+            self.first_failure = self.first_failure or str(result)
             return
+        size, outcome = result
         self.stats.bytes += size
         self.stats.files += 1
         if entry.flags:
