@@ -35,7 +35,6 @@ from shardvault.errors import (
     BackupInterruptedError,
     DamageFoundError,
     ShardvaultError,
-    WalWorkerTimeoutError,
 )
 from shardvault.progress import Done, ProgressMeter, Totals, Watch, line_interval, progress_line, shorten_path, summary
 from shardvault.repository import Repository
@@ -957,11 +956,9 @@ def _push_async(ctx: Context, src: PostgresSource, path: Path, timeout: float) -
         walspool.take_error(spool)  # reported before: this call tries again
         worker = walspool.start_worker(spool, _globals(ctx), "wal-pusher", "--source", src.name, str(path.parent))
         alive = lambda: worker.poll() is None or walspool.worker_alive(spool)  # noqa: E731
-    outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout, alive)
-    if outcome is walspool.Outcome.FAILED and (error := walspool.take_error(spool)):
-        _fail(error[0], error[1], "WalPusherError", False)
-    if outcome is walspool.Outcome.TIMEOUT:
-        raise WalWorkerTimeoutError(path, "the WAL pusher", timeout)
+    outcome, message, code = walspool.await_pushed(path, timeout, alive)
+    if outcome in (walspool.Outcome.FAILED, walspool.Outcome.TIMEOUT):
+        _fail(message, code, "WalPusherError", False)
     return outcome is walspool.Outcome.DONE  # else it stopped without it (idle as this call came): push it here
 
 

@@ -86,19 +86,13 @@ def _fast(call: Call) -> int | None:
         timeout = float(call.options.get("--timeout", walspool.TIMEOUT))
     except ValueError:
         return None
-    outcome = walspool.await_worker(spool, lambda: walspool.take_pushed(path), timeout)
+    outcome, message, code = walspool.await_pushed(path, timeout)
     if outcome is walspool.Outcome.DONE:
         return 0
-    if outcome is walspool.Outcome.FAILED and (error := walspool.take_error(spool)):
-        print(f"shardvault: error: {error[0]}", file=sys.stderr)
-        return error[1]
-    if outcome is walspool.Outcome.TIMEOUT:
-        from shardvault.errors import WalWorkerTimeoutError
-
-        timed_out = WalWorkerTimeoutError(path, "the WAL pusher", timeout)
-        print(f"shardvault: error: {timed_out}", file=sys.stderr)
-        return timed_out.exit_code
-    return None
+    if outcome is walspool.Outcome.GONE:
+        return None  # the command line starts another pusher, or pushes it itself
+    print(f"shardvault: error: {message}", file=sys.stderr)
+    return code
 
 
 def main() -> None:

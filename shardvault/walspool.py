@@ -220,6 +220,26 @@ def await_worker(
         time.sleep(POLL)
 
 
+def await_pushed(
+    path: str | os.PathLike[str], timeout: float, alive: Callable[[], bool] | None = None
+) -> tuple[Outcome, str, int]:
+    """Wait for the pusher to archive ``path``: the outcome, and for FAILED and TIMEOUT the line and exit code.
+
+    A worker that stopped without leaving an error is GONE (the caller pushes it itself).
+    """
+    spool = pushed_dir(path)
+    outcome = await_worker(spool, lambda: take_pushed(path), timeout, alive)
+    if outcome is Outcome.FAILED:
+        error = take_error(spool)
+        return (outcome, *error) if error else (Outcome.GONE, "", 0)
+    if outcome is Outcome.TIMEOUT:
+        from shardvault.errors import WalWorkerTimeoutError
+
+        timed_out = WalWorkerTimeoutError(os.fspath(path), "the WAL pusher", timeout)
+        return outcome, str(timed_out), timed_out.exit_code
+    return outcome, "", 0
+
+
 def fetching(spool: Path) -> str:
     """The WAL file the prefetcher is fetching now ('' if none)."""
     try:

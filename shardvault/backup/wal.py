@@ -101,16 +101,14 @@ def push_ready(
     pushed = 0
     while True:
         todo = [n for n in ready(wal_dir) if not (wal_dir / PUSHED_DIR / n).exists()][:AHEAD]
-        try:
-            done = push_files(repo, source, [wal_dir / n for n in todo])
-        except _Failed as failed:
-            done = failed.done
-            name = os.path.basename(failed.path)
-            # A file acknowledged (and recycled by PostgreSQL) since it was listed is not waited for.
-            if not isinstance(failed.error, SourceError) or (wal_dir / "archive_status" / f"{name}.ready").exists():
-                _mark_all(wal_dir, done)
-                raise failed.error from None
-        pushed += _mark_all(wal_dir, done)
+        marked, failed = _push_and_mark(repo, source, wal_dir, todo)
+        pushed += marked
+        # A file acknowledged (and recycled by PostgreSQL) since it was listed is not waited for.
+        if failed and (
+            not isinstance(failed.error, SourceError)
+            or (wal_dir / "archive_status" / f"{failed.path.name}.ready").exists()
+        ):
+            raise failed.error from None
         _forget_stale_markers(wal_dir)
         now = time.monotonic()
         if todo:
@@ -127,11 +125,7 @@ def push_ahead(repo: Repository, source: PostgresSource, path: str | os.PathLike
     name = os.path.basename(path)
     _forget_stale_markers(wal_dir)
     later = [n for n in ready(wal_dir) if n > name and not (wal_dir / PUSHED_DIR / n).exists()][:ahead]
-    try:
-        done = push_files(repo, source, [wal_dir / n for n in later])
-    except _Failed as failed:
-        done = failed.done  # the one that failed is left to its own call, which says what is wrong
-    return _mark_all(wal_dir, done)
+    return _push_and_mark(repo, source, wal_dir, later)[0]  # one that fails is left to its own call, which says why
 
 
 def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str]) -> bool:
@@ -142,10 +136,17 @@ def push(repo: Repository, source: PostgresSource, path: str | os.PathLike[str])
         raise failed.error from None
 
 
-def _mark_all(wal_dir: Path, done: list[tuple[str, bool, str]]) -> int:
+def _push_and_mark(
+    repo: Repository, source: PostgresSource, wal_dir: Path, names: list[str]
+) -> tuple[int, _Failed | None]:
+    """Push ``names`` as one batch and leave a marker for each committed; how many, and the failure if one."""
+    try:
+        done, failed = push_files(repo, source, [wal_dir / n for n in names]), None
+    except _Failed as exc:
+        done, failed = exc.done, exc
     for name, _, digest in done:
         _mark(wal_dir, name, digest)
-    return len(done)
+    return len(done), failed
 
 
 class _Failed(Exception):
