@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from conftest import PASSWORD, Vault, assert_same_tree, make_vault
 
+import shardvault.backup.files as backup_files
 from shardvault.chunker import Chunker
 from shardvault.repository import Repository
 from shardvault.repository.snapshot import resolve
@@ -164,9 +165,17 @@ def _outside(tmp_path: Path, like: Path) -> Path:
     return outside
 
 
+@pytest.fixture(params=["listed-inline", "listed-ahead"])
+def listing_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the walk gets its listings: by itself, or from a lister process (shardvault.sources.listing)."""
+    if request.param == "listed-ahead":
+        monkeypatch.setattr(backup_files, "_list_ahead", lambda parent: True)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("when", ["listing-the-directory", "reading-its-files"])
 def test_7_directory_swapped_for_a_symlink_is_not_followed(
-    vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+    vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str, listing_mode: str
 ) -> None:
     victim = vault.source / "dir3"
     outside = _outside(tmp_path, victim)
@@ -202,7 +211,7 @@ def test_7_directory_swapped_for_a_symlink_is_not_followed(
 
 
 def test_7_file_swapped_for_a_symlink_is_not_followed(
-    vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listing_mode: str
 ) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(b"OUTSIDE-SECRET")

@@ -197,6 +197,15 @@ def _may_reuse(parent: Snapshot | None, options: WalkOptions) -> bool:
     return options.xattrs and bool(recorded.get("xattrs")) and (bool(recorded.get("acls")) or not options.acls)
 
 
+# A parent with this many entries makes the walk list ahead in a lister process: a large tree gains
+# the other core, a small one would pay more for the process than it saves.
+LIST_AHEAD_FROM = 2000
+
+
+def _list_ahead(parent: Snapshot | None) -> bool:
+    return parent is not None and parent.stats.get("files", 0) + parent.stats.get("dirs", 0) >= LIST_AHEAD_FROM
+
+
 def run_backup(
     repo: Repository, source: FilesSource, full: bool = False, progress: ProgressFn | None = None
 ) -> BackupResult:
@@ -213,12 +222,14 @@ def run_backup(
             reuse = _may_reuse(parent, options)
             old_entries: Iterator[Entry] = iter(()) if full else run.previous_entries(parent)
             old = next(old_entries, None)
+            old_key = path_key(old.path) if old is not None else ()
             last_report = 0.0
-            for item in walk(source.path, options, stats.warn):
+            for item in walk(source.path, options, stats.warn, ahead=_list_ahead(parent)):
                 entry = item.entry
                 key = path_key(entry.path)
-                while old is not None and path_key(old.path) < key:
+                while old is not None and old_key < key:
                     old = next(old_entries, None)
+                    old_key = path_key(old.path) if old is not None else ()
                 if entry.type == FILE:
                     previous = old if old is not None and old.path == entry.path else None
                     _back_up_file(run, item, previous, options, reuse)

@@ -192,20 +192,32 @@ class StoredPacks:
         self._good: set[str] | None = None
         self._probed: dict[str, bool] = {}
         self._fresh: set[str] = set()
+        self._known_good: set[str] = set()  # fresh, or good by the survey: answers that stand for the run
         self._lock = threading.Lock()
 
     def has(self, chunk: bytes) -> bool:
         """Whether any copy of the chunk is in a pack this run may lean on (the preferred copy is the usual one)."""
-        return any(self.pack_ok(loc.pack_id) for loc in self.repo.index.locations(chunk))
+        index = self.repo.index
+        first = index.blobs.get(chunk)
+        if first is None:
+            return False
+        # Asked once per chunk of every unchanged file: a pack known good is a set lookup, without the lock.
+        if first.pack_id in self._known_good or self.pack_ok(first.pack_id):
+            return True
+        return any(self.pack_ok(loc.pack_id) for loc in index.alternatives.get(chunk, ()))
 
     def pack_ok(self, pack_id: str) -> bool:
         with self._lock:
             if pack_id in self._fresh:
+                self._known_good.add(pack_id)
                 return True
             if pack_id in self.repo.index.condemned_ids:
                 return False  # a prune means to delete it: store the chunk again (docs/concurrency.md)
             if self._good is not None:
-                return pack_id in self._good
+                if pack_id in self._good:
+                    self._known_good.add(pack_id)
+                    return True
+                return False
             if pack_id not in self._probed:
                 if len(self._probed) >= PROBED_PACKS:
                     self._good = self._survey()
@@ -244,6 +256,34 @@ class StoredPacks:
         shards = [s for s in record.shards if (pack_id, s.num, s.peer) not in self._corrupt]
         found = self.repo.io.map(present, shards)
         return self._enough(record, {s.num for s, ok in zip(shards, found, strict=True) if ok})
+
+
+class TreeSpool:
+    """The tree's lines in a spooled file, written a thousand at a time: one write per line costs, at 100,000 files."""
+
+    LINES = 1024
+
+    def __init__(self) -> None:
+        self.file = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - closed by close()
+        self._lines: list[bytes] = []
+
+    def add(self, entry: Entry) -> None:
+        self._lines.append(entry.to_line())
+        if len(self._lines) >= self.LINES:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.file.write(b"".join(self._lines))
+        self._lines.clear()
+
+    def rewound(self) -> IO[bytes]:
+        """Every line so far, to read from the start."""
+        self._flush()
+        self.file.seek(0)
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass
@@ -286,14 +326,10 @@ class Pipeline:
         self.last_checkpoint = time.monotonic()
         self.emit: Callable[[Entry], None] = lambda entry: None
 
-    def tree_spool(self) -> IO[bytes]:
-        """A spooled file receiving the tree's lines as entries complete (in order); the caller closes it."""
-        spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - the caller closes it
-
-        def emit(entry: Entry) -> None:
-            spool.write(entry.to_line())
-
-        self.emit = emit
+    def tree_spool(self) -> TreeSpool:
+        """A spool receiving the tree's lines as entries complete (in order); the caller closes it."""
+        spool = TreeSpool()
+        self.emit = spool.add
         return spool
 
     # -- chunk stage ---------------------------------------------------------------
@@ -627,11 +663,10 @@ class BackupRun:
         )
 
 
-def _store_tree(pipe: Pipeline, chunker: Chunker, spool: IO[bytes]) -> list[str]:
+def _store_tree(pipe: Pipeline, chunker: Chunker, spool: TreeSpool) -> list[str]:
     """Store the tree (JSON lines, already in ``spool``) like file data, in its own packs; flush everything."""
     tree_ids: list[str] = []
-    spool.seek(0)
-    for data in chunker.chunks(spool):  # type: ignore[arg-type]  # SpooledTemporaryFile has readinto
+    for data in chunker.chunks(spool.rewound()):  # type: ignore[arg-type]  # SpooledTemporaryFile has readinto
         pipe.submit_chunk(data, tree_ids, KIND_TREE)
     pipe.finish()
     return tree_ids

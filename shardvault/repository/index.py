@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from shardvault.shards.dispersal import ShardRecord
 
@@ -34,8 +34,7 @@ from .packs import PackEntry
 INDEX_VERSION = 1
 
 
-@dataclass(frozen=True)
-class BlobLocation:
+class BlobLocation(NamedTuple):  # a tuple: one per chunk when the index loads, fast to make
     pack_id: str
     offset: int
     length: int

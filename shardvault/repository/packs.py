@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import zstandard
 
@@ -43,8 +43,7 @@ class PackFormatError(Exception):
     """A pack or blob does not parse or authenticate."""
 
 
-@dataclass(frozen=True)
-class PackEntry:
+class PackEntry(NamedTuple):  # a tuple: the index makes one per chunk when it loads
     chunk_id: bytes
     kind: int
     offset: int

@@ -19,12 +19,17 @@ to be the directory that was listed; its entries are stat'ed and opened
 relative to that descriptor.  A directory swapped for a symlink (or renamed
 away) while the backup runs therefore cannot lead the backup outside its
 source: the swap is reported, and what is read is what the handle names.
+
+The names and stats of a directory come from :mod:`.listing`: for a large
+tree a lister process lists ahead on the other core (an unchanged
+re-backup of many small files is mostly listing); the walk takes a listing
+only for the directory its own handle holds, and lists itself whatever the
+lister did not.
 """
 
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import stat
 import threading
@@ -38,10 +43,10 @@ from shardvault.progress import Totals
 from shardvault.tree import BLOCK_DEVICE, CHAR_DEVICE, DIR, FIFO, FILE, SYMLINK, Entry
 
 from .inode import group_name, proc_path, read_flags, read_xattrs, user_name
+from .listing import DIR_FLAGS, Lister, Stat, excluded
 
 _NOATIME = getattr(os, "O_NOATIME", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
 # O_NONBLOCK: a FIFO swapped in for a file must not hang the open; reads of regular files ignore it.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
 # What open(O_NOFOLLOW | O_DIRECTORY) says when the name is now a symlink or not a directory.
@@ -89,7 +94,7 @@ class WalkOptions:
     acls: bool = True
 
 
-def entry_from_stat(rel: str, st: os.stat_result, target: str | None = None) -> Entry | None:
+def entry_from_stat(rel: str, st: os.stat_result | Stat, target: str | None = None) -> Entry | None:
     """The tree entry for a stat; None for what is not recorded (sockets)."""
     kind = _KINDS.get(stat.S_IFMT(st.st_mode))
     if kind is None:
@@ -124,14 +129,16 @@ def refresh_entry(entry: Entry, st: os.stat_result) -> None:
     entry.nlink, entry.dev = fresh.nlink, fresh.dev
 
 
-def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+def walk(
+    root: Path, options: WalkOptions = WalkOptions(), warn: Warn = lambda _: None, ahead: bool = False
+) -> Iterator[SourceItem]:
+    """Yield the items of the tree under ``root`` (which must be a directory, not a symlink to one).
 
-
-def walk(root: Path, options: WalkOptions = WalkOptions(), warn: Warn = lambda _: None) -> Iterator[SourceItem]:
-    """Yield the items of the tree under ``root`` (which must be a directory, not a symlink to one)."""
+    ``ahead``: a lister process lists and stats directories ahead of the
+    walk (:mod:`.listing`), for large trees; the items are the same.
+    """
     try:
-        fd = os.open(root, _DIR_FLAGS)
+        fd = os.open(root, DIR_FLAGS)
     except OSError as exc:
         if exc.errno in _NOT_A_DIR:
             raise SourceError(str(root), "is not a directory") from None
@@ -142,7 +149,8 @@ def walk(root: Path, options: WalkOptions = WalkOptions(), warn: Warn = lambda _
         assert top is not None
         _describe_open(top, fd, options, str(root), warn)
         yield SourceItem(top, str(root), dev=st.st_dev)
-        yield from _walk_dir(fd, str(root), "", options, warn)
+        with Lister(fd, options.exclude, ahead) as lister:
+            yield from _walk_dir(fd, st, str(root), "", options, warn, lister)
     finally:
         os.close(fd)
 
@@ -157,27 +165,25 @@ def _describe_open(entry: Entry, fd: int, options: WalkOptions, path: str, warn:
         warn(BackupWarning(path, WarningKind.UNREADABLE_METADATA, f"cannot read its attributes: {exc.strerror}"))
 
 
-def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn) -> Iterator[SourceItem]:
+def _walk_dir(
+    fd: int, dst: os.stat_result, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn, lister: Lister
+) -> Iterator[SourceItem]:
     try:
-        names = sorted(os.listdir(fd))  # names only: no DirEntry per entry (each is stat'ed below anyway)
+        names = lister.take(fd, rel_dir, dst)
     except OSError as exc:
         warn(BackupWarning(abs_dir, WarningKind.UNREADABLE_DIR, f"cannot list: {exc.strerror}"))
         return
-    exclude = options.exclude
-    for name in names:
+    for name, fields, target, error in names:
         rel = f"{rel_dir}{name}"
-        if exclude and _excluded(rel, name, exclude):
-            continue
         path = os.path.join(abs_dir, name)
-        try:
-            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            target = os.readlink(name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
-        except FileNotFoundError:
-            warn(BackupWarning(path, WarningKind.VANISHED, "vanished while the backup ran"))
+        if fields is None:
+            assert error is not None
+            if error[0] == errno.ENOENT:
+                warn(BackupWarning(path, WarningKind.VANISHED, "vanished while the backup ran"))
+            else:
+                warn(BackupWarning(path, WarningKind.UNREADABLE_FILE, f"cannot read: {error[1]}"))
             continue
-        except OSError as exc:
-            warn(BackupWarning(path, WarningKind.UNREADABLE_FILE, f"cannot read: {exc.strerror}"))
-            continue
+        st = Stat(*fields)
         entry = entry_from_stat(rel, st, target)
         if entry is None:
             warn(BackupWarning(path, WarningKind.SPECIAL_FILE, "socket skipped (its program creates it again)"))
@@ -198,7 +204,7 @@ def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: W
             yield item
             continue
         try:
-            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            child = os.open(name, DIR_FLAGS, dir_fd=fd)
         except OSError as exc:
             if exc.errno in _NOT_A_DIR:
                 why = "was a directory when listed, is not one now: not followed"
@@ -217,7 +223,7 @@ def _walk_dir(fd: int, abs_dir: str, rel_dir: str, options: WalkOptions, warn: W
                 continue
             _describe_open(entry, child, options, path, warn)
             yield item
-            yield from _walk_dir(child, path, rel + "/", options, warn)
+            yield from _walk_dir(child, cst, path, rel + "/", options, warn, lister)
         finally:
             os.close(child)
 
@@ -236,7 +242,7 @@ def count(root: Path, exclude: tuple[str, ...], totals: Totals, stop: threading.
             with os.scandir(path) as it:
                 for item in it:
                     rel = rel_dir + item.name
-                    if exclude and _excluded(rel, item.name, exclude):
+                    if exclude and excluded(rel, item.name, exclude):
                         continue
                     if item.is_dir(follow_symlinks=False):
                         pending.append((item.path, rel + "/"))
