@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -98,7 +99,9 @@ def fresh(path: Path) -> Path:
 
 
 def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    # statistics.median: of an even count, the mean of the middle two (not the slower one, which made
+    # --repeat 2 report each tool's worst run).
+    return statistics.median(values)
 
 
 class Tools:
@@ -171,6 +174,9 @@ def run_tools(source: Path, size: int, repeat: int) -> None:
             f"{name:<22}{t_sv:7.2f} s {size / t_sv / 2**20:5.0f} MiB/s{t_r:7.2f} s {size / t_r / 2**20:5.0f} MiB/s"
             f"{t_sv / t_r:8.2f}{max(rss) / 2**20:7.0f} MiB"
         )
+    for name, (sv_times, r_times, _) in rows.items():  # the spread behind each median
+        runs = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(sv_times, r_times, strict=True))
+        print(f"  {name}: runs (shardvault/restic, s): {runs}")
     stored = sum(p.stat().st_size for p in (tools.sv_base / "peers").rglob("*") if p.is_file())
     r_stored = sum(p.stat().st_size for p in tools.restic_repo.rglob("*") if p.is_file())
     print(
