@@ -174,6 +174,10 @@ class NotEnoughPeersError(PeerError):
     """Only {0} of the required {1} peers answered: {2}"""
 
 
+class UnderReplicatedError(PeerError):
+    """{0} is held by only {1} peer(s), fewer than the write quorum of {2}, and no other peer could take a copy"""
+
+
 # --- shards ------------------------------------------------------------------
 
 

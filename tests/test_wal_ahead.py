@@ -294,3 +294,40 @@ def test_the_prefetcher_serves_recovery_answers_for_history_files_and_cleans_up(
     (data / "recovery.signal").unlink()
     (data / "postmaster.pid").write_text("1\n")
     _wait(lambda: not spool.exists())
+
+
+def test_a_second_push_completes_a_record_a_killed_writer_left_short(pg_vault: tuple[Vault, Path]) -> None:
+    """Finding of issue 11's note: "already archived" vouched for a record on fewer peers than any commit."""
+    vault, wal = pg_vault
+    name = SEGMENTS[0]
+    push = ("wal-push", "--source", "db", "--ahead", "0", str(wal / name))
+    assert vault.run(*push).returncode == 0
+
+    def copies() -> list[Path]:
+        return [p for i in range(6) for p in vault.peer(i).rglob(name.lower())]
+
+    assert len(copies()) == 6
+    for extra in copies()[1:]:  # what a writer SIGKILLed between its copies leaves
+        extra.unlink()
+    assert vault.run("check").returncode == 6  # the damage is real: check says so
+    result = vault.run(*push)
+    assert result.returncode == 0, result.stderr
+    assert len(copies()) == 6
+    assert vault.run("check").returncode == 0, vault.run("check").stdout
+    _assert_restorable(vault, wal, [name])
+
+    # Too few peers to complete it: no "archived" (PostgreSQL keeps the segment and retries).
+    for extra in copies()[1:]:
+        extra.unlink()
+    holder = next(i for i in range(6) if list(vault.peer(i).rglob(name.lower())))
+    gone = [i for i in range(6) if i != holder][:4]
+    for i in gone:
+        vault.peer(i).rename(vault.peers_dir / f"gone{i}")
+    result = vault.run(*push)
+    assert result.returncode == 5, result.stderr
+    assert f"wal/db/{name.lower()} is held by only 2 peer(s), fewer than the write quorum" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    for i in gone:
+        (vault.peers_dir / f"gone{i}").rename(vault.peer(i))
+    assert vault.run(*push).returncode == 0
+    assert len(copies()) == 6

@@ -44,7 +44,7 @@ from typing import Any
 from shardvault.chunker import Chunker
 from shardvault.config import PostgresSource
 from shardvault.crypto import content_hash
-from shardvault.errors import ShardvaultError, SourceError, WalConflictError
+from shardvault.errors import ShardvaultError, SourceError, UnderReplicatedError, WalConflictError
 from shardvault.repository import Repository
 from shardvault.repository.sessions import SessionKind
 from shardvault.repository.wal import WAL_VERSION, record_name
@@ -233,7 +233,12 @@ def _examine(repo: Repository, source: PostgresSource, path: Path) -> tuple[byte
             "a re-created cluster needs a new source name (its old archive's names are taken)",
         )
     if repo.meta_exists(record):
-        if repo.read_meta(record, cache=False).get("hash") == digest:
-            return data, digest, True
-        raise WalConflictError(source.name, name)
+        if repo.read_meta(record, cache=False).get("hash") != digest:
+            raise WalConflictError(source.name, name)
+        # "Archived" lets PostgreSQL delete the segment: a record a killed writer left on too few peers
+        # is completed first, and one that cannot be is not vouched for (PostgreSQL retries later).
+        copies, quorum = repo.complete_copies(record), repo.config.repository.write_quorum
+        if copies < quorum:
+            raise UnderReplicatedError(f"WAL record {record}", copies, quorum)
+        return data, digest, True
     return data, digest, False

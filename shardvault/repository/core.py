@@ -583,6 +583,50 @@ class Repository:
                 except PeerError as exc:
                     self.peers.mark_down(peer, str(exc))
 
+    def complete_copies(self, name: str) -> int:
+        """Copy a committed object onto every reachable peer that lacks it; return how many peers hold it now.
+
+        A writer killed in the middle of its commit (between the copies of
+        :meth:`replicate`, when no undo runs) leaves the object on fewer peers
+        than any commit would.  Whoever finds it again, and would vouch for it
+        (a ``wal-push`` of the same file says "archived"), completes it
+        first; the copy it spreads is one that authenticates.
+        """
+        up = self.peers.up()
+
+        def holds(peer: Peer) -> bool | None:
+            try:
+                peer.store.info(name)
+                return True
+            except ObjectNotFoundError:
+                return False
+            except PeerError as exc:
+                self.peers.mark_down(peer, str(exc))
+                return None
+
+        found = list(self.io.map(holds, up))
+        holders = [peer for peer, held in zip(up, found, strict=True) if held]
+        missing = [peer for peer, held in zip(up, found, strict=True) if held is False]
+        data = self._authentic_copy(name, holders) if missing else None
+        if data is not None:
+            for peer, future in [(p, self.io.submit(p.store.store, name, data)) for p in missing]:
+                try:
+                    future.result()
+                    holders.append(peer)
+                except PeerError as exc:
+                    self.peers.mark_down(peer, str(exc))
+        return len(holders)
+
+    def _authentic_copy(self, name: str, holders: list[Peer]) -> bytes | None:
+        for peer in holders:
+            try:
+                data = peer.store.load(name)
+                open_object(self.cipher, name, data)
+                return data
+            except (PeerError, MalformedObject):
+                continue
+        return None
+
     def require_quorum(self) -> None:
         """Before writing: enough peers must answer, or nothing is written."""
         errors = [e for e in self.peers.probe_all().values() if e is not None]
