@@ -56,17 +56,24 @@ def _walked(root: Path, ahead: bool) -> tuple[list[Any], list[BackupWarning]]:
     return items, warnings
 
 
-def test_a_walk_listed_ahead_is_the_walk_listed_inline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = _tree(tmp_path / "src")
-    inline, inline_warnings = _walked(root, ahead=False)
-    own_listings: list[str] = []
+@pytest.fixture
+def own_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories the walk lists itself (the lister's listings are made in its own process)."""
+    listed: list[str] = []
     real = listing.list_dir
 
     def counted(fd: int, rel_dir: str, exclude: tuple[str, ...]) -> list[Any]:
-        own_listings.append(rel_dir)
+        listed.append(rel_dir)
         return real(fd, rel_dir, exclude)
 
-    monkeypatch.setattr(listing, "list_dir", counted)  # the walk's own listings (the lister's run elsewhere)
+    monkeypatch.setattr(listing, "list_dir", counted)
+    return listed
+
+
+def test_a_walk_listed_ahead_is_the_walk_listed_inline(tmp_path: Path, own_listings: list[str]) -> None:
+    root = _tree(tmp_path / "src")
+    inline, inline_warnings = _walked(root, ahead=False)
+    own_listings.clear()
     ahead, ahead_warnings = _walked(root, ahead=True)
     assert ahead == inline
     assert ahead_warnings == inline_warnings == []
@@ -76,17 +83,14 @@ def test_a_walk_listed_ahead_is_the_walk_listed_inline(tmp_path: Path, monkeypat
     assert not [p for p in paths if p.startswith("skip-me") or p.endswith(".tmp")]
 
 
-def test_the_walk_lists_itself_what_the_lister_did_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_walk_lists_itself_what_the_lister_did_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, own_listings: list[str]
+) -> None:
     """A lister killed after its first batch: the walk lists the rest itself, and misses nothing."""
     root = _tree(tmp_path / "src")
     (root / "zz").mkdir()  # listed after b's 700 names: never in the first batch
     inline, _ = _walked(root, ahead=False)
-    own_listings: list[str] = []
-    real = listing.list_dir
-
-    def counted(fd: int, rel_dir: str, exclude: tuple[str, ...]) -> list[Any]:
-        own_listings.append(rel_dir)
-        return real(fd, rel_dir, exclude)
+    own_listings.clear()
 
     class Killed(listing.Lister):
         def _receive(self) -> bool:
@@ -96,7 +100,6 @@ def test_the_walk_lists_itself_what_the_lister_did_not(tmp_path: Path, monkeypat
                 self.close()  # and what it had written is gone with it
             return got
 
-    monkeypatch.setattr(listing, "list_dir", counted)
     monkeypatch.setattr(files_source, "Lister", Killed)
     assert _walked(root, ahead=True) == (inline, [])
     assert "zz/" in own_listings and "" not in own_listings

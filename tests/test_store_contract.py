@@ -239,3 +239,83 @@ def test_retention_without_a_lock(store: PeerStore) -> None:
         store.retention("index/absent")
     with pytest.raises(PeerError, match="keeps no retention"):
         store.extend_retention("index/a", datetime.now(UTC))
+
+
+# --- local peers write large objects past the page cache (O_DIRECT) -----------------------------
+
+BIG = 3 * (1 << 20) + 12345  # several bounce buffers and a partial last block
+
+
+def _direct_opens(monkeypatch: pytest.MonkeyPatch, refuse: bool = False) -> list[int]:
+    """Record the flags of every file opened for writing; ``refuse``: O_DIRECT fails as on tmpfs (after creating)."""
+    import os
+
+    opened: list[int] = []
+    real_open = os.open
+
+    def recording(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_CREAT:
+            opened.append(flags)
+            if refuse and flags & os.O_DIRECT:
+                real_open(path, os.O_WRONLY | os.O_CREAT, 0o644)  # created, then refused
+                raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", recording)
+    return opened
+
+
+@pytest.mark.parametrize("size", [BIG, 1 << 20, (1 << 20) - 1])
+def test_local_large_objects_are_written_direct_and_read_back_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    import os
+
+    s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    s.create()
+    data = secrets.token_bytes(size)
+    opened = _direct_opens(monkeypatch)
+    s.store("config", data)
+    monkeypatch.undo()
+    assert [bool(flags & os.O_DIRECT) for flags in opened] == [size >= 1 << 20]
+    assert s.load("config") == data
+    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
+
+
+def test_local_store_falls_back_when_the_filesystem_refuses_o_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    s.create()
+    data = secrets.token_bytes(BIG)
+    opened = _direct_opens(monkeypatch, refuse=True)
+    s.store("config", data)
+    monkeypatch.undo()
+    assert [bool(flags & os.O_DIRECT) for flags in opened] == [True, False]
+    assert s.load("config") == data
+    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
+
+
+def test_local_direct_write_cut_short_finishes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    s.create()
+    data = secrets.token_bytes(BIG)
+    real_write = os.write
+    calls: list[int] = []
+
+    def short_once(fd: int, block: object) -> int:
+        calls.append(fd)
+        if len(calls) == 2:  # the second bounce buffer: one block of it gets through, the rest is left
+            return real_write(fd, memoryview(block)[:4096])  # type: ignore[arg-type]
+        return real_write(fd, block)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "write", short_once)
+    s.store("config", data)
+    monkeypatch.undo()
+    assert s.load("config") == data

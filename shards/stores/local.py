@@ -2,7 +2,11 @@
 
 Writes go to a hidden temporary file in the target directory, are fsynced,
 renamed over the final name and the directory is fsynced, so an object is
-either absent or complete even after a crash or SIGKILL.  Temporary files
+either absent or complete even after a crash or SIGKILL.  Large objects
+(shards) are written with O_DIRECT, block by block through an aligned
+bounce buffer, the last partial block through the page cache: they are
+fsynced at once anyway, and a backup should not fill the page cache with
+data nobody reads soon (nor pay for it: see ``DIRECT_MIN``).  Temporary files
 start with a dot, which no valid object name does, so ``list`` never shows a
 torn write; ``list_leftovers`` finds them (``check`` reports them) and
 ``delete_leftover`` removes them (prune).
@@ -15,8 +19,11 @@ quietly create a peer on the root filesystem beside the real disks.
 from __future__ import annotations
 
 import errno
+import fcntl
+import mmap
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +38,55 @@ from shardvault.errors import (
 from .base import ItemInfo, PeerStore, is_leftover_name, validate_leftover_name, validate_name, validate_prefix
 
 _READ_ONLY_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+_DIRECT = getattr(os, "O_DIRECT", 0)
+# Objects this large (shards) are written past the page cache, through an aligned bounce buffer of
+# BOUNCE bytes per thread.  They are fsynced at once anyway, and a backup should not evict the host's
+# working set for data it will not read again soon.  It is also much cheaper: on the reference machine
+# (a VM) a buffered 512 MiB write + fsync cost 1.5 s, 1.25 s of it system time; O_DIRECT 0.3 s, 0.02 s.
+DIRECT_MIN = 1 << 20
+ALIGN = 4096  # of the buffer, the length and the offset: every block size Linux uses divides it
+BOUNCE = 1 << 20
+_local = threading.local()
+
+
+def _create(path: Path, direct: bool) -> int:
+    """Create ``path`` for writing, with O_DIRECT if asked and the filesystem takes it (tmpfs may not)."""
+    if direct and _DIRECT:
+        try:
+            return os.open(path, _CREATE | _DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            path.unlink(missing_ok=True)  # the refusal can come after the file was created
+    return os.open(path, _CREATE, 0o644)
+
+
+def _write_direct(fd: int, view: memoryview) -> int:
+    """Write the whole blocks at the start of ``view`` if ``fd`` is open with O_DIRECT; return how many bytes.
+
+    The rest (the last partial block, or everything after a short write)
+    is the caller's to write the usual way, once O_DIRECT is off again.
+    """
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if not flags & _DIRECT:
+        return 0
+    bounce = getattr(_local, "bounce", None)
+    if bounce is None:
+        bounce = _local.bounce = mmap.mmap(-1, BOUNCE)  # page-aligned, and faulted in once per thread
+    done, whole = 0, len(view) - len(view) % ALIGN
+    try:
+        while done < whole:
+            n = min(BOUNCE, whole - done)
+            bounce[:n] = view[done : done + n]
+            with memoryview(bounce) as block:
+                written = os.write(fd, block[:n])
+            done += written
+            if written != n:
+                break  # unaligned from here on: the rest goes through the page cache
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~_DIRECT)
+    return done
 
 
 class LocalStore(PeerStore):
@@ -120,9 +176,12 @@ class LocalStore(PeerStore):
         tmp = path.parent / f".tmp-{secrets.token_hex(8)}"
         try:
             self._mkdirs(path.parent)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            direct = self.fsync and len(data) >= DIRECT_MIN
+            fd = _create(tmp, direct)
             try:
                 view = memoryview(data)
+                if direct:
+                    view = view[_write_direct(fd, view) :]
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
