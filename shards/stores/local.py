@@ -46,7 +46,7 @@ _DIRECT = getattr(os, "O_DIRECT", 0)
 # (a VM) a buffered 512 MiB write + fsync cost 1.5 s, 1.25 s of it system time; O_DIRECT 0.3 s, 0.02 s.
 DIRECT_MIN = 1 << 20
 ALIGN = 4096  # of the buffer, the length and the offset: every block size Linux uses divides it
-BOUNCE = 1 << 20
+BOUNCE = 256 << 10  # 1 MiB was no faster (2 GiB backup: 5.07-5.21 s against 5.00-5.11 s) and 12 threads hold one
 _local = threading.local()
 
 
