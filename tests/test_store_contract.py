@@ -265,21 +265,32 @@ def _direct_opens(monkeypatch: pytest.MonkeyPatch, refuse: bool = False) -> list
     return opened
 
 
+def _local_peer(tmp_path: Path) -> PeerStore:
+    s = open_store("peer", f"file://{tmp_path / 'peer'}")
+    s.create()
+    return s
+
+
+def _stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, refuse: bool = False) -> list[int]:
+    """Store ``size`` random bytes on a local peer, read them back whole; the flags of each file opened."""
+    s = _local_peer(tmp_path)
+    data = secrets.token_bytes(size)
+    opened = _direct_opens(monkeypatch, refuse)
+    s.store("config", data)
+    monkeypatch.undo()
+    assert s.load("config") == data
+    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
+    return opened
+
+
 @pytest.mark.parametrize("size", [BIG, 1 << 20, (1 << 20) - 1])
 def test_local_large_objects_are_written_direct_and_read_back_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     import os
 
-    s = open_store("peer", f"file://{tmp_path / 'peer'}")
-    s.create()
-    data = secrets.token_bytes(size)
-    opened = _direct_opens(monkeypatch)
-    s.store("config", data)
-    monkeypatch.undo()
+    opened = _stored(tmp_path, monkeypatch, size)
     assert [bool(flags & os.O_DIRECT) for flags in opened] == [size >= 1 << 20]
-    assert s.load("config") == data
-    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
 
 
 def test_local_store_falls_back_when_the_filesystem_refuses_o_direct(
@@ -287,15 +298,8 @@ def test_local_store_falls_back_when_the_filesystem_refuses_o_direct(
 ) -> None:
     import os
 
-    s = open_store("peer", f"file://{tmp_path / 'peer'}")
-    s.create()
-    data = secrets.token_bytes(BIG)
-    opened = _direct_opens(monkeypatch, refuse=True)
-    s.store("config", data)
-    monkeypatch.undo()
+    opened = _stored(tmp_path, monkeypatch, BIG, refuse=True)
     assert [bool(flags & os.O_DIRECT) for flags in opened] == [True, False]
-    assert s.load("config") == data
-    assert not [p for p in (tmp_path / "peer").rglob(".tmp-*")]
 
 
 def test_local_direct_write_cut_short_finishes_through_the_page_cache(
@@ -303,8 +307,7 @@ def test_local_direct_write_cut_short_finishes_through_the_page_cache(
 ) -> None:
     import os
 
-    s = open_store("peer", f"file://{tmp_path / 'peer'}")
-    s.create()
+    s = _local_peer(tmp_path)
     data = secrets.token_bytes(BIG)
     real_write = os.write
     calls: list[int] = []

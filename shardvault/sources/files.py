@@ -166,10 +166,10 @@ def _describe_open(entry: Entry, fd: int, options: WalkOptions, path: str, warn:
 
 
 def _walk_dir(
-    fd: int, dst: os.stat_result, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn, lister: Lister
+    fd: int, dir_st: os.stat_result, abs_dir: str, rel_dir: str, options: WalkOptions, warn: Warn, lister: Lister
 ) -> Iterator[SourceItem]:
     try:
-        names = lister.take(fd, rel_dir, dst)
+        names = lister.take(fd, rel_dir, dir_st)
     except OSError as exc:
         warn(BackupWarning(abs_dir, WarningKind.UNREADABLE_DIR, f"cannot list: {exc.strerror}"))
         return
