@@ -21,11 +21,9 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shardvault import walspool
 from shardvault.config import BucketSource, Config, FilesSource, PostgresSource, load_config, read_password
@@ -40,8 +38,18 @@ from shardvault.progress import Done, ProgressMeter, Totals, Watch, line_interva
 from shardvault.repository import Repository
 from shardvault.walnames import next_segment
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 F = TypeVar("F", bound=Callable[..., Any])
-err = Console(stderr=True, highlight=False)
+
+
+@functools.cache
+def err() -> Console:
+    """The console on stderr.  Made (and rich imported, ~50 ms) only by a command that uses it: start-up counts."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
 
 
 def human(n: float) -> str:
@@ -61,7 +69,7 @@ def emit_json(doc: Any) -> None:
 
 
 def warn(message: str) -> None:
-    err.print(f"shardvault: warning: {message}", markup=False, soft_wrap=True)
+    err().print(f"shardvault: warning: {message}", markup=False, soft_wrap=True)
 
 
 def report_bad_shards(problems: list[dict[str, Any]]) -> None:
@@ -127,7 +135,7 @@ def stop_signals() -> Iterator[None]:
 
     def on_signal(signum: int, frame: object) -> None:
         if received:
-            if err.is_terminal:
+            if err().is_terminal:
                 os.write(2, b"\x1b[?25h\n")  # the progress bar hid the cursor: give it back
             os.write(2, b"shardvault: interrupted again: stopped at once without a final checkpoint\n")
             os._exit(130)
@@ -169,7 +177,7 @@ class Context:
             # A silent peer must not look like a hang: an operator at a terminal hears at once
             # which peer was given up; elsewhere the notices follow a command that goes on.
             line = f"peer {name} is down for this run: {why}"
-            if err.is_terminal:
+            if err().is_terminal:
                 warn(line)
             else:
                 notices.append(line)
@@ -190,15 +198,17 @@ class Context:
 @contextmanager
 def progress_bar(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
     """A rich progress line on stderr when it is a terminal; a no-op otherwise."""
-    if not (enabled and err.is_terminal):
+    if not (enabled and err().is_terminal):
         yield lambda **_: None
         return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        console=err,
+        console=err(),
         transient=True,
     ) as bar:
         task = bar.add_task(description, total=None, info="")
@@ -258,14 +268,16 @@ def job_progress(
         return
     watch = Watch(counts)
     meter = ProgressMeter()
-    if err.is_terminal:
+    if err().is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
         with Progress(
             TextColumn("{task.description}", style="bold", markup=False),
             BarColumn(),
             TextColumn("{task.fields[info]}", markup=False),  # markup off: "[scanning]" is text, not a style
             TextColumn("{task.fields[path]}", style="dim", markup=False),
             TimeElapsedColumn(),
-            console=err,
+            console=err(),
             transient=True,
         ) as bar:
             task = bar.add_task(label, total=None, info="", path="")
@@ -1613,7 +1625,7 @@ def exporter(ctx: Context, listen: str, once: bool) -> None:
     except OSError as exc:
         raise click.BadParameter(f"cannot listen on {listen}: {exc.strerror}", param_hint="--listen") from None
     base = f"http://{host}:{server.server_port}"
-    err.print(f"serving {base}/metrics, {base}/health and {base}/health/detailed", markup=False)
+    err().print(f"serving {base}/metrics, {base}/health and {base}/health/detailed", markup=False)
     server.serve_forever()
 
 
@@ -1672,7 +1684,7 @@ def serve(ctx: Context, playbooks_dir: Path | None, limit: int | None) -> None:
         ctx.password()  # runs inherit $SHARDVAULT_PASSWORD: say now that it is missing, not in every run
     require_api()
     names = ", ".join(d.full_name for d in plan.deployments)
-    err.print(f"serving {len(plan.deployments)} deployment(s) (timezone {plan.timezone}): {names}", markup=False)
+    err().print(f"serving {len(plan.deployments)} deployment(s) (timezone {plan.timezone}): {names}", markup=False)
     serve_plan(plan, limit, ctx.config.repository.state_dir)
 
 

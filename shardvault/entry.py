@@ -99,6 +99,9 @@ def main() -> None:
     call = parse(sys.argv[1:])
     if call is not None and (code := _fast(call)) is not None:
         sys.exit(code)
+    from shardvault.allocator import tune
+
+    tune()
     from shardvault.cli import main as cli_main
 
     cli_main()
