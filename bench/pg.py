@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--backlog", type=int, default=32, help="WAL segments in each archiving backlog")
+    parser.add_argument("--keep", action="store_true", help="keep the repositories (prints where, and the PITR target)")
     args = parser.parse_args()
     subprocess.run(
         [str(HERE.parent / "scripts" / "apt-install"), "pgbackrest", "postgresql:/usr/lib/postgresql/15/bin/initdb"],
@@ -163,6 +164,7 @@ def main() -> None:
     with open(data / "postgresql.conf", "a") as conf:
         conf.write(f"wal_level = replica\narchive_mode = on\narchive_command = '{archive}'\nmax_wal_size = 2GB\n")
     started: list[Path] = []
+    target = ""
     try:
         as_postgres(str(PGBIN / "pg_ctl"), "-D", str(data), "-l", str(base / "pg" / "log"), "-w", "-o",
                     f"-c listen_addresses=127.0.0.1 -p {port} -k {base / 'pg'}", "start")  # fmt: skip
@@ -306,7 +308,10 @@ def main() -> None:
     finally:
         for d in started:
             as_postgres(str(PGBIN / "pg_ctl"), "-D", str(d), "-m", "immediate", "stop", check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        if args.keep:
+            print(f"kept {base} (config {config}); PITR target time {target!r}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,7 @@ def restore_physical(
             "a physical restore needs --password-file: the restored server runs `shardvault wal-fetch` with it",
         )
     entry = _the_file(repo, base)
+    prefetching = False
     with SafeTarget(target) as safe:
         if not safe.is_empty():
             raise RestoreTargetError(str(target), "not empty; a data directory is restored into an empty one")
@@ -96,6 +97,7 @@ def restore_physical(
             first = base.stats.get("postgres", {}).get("start_wal_file")
             if prefetch_wal and isinstance(first, str) and segment_number(first):
                 _start_prefetcher(target, source, first, config_path, password_file)
+                prefetching = True
         except OSError as exc:
             raise target_error(exc, target) from None
     with ChunkStream(repo, entry) as stream:
@@ -110,6 +112,8 @@ def restore_physical(
         f"{exe if exe.exists() else 'shardvault'} --config {config_path} --password-file {password_file} "
         f"wal-fetch --source {source.name} %f %p"
     )
+    if prefetching:
+        fetch = walspool.prefetched_first(fetch)
     settings = {"restore_command": fetch, "archive_mode": "off", "recovery_target_action": "promote"}
     if to_time:
         settings["recovery_target_time"] = to_time

@@ -296,6 +296,33 @@ def test_the_prefetcher_serves_recovery_answers_for_history_files_and_cleans_up(
     _wait(lambda: not spool.exists())
 
 
+def test_the_restore_command_moves_a_prefetched_segment_without_starting_shardvault(tmp_path: Path) -> None:
+    """Recovery's call for a segment already fetched ahead is a rename in the shell; anything else goes on."""
+    from shardvault.walspool import prefetched_first
+
+    data = tmp_path / "data"
+    spool = data / "pg_wal" / ".shardvault-prefetch"
+    spool.mkdir(parents=True)
+    (spool / SEGMENTS[0]).write_bytes(b"fetched ahead")
+    went_on = tmp_path / "went-on.sh"  # stands in for `shardvault ... wal-fetch %f %p`
+    went_on.write_text('#!/bin/sh\necho "$1" >> went-on\nexit 8\n')
+    went_on.chmod(0o755)
+    command = prefetched_first(f"{went_on} %f %p")
+
+    def restore_command(name: str) -> int:  # as PostgreSQL runs it: in the data directory, %p in pg_wal
+        shell = command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
+        return subprocess.run(["sh", "-c", shell], cwd=data).returncode
+
+    assert restore_command(SEGMENTS[0]) == 0
+    assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"fetched ahead"
+    assert not (spool / SEGMENTS[0]).exists() and not (data / "went-on").exists()
+    # Not fetched yet, or a history file: the command itself runs (it waits, fetches, or says why not).
+    assert restore_command(SEGMENTS[1]) == 8
+    assert restore_command("00000002.history") == 8
+    assert (data / "went-on").read_text().split() == [SEGMENTS[1], "00000002.history"]
+    assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"fetched ahead"
+
+
 def test_a_second_push_completes_a_record_a_killed_writer_left_short(pg_vault: tuple[Vault, Path]) -> None:
     """Finding of issue 11's note: "already archived" vouched for a record on fewer peers than any commit."""
     vault, wal = pg_vault
