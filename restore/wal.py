@@ -36,6 +36,11 @@ from shardvault.walspool import CURRENT, POLL, prefetch_dir, wal_files, write_hi
 
 PREFETCH = 8  # WAL segments kept fetched ahead of recovery, as pgBackRest's archive-get queue (128 MiB)
 IDLE = 60.0  # seconds the prefetcher waits for recovery to take a segment before it stops
+# Seconds the prefetcher stays once the server left recovery.  PostgreSQL removes recovery.signal
+# before it asks for the old timeline's history file (XLogInitNewTimeline, then
+# writeTimeLineHistory); a prefetcher gone by then left that question to a whole command
+# (~0.3 s of every point-in-time restore) instead of its listing.
+LINGER = 3.0
 
 
 def fetch(repo: Repository, source: PostgresSource, name: str, dest: str | os.PathLike[str]) -> None:
@@ -64,8 +69,9 @@ def prefetch(
     Read-ahead is best effort: a segment it cannot fetch (not archived, or
     archived after this process loaded the index) ends the fetching, and
     that segment's own call fetches it, or says why not.  It then stays, to
-    answer for history files, until recovery is over (the server promoted)
-    or took nothing for ``idle`` seconds, and removes the spool.
+    answer for history files, until recovery is over (the server promoted;
+    then ``LINGER`` seconds more, for the promotion's own questions) or took
+    nothing for ``idle`` seconds, and removes the spool.
     """
     number = segment_number(first)
     spool = prefetch_dir(dest)
@@ -77,7 +83,7 @@ def prefetch(
     fetched, seen, last, fetching = 0, wal_files(spool), time.monotonic(), True
     try:
         write_history(spool, source.name, [n for n in have if n.endswith(".history")])
-        while not _recovery_over(spool):
+        while not (over := _recovery_over(spool)):
             files = wal_files(spool)
             if files != seen:
                 seen, last = files, time.monotonic()
@@ -99,6 +105,9 @@ def prefetch(
                 fetched += 1
             except ShardvaultError:
                 fetching = False  # best effort: its own call fetches it, and says what is wrong
+        if over:
+            (spool / CURRENT).unlink(missing_ok=True)
+            time.sleep(LINGER)
     except OSError:
         return fetched  # the spool was removed under it
     finally:

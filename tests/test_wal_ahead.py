@@ -290,9 +290,14 @@ def test_the_prefetcher_serves_recovery_answers_for_history_files_and_cleans_up(
     result = fetch("00000002.history", password="wrong")
     assert result.returncode == 8
     assert result.stderr.strip() == "shardvault: error: Source db: WAL file 00000002.history is not in the archive"
-    # The server promoted (recovery.signal gone, postmaster.pid there): the prefetcher removes its spool and stops.
+    # The server promoted (recovery.signal gone, postmaster.pid there): the prefetcher removes its spool and stops,
+    # but only after the promotion's own question for the old timeline's history, which PostgreSQL asks after
+    # it removed recovery.signal, was answered from the listing too (not by a whole command).
     (data / "recovery.signal").unlink()
     (data / "postmaster.pid").write_text("1\n")
+    time.sleep(0.5)  # the prefetcher looks every 50 ms
+    result = fetch("00000001.history", password="wrong")
+    assert result.returncode == 8, result.stderr
     _wait(lambda: not spool.exists())
 
 
