@@ -254,11 +254,11 @@ def main() -> None:
             # writeback (as in bench/run.py).
             times: dict[str, float] = {}
             order = [("sv", run_sv, sv_dir, sv_port), ("br", run_br, br_dir, br_port)]
-            for name, run, target_dir, port in order[:: -1 if i % 2 else 1]:
+            for name, run, target_dir, restored_port in order[:: -1 if i % 2 else 1]:
                 subprocess.run(["sync"], check=True)
                 time.sleep(1)
-                times[name] = run(target_dir, port)
-                started.append(target_dir)
+                started.append(target_dir)  # stopped at the end even if the run fails half-way
+                times[name] = run(target_dir, restored_port)
             sv_t, br_t = times["sv"], times["br"]
             for p in (sv_port, br_port):
                 with psycopg.connect(f"host=127.0.0.1 port={p} user=postgres dbname=postgres") as conn:

@@ -14,9 +14,9 @@ unpacks the base backup.
 
 The prefetcher also lists the archived timeline history files, so that
 recovery's questions for the next timeline's history need no repository
-either.  It stops, removing the spool, when the server has promoted
-(``recovery.signal`` gone) or after ``IDLE`` seconds in which recovery took
-nothing.
+either.  It stops, removing the spool, ``LINGER`` seconds after the server
+has promoted (``recovery.signal`` gone: the promotion itself still asks for
+a history file) or after ``IDLE`` seconds in which recovery took nothing.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def prefetch(
                 fetched += 1
             except ShardvaultError:
                 fetching = False  # best effort: its own call fetches it, and says what is wrong
-        if over:
+        if over and spool.is_dir():
             (spool / CURRENT).unlink(missing_ok=True)
             time.sleep(LINGER)
     except OSError:

@@ -52,6 +52,13 @@ def err() -> Console:
     return Console(stderr=True, highlight=False)
 
 
+def stderr_is_terminal() -> bool:
+    """rich's answer to "is stderr a terminal?", without importing rich where stderr plainly is not one (cron, logs)."""
+    if not sys.stderr.isatty() and not os.environ.keys() & {"FORCE_TERMINAL", "TTY_COMPATIBLE"}:
+        return False
+    return err().is_terminal
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -135,7 +142,7 @@ def stop_signals() -> Iterator[None]:
 
     def on_signal(signum: int, frame: object) -> None:
         if received:
-            if err().is_terminal:
+            if os.isatty(2):
                 os.write(2, b"\x1b[?25h\n")  # the progress bar hid the cursor: give it back
             os.write(2, b"shardvault: interrupted again: stopped at once without a final checkpoint\n")
             os._exit(130)
@@ -177,7 +184,7 @@ class Context:
             # A silent peer must not look like a hang: an operator at a terminal hears at once
             # which peer was given up; elsewhere the notices follow a command that goes on.
             line = f"peer {name} is down for this run: {why}"
-            if err().is_terminal:
+            if stderr_is_terminal():
                 warn(line)
             else:
                 notices.append(line)
@@ -198,7 +205,7 @@ class Context:
 @contextmanager
 def progress_bar(enabled: bool, description: str) -> Iterator[Callable[..., None]]:
     """A rich progress line on stderr when it is a terminal; a no-op otherwise."""
-    if not (enabled and err().is_terminal):
+    if not (enabled and stderr_is_terminal()):
         yield lambda **_: None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -268,7 +275,7 @@ def job_progress(
         return
     watch = Watch(counts)
     meter = ProgressMeter()
-    if err().is_terminal:
+    if stderr_is_terminal():
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(

@@ -73,16 +73,16 @@ def prefetched_first(command: str) -> str:
 
     Recovery starts one restore_command per segment and waits for it; with
     every segment already in the spool, Python's start and imports (~25 ms
-    a call, over 40 segments ~1 s of a 8 s point-in-time restore) were the
+    a call, over 40 segments ~1 s of a 7 s point-in-time restore) were the
     slowest part of the call.  ``mv`` inside ``pg_wal`` is a rename, as
     atomic as :func:`take_prefetched`'s (the prefetcher renames a file into
-    the spool only once it is whole and verified); a name the spool does not
-    hold (not fetched yet, a history file) fails it quietly and ``command``
-    does the rest: it waits for the prefetcher, tidies the spool, fetches
-    the file itself, or says why not.  PostgreSQL runs the command in the
-    data directory with ``%p`` in ``pg_wal``.
+    the spool only once it is whole and verified).  The spool is found
+    beside ``%p``, as :func:`prefetch_dir` finds it (``%%`` is PostgreSQL's
+    ``%``).  On a miss (not fetched yet, a history file, no spool) ``mv``
+    fails quietly and ``command`` does the rest: it waits for the
+    prefetcher, tidies the spool, fetches the file itself, or says why not.
     """
-    return f"mv -f pg_wal/{PREFETCH_DIR}/%f %p 2>/dev/null || {command}"
+    return f'p=%p; mv -f "${{p%%/*}}/{PREFETCH_DIR}/%f" "$p" 2>/dev/null || {command}'
 
 
 def wal_files(spool: Path) -> list[str]:

@@ -8,6 +8,7 @@ archive_command under a real PostgreSQL 15, where every segment goes this way.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -314,9 +315,11 @@ def test_the_restore_command_moves_a_prefetched_segment_without_starting_shardva
     went_on.chmod(0o755)
     command = prefetched_first(f"{went_on} %f %p")
 
-    def restore_command(name: str) -> int:  # as PostgreSQL runs it: in the data directory, %p in pg_wal
-        shell = command.replace("%f", name).replace("%p", "pg_wal/RECOVERYXLOG")
-        return subprocess.run(["sh", "-c", shell], cwd=data).returncode
+    def restore_command(name: str, cwd: Path = data, path: str = "pg_wal/RECOVERYXLOG") -> int:
+        # As PostgreSQL runs it: in the data directory, %p in pg_wal; %% is a %.
+        values = {"f": name, "p": path, "%": "%"}
+        shell = re.sub("%(.)", lambda m: values[m.group(1)], command)
+        return subprocess.run(["sh", "-c", shell], cwd=cwd).returncode
 
     assert restore_command(SEGMENTS[0]) == 0
     assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"fetched ahead"
@@ -326,6 +329,10 @@ def test_the_restore_command_moves_a_prefetched_segment_without_starting_shardva
     assert restore_command("00000002.history") == 8
     assert (data / "went-on").read_text().split() == [SEGMENTS[1], "00000002.history"]
     assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"fetched ahead"
+    # An absolute %p from another directory (pg_rewind's restore_target_wal) finds the spool beside it.
+    (spool / SEGMENTS[2]).write_bytes(b"third")
+    assert restore_command(SEGMENTS[2], cwd=tmp_path, path=str(data / "pg_wal" / "RECOVERYXLOG")) == 0
+    assert (data / "pg_wal" / "RECOVERYXLOG").read_bytes() == b"third"
 
 
 def test_a_second_push_completes_a_record_a_killed_writer_left_short(pg_vault: tuple[Vault, Path]) -> None:
