@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -158,14 +160,72 @@ def _server_user() -> pwd.struct_passwd | None:
         return None
 
 
+class _Syncer:
+    """The base backup's files fsynced and closed on a thread while the next ones are unpacked.
+
+    PostgreSQL fsyncs a data directory it starts from a base backup (it
+    finds a ``backup_label``): writing 750 MiB back then took ~0.5 s of a
+    point-in-time restore, after the unpacking.  A file synced as soon as
+    it is written overlaps that with the unpacking, and the restore is
+    durable when it reports success (as pgBackRest's is).  At most
+    ``PENDING`` files wait, open, at a time.
+    """
+
+    PENDING = 32
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sv-fsync")
+        self._slots = threading.BoundedSemaphore(self.PENDING)
+        self._pending: list[tuple[Future[None], Path]] = []
+
+    def add(self, fd: int, path: Path) -> None:
+        """Sync and close ``fd`` (the file ``path``), soon; the caller no longer owns it."""
+        self._slots.acquire()
+        try:
+            future = self._pool.submit(_sync_and_close, fd)
+        except BaseException:
+            self._slots.release()
+            os.close(fd)
+            raise
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append((future, path))
+
+    def finish(self) -> None:
+        """Wait for every file; the first that failed to sync is the target failing."""
+        for future, path in self._pending:
+            try:
+                future.result()
+            except OSError as exc:
+                raise target_error(exc, path) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)  # every descriptor handed over is closed, whatever happened
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _untar(stream: ChunkStream, target: Path) -> None:
-    """Unpack a base backup's tar inside ``target`` only (invariant 6).
+    """Unpack a base backup's tar inside ``target`` only (invariant 6), every file synced.
 
     Names go through the same checks as file restores (no absolute paths, no
     ``..``), directories are opened without following symlinks, and only
     directories and regular files are accepted: a data directory streamed to
     one tar has no links (pg_basebackup refuses tablespaces in that mode).
     """
+    syncer = _Syncer()
+    try:
+        _unpack(stream, target, syncer)
+        syncer.finish()
+    finally:
+        syncer.close()
+
+
+def _unpack(stream: ChunkStream, target: Path, syncer: _Syncer) -> None:
     with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 20) as tar, SafeTarget(target) as safe:  # type: ignore[call-overload]
         for member in tar:
             name = member.name.rstrip("/")
@@ -185,8 +245,13 @@ def _untar(stream: ChunkStream, target: Path) -> None:
                     source = tar.extractfile(member)
                     assert source is not None
                     fd = os.open(parts[-1], _CREATE, member.mode & 0o600 or 0o600, dir_fd=parent)
-                    with os.fdopen(fd, "wb") as out:
-                        shutil.copyfileobj(source, out, 1 << 20)
+                    try:
+                        with os.fdopen(fd, "wb", closefd=False) as out:
+                            shutil.copyfileobj(source, out, 1 << 20)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    syncer.add(fd, safe.root / name)
             except OSError as exc:  # the stream raises ShardvaultErrors only: this is the target failing
                 raise target_error(exc, safe.root / name) from None
 

@@ -7,7 +7,9 @@ a directory that user can reach.
 
 from __future__ import annotations
 
+import errno
 import glob
+import io
 import json
 import os
 import shutil
@@ -294,8 +296,6 @@ def test_postgres_config_errors_name_the_key(tmp_path: Path) -> None:
 )
 def test_a_base_backup_cannot_write_outside_its_target(tmp_path: Path, member: tuple[str, bytes, str]) -> None:
     """Invariant 6 for PostgreSQL restores: the tar is unpacked by our own checks, not tarfile's."""
-    import io
-
     from shardvault.errors import UnsafePathError
     from shardvault.restore.postgres import _untar
 
@@ -314,6 +314,68 @@ def test_a_base_backup_cannot_write_outside_its_target(tmp_path: Path, member: t
     with pytest.raises(UnsafePathError):
         _untar(buffer, target)  # type: ignore[arg-type]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["PG_VERSION", "target"]
+
+
+def _base_backup_tar(files: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    buffer.seek(0)
+    return buffer
+
+
+BASE_FILES = {f"base/1/{1200 + i}": os.urandom(3000 + i) for i in range(80)} | {"PG_VERSION": b"15\n"}
+
+
+def test_a_base_backup_is_synced_file_by_file_as_it_is_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every file is on disk when the restore says so (PostgreSQL then finds nothing left to write back)."""
+    from shardvault.restore.postgres import _untar
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "target"
+    target.mkdir()
+    open_before = len(os.listdir("/proc/self/fd"))
+    _untar(_base_backup_tar(BASE_FILES), target)  # type: ignore[arg-type]
+    assert sorted(synced) == sorted(str(target / name) for name in BASE_FILES)
+    assert all((target / name).read_bytes() == content for name, content in BASE_FILES.items())
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
+def test_a_file_that_fails_to_sync_fails_the_restore_as_the_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full or failing disk can refuse the data only at fsync (delayed allocation): exit 12, naming the file."""
+    from shardvault.errors import RestoreTargetError
+    from shardvault.restore.postgres import _untar
+
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/base/1/1240"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "target"
+    target.mkdir()
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(RestoreTargetError) as failed:
+        _untar(_base_backup_tar(BASE_FILES), target)  # type: ignore[arg-type]
+    assert failed.value.exit_code == 12
+    assert "base/1/1240" in str(failed.value) and "No space left" in str(failed.value)
+    assert len(os.listdir("/proc/self/fd")) == open_before  # every descriptor handed to the syncer was closed
 
 
 def test_wal_fetch_reads_ahead_and_serves_later_segments_without_the_repository(cluster: Cluster) -> None:
