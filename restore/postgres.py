@@ -163,12 +163,14 @@ def _server_user() -> pwd.struct_passwd | None:
 class _Syncer:
     """The base backup's files fsynced and closed on a thread while the next ones are unpacked.
 
-    PostgreSQL fsyncs a data directory it starts from a base backup (it
-    finds a ``backup_label``): writing 750 MiB back then took ~0.5 s of a
-    point-in-time restore, after the unpacking.  A file synced as soon as
-    it is written overlaps that with the unpacking, and the restore is
-    durable when it reports success (as pgBackRest's is).  At most
-    ``PENDING`` files wait, open, at a time.
+    A restore that says it succeeded has its data on disk, as pgBackRest's
+    has: a disk that takes a write and refuses it only at writeback (a full
+    filesystem with delayed allocation) fails the restore here, as the
+    target, instead of the server later.  On a thread, so the writeback
+    overlaps the unpacking; PostgreSQL's own sync of the data directory at
+    start then finds nothing to write (point-in-time restore: 6.68–6.91 s
+    without, 6.66–7.06 s with, within the spread).  At most ``PENDING``
+    files wait, open, at a time.
     """
 
     PENDING = 32
