@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +121,25 @@ def timed(argv: list[str], **kw: object) -> float:
     return time.perf_counter() - start
 
 
+def alternated(
+    i: int, shardvault: Callable[[], float], pgbackrest: Callable[[], float], settle: Callable[[], None] = lambda: None
+) -> tuple[float, float]:
+    """Both tools' times for run ``i``: shardvault first in even runs, pgBackRest in odd ones.
+
+    The first one pays for what ran before it (writeback, a cold cache); ``settle`` runs before each.
+    """
+    times: dict[str, float] = {}
+    for name, run in [("sv", shardvault), ("br", pgbackrest)][:: -1 if i % 2 else 1]:
+        settle()
+        times[name] = run()
+    return times["sv"], times["br"]
+
+
+def synced() -> None:
+    subprocess.run(["sync"], check=True)
+    time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=int, default=50)
@@ -197,14 +218,9 @@ def main() -> None:
         rows["full backup"] = ([], [])
         for i in range(args.repeat):
             wait_archived(dsn)
-            pair = [
-                lambda: timed([*sv, "backup", "db", "--full"]),
-                lambda: timed([*pgbackrest, "--type=full", "backup"]),
-            ]
-            if i % 2:
-                pair.reverse()
-            a, b = pair[0](), pair[1]()
-            sv_t, br_t = (a, b) if i % 2 == 0 else (b, a)
+            sv_t, br_t = alternated(
+                i, lambda: timed([*sv, "backup", "db", "--full"]), lambda: timed([*pgbackrest, "--type=full", "backup"])
+            )
             rows["full backup"][0].append(sv_t)
             rows["full backup"][1].append(br_t)
 
@@ -250,16 +266,9 @@ def main() -> None:
         for i in range(args.repeat):
             sv_dir, sv_port = base / f"sv-restore-{i}", free_port()
             br_dir, br_port = base / f"br-restore-{i}", free_port()
-            # Alternate who goes first, after a sync: the first restore after the backups pays for their
-            # writeback (as in bench/run.py).
-            times: dict[str, float] = {}
-            order = [("sv", run_sv, sv_dir, sv_port), ("br", run_br, br_dir, br_port)]
-            for name, run, target_dir, restored_port in order[:: -1 if i % 2 else 1]:
-                subprocess.run(["sync"], check=True)
-                time.sleep(1)
-                started.append(target_dir)  # stopped at the end even if the run fails half-way
-                times[name] = run(target_dir, restored_port)
-            sv_t, br_t = times["sv"], times["br"]
+            started += [sv_dir, br_dir]  # stopped at the end even if a run fails half-way
+            # After a sync: the first restore after the backups would pay for their writeback (as in bench/run.py).
+            sv_t, br_t = alternated(i, partial(run_sv, sv_dir, sv_port), partial(run_br, br_dir, br_port), synced)
             for p in (sv_port, br_port):
                 with psycopg.connect(f"host=127.0.0.1 port={p} user=postgres dbname=postgres") as conn:
                     got = conn.execute("SELECT sum(abalance) FROM pgbench_accounts").fetchone()[0]  # type: ignore[index]
